@@ -1,0 +1,1 @@
+"""Weight conversion between diffusers/transformers/PEFT checkpoints and our Flax parameter pytrees."""

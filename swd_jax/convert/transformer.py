@@ -1,0 +1,126 @@
+"""diffusers SD3Transformer2DModel folder (safetensors, one file or sharded) -> our MMDiT params.
+
+One declarative rule table maps each diffusers key to (our path, transform). Tensors are read one at a time from
+memory-mapped files and converted straight to the target dtype (and, if given, onto their device shards), so the
+host never holds two copies of the model. Every shape is checked against the abstract init of our module;
+unknown and missing keys raise with their names.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from swd_jax.convert.names import diffusers_to_our
+from swd_jax.convert.safetensors_reader import SafetensorsFolder
+from swd_jax.models.mmdit import MMDiT, MMDiTConfig
+
+
+def _conv_to_patch_matmul(w_DCpq: np.ndarray) -> np.ndarray:
+    """torch Conv2d weight [D, C, p, p] -> our patch-matmul kernel [p*p*C, D] (patches flattened (row, col, C))."""
+    d, c, p, q = w_DCpq.shape
+    return w_DCpq.transpose(2, 3, 1, 0).reshape(p * q * c, d)
+
+
+def _transpose(w: np.ndarray) -> np.ndarray:
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D Linear weight, got shape {w.shape}")
+    return w.T
+
+
+def _same(w: np.ndarray) -> np.ndarray:
+    return w
+
+
+# (pattern on the diffusers key, replacement of the leaf name, transform); the first match wins.
+RULES: list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]] = [
+    (r"^pos_embed\.pos_embed$", "pos_embed", _same),
+    (r"^pos_embed\.proj\.weight$", "kernel", _conv_to_patch_matmul),
+    (r"\.norm_(q|k|added_q|added_k)\.weight$", "scale", _same),
+    (r"\.weight$", "kernel", _transpose),
+    (r"\.bias$", "bias", _same),
+]
+
+
+def diffusers_key_to_ours(key: str) -> tuple[tuple[str, ...], Callable[[np.ndarray], np.ndarray]]:
+    """`transformer_blocks.0.attn.to_q.weight` -> (("transformer_blocks_0", "attn", "to_q", "kernel"), transpose)."""
+    for pattern, leaf, fn in RULES:
+        if re.search(pattern, key):
+            module, _ = key.rsplit(".", 1)
+            return tuple(diffusers_to_our(module).split("/")) + (leaf,), fn
+    raise KeyError(f"no conversion rule for diffusers key {key!r}")
+
+
+def abstract_params(cfg: MMDiTConfig, param_dtype=jnp.float32) -> dict:
+    """Shapes/dtypes of our MMDiT params (no memory allocated), unboxed from their logical-axis metadata."""
+    model = MMDiT(cfg, param_dtype=param_dtype)
+    return nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), *example_inputs(cfg, 1))["params"]))
+
+
+def param_logical_axes(cfg: MMDiTConfig) -> dict:
+    """The logical axis names of every base parameter (a PartitionSpec of names per leaf)."""
+    model = MMDiT(cfg)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *example_inputs(cfg, 1))["params"])
+    return nn.get_partition_spec(boxed)
+
+
+def example_inputs(cfg: MMDiTConfig, batch: int, latent: int | None = None, text_tokens: int = 8,
+                   dtype=jnp.float32):
+    """Zero inputs with the right shapes: (latents NHWC, timestep, context, pooled)."""
+    s = latent or 2 * cfg.patch_size
+    return (jnp.zeros((batch, s, s, cfg.in_channels), dtype), jnp.zeros((batch,), jnp.float32),
+            jnp.zeros((batch, text_tokens, cfg.joint_attention_dim), dtype),
+            jnp.zeros((batch, cfg.pooled_projection_dim), dtype))
+
+
+def convert_state_dict(tensors: Mapping[str, np.ndarray] | SafetensorsFolder, cfg: MMDiTConfig,
+                       dtype=jnp.float32, shardings: dict | None = None) -> dict:
+    """diffusers tensors (a dict or a SafetensorsFolder) -> our params pytree, strictly checked.
+
+    `shardings`, if given, is a pytree like the params of `jax.sharding.Sharding`s: each tensor goes straight
+    to its shards, so host memory holds one tensor at a time.
+    """
+    abstract = flax.traverse_util.flatten_dict(abstract_params(cfg, dtype))
+    flat_shardings = flax.traverse_util.flatten_dict(shardings) if shardings is not None else {}
+    keys = list(tensors.keys())
+    get = tensors.get if isinstance(tensors, SafetensorsFolder) else tensors.__getitem__
+    out, unknown, problems = {}, [], []
+    for key in keys:
+        try:
+            path, fn = diffusers_key_to_ours(key)
+        except KeyError:
+            unknown.append(key)
+            continue
+        if path not in abstract:
+            unknown.append(key)
+            continue
+        value = fn(np.asarray(get(key)))
+        want = abstract[path].shape
+        if value.shape != want:
+            problems.append(f"{key}: checkpoint shape {tuple(get(key).shape)} -> {value.shape}, model expects {want}")
+            continue
+        value = np.asarray(value, dtype=dtype)
+        out[path] = jax.device_put(value, flat_shardings[path]) if path in flat_shardings else jnp.asarray(value)
+    missing = sorted("/".join(p) for p in abstract if p not in out)
+    errors = []
+    if unknown:
+        errors.append(f"unknown keys (not in an SD3 transformer with this config): {sorted(unknown)}")
+    if problems:
+        errors.append("shape mismatches: " + "; ".join(problems))
+    if missing:
+        errors.append(f"missing weights (our param paths): {missing}")
+    if errors:
+        raise ValueError("checkpoint does not match the SD3Transformer2DModel config:\n  " + "\n  ".join(errors))
+    return flax.traverse_util.unflatten_dict(out)
+
+
+def load_transformer(folder: str, dtype=jnp.float32, shardings: dict | None = None) -> tuple[MMDiTConfig, dict]:
+    """Read a diffusers transformer folder (config.json + safetensors) -> (config, params)."""
+    cfg = MMDiTConfig.from_folder(folder)
+    return cfg, convert_state_dict(SafetensorsFolder(folder), cfg, dtype, shardings)
+

@@ -1,0 +1,132 @@
+"""Building blocks shared by our Flax models: LoRA-able Dense, norms, attention, sinusoidal embeddings.
+
+Conventions: `dtype` is the compute dtype, `param_dtype` the storage dtype; norms, softmax and adaptive
+modulation run in float32. Every parameter carries logical axis names (`nn.with_logical_partitioning`).
+LoRA factors live in the separate `lora` variable collection: without that collection a LoraDense is exactly
+its base Dense.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LORA = "lora"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA on the Dense layers whose diffusers module path ends with one of `targets` (PEFT matching).
+
+    scale = alpha / rank (PEFT without rsLoRA). A ~ N(0, (1/rank)^2) as PEFT's `init_lora_weights="gaussian"`,
+    B = 0, so a fresh LoRA leaves the model unchanged.
+    """
+    rank: int = 64
+    alpha: float = 64.0
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                                "to_add_out", "net.0.proj", "net.2")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def matches(self, module_path: str) -> bool:
+        return any(module_path == t or module_path.endswith("." + t) for t in self.targets)
+
+
+def diffusers_module_path(scope_path: tuple[str, ...]) -> str:
+    """Our Linen scope path -> the diffusers module path (`transformer_blocks_3/attn/to_out_0` -> `...3.attn.to_out.0`)."""
+    from swd_jax.convert.names import our_to_diffusers  # local import: names.py is tiny and torch-free
+    return our_to_diffusers("/".join(scope_path))
+
+
+class LoraDense(nn.Module):
+    """y = x W + b (+ scale * x A B when this layer is a LoRA target and the `lora` collection is present)."""
+    features: int
+    axes: tuple[str | None, str | None]
+    use_bias: bool = True
+    lora: LoraConfig | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes),
+                            (in_features, self.features), self.param_dtype)
+        y = jnp.dot(x.astype(self.dtype), jnp.asarray(kernel, self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
+                              (self.features,), self.param_dtype)
+            y = y + jnp.asarray(bias, self.dtype)
+        if self.lora is not None and (self.has_variable(LORA, "lora_A") or self.is_initializing()) \
+                and self.lora.matches(diffusers_module_path(self.scope.path)):
+            r = self.lora.rank
+            a = self.variable(LORA, "lora_A", lambda: jax.random.normal(
+                self.make_rng("params"), (in_features, r), self.param_dtype) / r).value
+            b = self.variable(LORA, "lora_B", lambda: jnp.zeros((r, self.features), self.param_dtype)).value
+            xa = jnp.dot(x.astype(self.dtype), jnp.asarray(a, self.dtype))
+            y = y + self.lora.scale * jnp.dot(xa, jnp.asarray(b, self.dtype))
+        return y
+
+
+def layer_norm(x, eps: float = 1e-6):
+    """LayerNorm without affine parameters, computed in float32 (torch `nn.LayerNorm(elementwise_affine=False)`)."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return (x32 - mean) * jax.lax.rsqrt(var + eps)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, in float32 (diffusers/T5 RMSNorm)."""
+    eps: float = 1e-6
+    axis_name: str | None = None
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+        return x32 * scale.astype(jnp.float32)
+
+
+def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, impl: str = "xla"):
+    """softmax(q k^T / sqrt(D)) v, the logits and softmax in float32. impl: "xla" (any backend) or "cudnn"."""
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD, implementation="cudnn")
+    if impl != "xla":
+        raise ValueError(f"unknown attention impl {impl!r}; expected 'xla' or 'cudnn'")
+    scale = 1.0 / math.sqrt(q_BLHD.shape[-1])
+    logits_BHLS = jnp.einsum("blhd,bshd->bhls", q_BLHD, k_BSHD, preferred_element_type=jnp.float32) * scale
+    probs_BHLS = jax.nn.softmax(logits_BHLS, axis=-1).astype(v_BSHD.dtype)
+    return jnp.einsum("bhls,bshd->blhd", probs_BHLS, v_BSHD)
+
+
+def timestep_embedding(t_B, dim: int = 256, max_period: float = 10000.0):
+    """Sinusoidal embedding [cos, sin] (diffusers `get_timestep_embedding`, flip_sin_to_cos=True, shift 0), float32."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args_BF = t_B.astype(jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args_BF), jnp.sin(args_BF)], axis=-1)
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: int, base_size: int) -> np.ndarray:
+    """[grid*grid, D] 2-D sin-cos table as diffusers' `get_2d_sincos_pos_embed` (interpolation_scale 1)."""
+    pos = np.arange(grid_size, dtype=np.float64) / (grid_size / base_size)
+
+    def one_d(d, p):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.outer(p.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    grid_w, grid_h = np.meshgrid(pos, pos, indexing="xy")  # grid_w varies along columns
+    emb_h = one_d(embed_dim // 2, grid_w)  # diffusers feeds grid[0] (the w-major mesh) to its first half
+    emb_w = one_d(embed_dim // 2, grid_h)
+    return np.concatenate([emb_h, emb_w], axis=1).astype(np.float32)

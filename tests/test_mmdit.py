@@ -1,0 +1,83 @@
+"""Our Flax MMDiT equals diffusers' SD3Transformer2DModel (all three variants), with feature taps."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from swd_jax.convert.transformer import convert_state_dict, load_transformer
+from swd_jax.models.mmdit import MMDiT, MMDiTConfig
+from tests.torch_reference import VARIANTS, rel_err, sd3_inputs, tiny_sd3_config, tiny_sd3_transformer
+
+TOL = 1e-5  # fp32 relative, max-abs error over max-abs value
+
+
+def run_ours(cfg, params, inputs, feature_blocks=(), features_only=False):
+    x, t, c, p = inputs
+    out = MMDiT(cfg).apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t),
+                           jnp.asarray(c), jnp.asarray(p), feature_blocks=feature_blocks,
+                           features_only=features_only)
+    return out
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_matches_diffusers_at_several_sizes(variant, tmp_path):
+    model = tiny_sd3_transformer(variant)
+    model.save_pretrained(tmp_path)  # through safetensors + config.json, as a user's checkpoint
+    cfg, params = load_transformer(str(tmp_path))
+    assert cfg == MMDiTConfig.from_dict(tiny_sd3_config(variant))
+    from tests.torch_reference import torch_forward
+    for latent in (8, 12):
+        inputs = sd3_inputs(tiny_sd3_config(variant), batch=3, latent=latent)
+        ref_v, ref_feats = torch_forward(model, inputs, hook_blocks=(0, 1))
+        v, feats = run_ours(cfg, params, inputs, feature_blocks=(0, 1))
+        assert rel_err(np.asarray(v).transpose(0, 3, 1, 2), ref_v) < TOL, (variant, latent)
+        for i, f in zip((0, 1), feats):
+            assert rel_err(f, ref_feats[i]) < TOL, (variant, latent, i)
+
+
+def test_features_only_stops_early_and_equals_full_run():
+    model = tiny_sd3_transformer("sd35_medium")
+    cfg = MMDiTConfig.from_dict(tiny_sd3_config("sd35_medium"))
+    params = convert_state_dict({k: v.numpy() for k, v in model.state_dict().items()}, cfg)
+    inputs = sd3_inputs(tiny_sd3_config("sd35_medium"), batch=2, latent=8)
+    (f1,) = run_ours(cfg, params, inputs, feature_blocks=(1,), features_only=True)
+    _, (f_full,) = run_ours(cfg, params, inputs, feature_blocks=(1,))
+    np.testing.assert_array_equal(np.asarray(f1), np.asarray(f_full))
+    # Early exit: the compiled program for features_only has no work of the last block.
+    x, t, c, p = (jnp.asarray(a) for a in inputs)
+    x = x.transpose(0, 2, 3, 1)
+    fwd = lambda prm, fo: MMDiT(cfg).apply({"params": prm}, x, t, c, p, feature_blocks=(0,), features_only=fo)
+    flops_feat = jax.jit(lambda prm: fwd(prm, True)).lower(params).compile().cost_analysis()["flops"]
+    flops_full = jax.jit(lambda prm: fwd(prm, False)).lower(params).compile().cost_analysis()["flops"]
+    assert flops_feat < 0.5 * flops_full
+
+
+def test_bad_inputs_name_the_problem(tmp_path):
+    model = tiny_sd3_transformer("sd3_medium", num_layers=2)
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    cfg = MMDiTConfig.from_dict(tiny_sd3_config("sd3_medium", 2))
+    missing = dict(sd)
+    missing.pop("transformer_blocks.0.attn.to_k.weight")
+    with pytest.raises(ValueError, match=r"missing weights.*transformer_blocks_0/attn/to_k/kernel"):
+        convert_state_dict(missing, cfg)
+    extra = dict(sd, **{"transformer_blocks.0.attn.extra.weight": np.zeros((2, 2), np.float32)})
+    with pytest.raises(ValueError, match=r"unknown keys.*transformer_blocks\.0\.attn\.extra\.weight"):
+        convert_state_dict(extra, cfg)
+    wrong = dict(sd, **{"proj_out.bias": np.zeros((5,), np.float32)})
+    with pytest.raises(ValueError, match=r"shape mismatches: proj_out\.bias"):
+        convert_state_dict(wrong, cfg)
+    with pytest.raises(ValueError, match=r"unsupported .* config fields: \['use_pos_embed_v2'\]"):
+        MMDiTConfig.from_dict(dict(tiny_sd3_config("sd3_medium"), use_pos_embed_v2=True))
+    with pytest.raises(ValueError, match="qk_norm='layer_norm' is not supported"):
+        MMDiTConfig.from_dict(dict(tiny_sd3_config("sd3_medium"), qk_norm="layer_norm"))
+    with pytest.raises(ValueError, match="expected an 'SD3Transformer2DModel'"):
+        MMDiTConfig.from_dict(dict(tiny_sd3_config("sd3_medium"), _class_name="FluxTransformer2DModel"))
+    params = convert_state_dict(sd, cfg)
+    too_big = sd3_inputs(tiny_sd3_config("sd3_medium"), batch=1, latent=34)
+    with pytest.raises(ValueError, match="exceeds the position-embedding grid"):
+        run_ours(cfg, params, too_big)
+    (tmp_path / "config.json").write_text(json.dumps(tiny_sd3_config("sd3_medium")))
+    with pytest.raises(FileNotFoundError, match="no diffusion_pytorch_model.safetensors"):
+        load_transformer(str(tmp_path))
