@@ -7,6 +7,7 @@ unknown and missing keys raise with their names.
 """
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Mapping
 
@@ -124,3 +125,14 @@ def load_transformer(folder: str, dtype=jnp.float32, shardings: dict | None = No
     cfg = MMDiTConfig.from_folder(folder)
     return cfg, convert_state_dict(SafetensorsFolder(folder), cfg, dtype, shardings)
 
+
+def transformer_folder(path: str) -> str:
+    """A diffusers transformer folder, or a pipeline folder (model_index.json) -> its transformer folder."""
+    if os.path.exists(os.path.join(path, "model_index.json")):
+        path = os.path.join(path, "transformer")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"pipeline folder {os.path.dirname(path)} has no transformer/ subfolder")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path} is neither a diffusers transformer folder (config.json + safetensors) "
+                                "nor a pipeline folder (model_index.json + transformer/)")
+    return path

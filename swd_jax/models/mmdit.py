@@ -281,7 +281,7 @@ class MMDiT(nn.Module):
                                      dual_attention=i in cfg.dual_attention_layers, qk_norm=cfg.qk_norm,
                                      impl=self.attention_impl, name=f"transformer_blocks_{i}", **kw)(
                 x_BLD, c_BTD, temb)
-            x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "tokens", "embed"))
+            x_BLD = nn.with_logical_constraint(x_BLD, ("activation_batch", "activation_tokens", "activation_embed"))
             if i in feature_blocks:
                 feats[i] = x_BLD
         features = tuple(feats[i] for i in feature_blocks)

@@ -1,0 +1,34 @@
+"""The default SwD run configuration (reference hyperparameters, SD3.5-Medium); other configs override it."""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # Where the frozen base (teacher) weights come from: "random" (tiny tests), "diffusers" (a transformer
+    # folder, converted on load), "converted" (the output of `python -m swd_jax.convert`).
+    c.model = dict(source="diffusers", path="", dtype="bfloat16", param_dtype="bfloat16", remat=True,
+                   attention_impl="xla",
+                   # Used with source="random" only: the MMDiTConfig fields of a random-weight model.
+                   random=ml_collections.ConfigDict(dict(
+                       sample_size=16, patch_size=2, in_channels=1, num_layers=4, attention_head_dim=16,
+                       num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
+                       pooled_projection_dim=16, out_channels=1, pos_embed_max_size=8,
+                       dual_attention_layers=(0,), qk_norm="rms_norm")))
+    c.lora = dict(rank=64, alpha=64.0, init_seed=0)
+    c.head = dict(num_layers=4)
+    c.schedule = dict(preset="sd35_medium_4", scales=(), boundaries=(), num_train_steps=28, shift=3.0)
+    c.loss = dict(n_fake_steps=5, dmd_weight=1.0, gan_g_weight=5e-3, gan_d_weight=1e-2, pdm_weight=1.0,
+                  cfg_teacher=7.0, cls_blocks=(11,), mmd_blocks=(11,), dmd_range=(12, 28), pdm_range=(18, 28),
+                  pdm_kernel="linear", pdm_per_sample=True, huber_c=1e-3, rbf_bandwidth=100.0,
+                  do_dmd=True, do_gan=True, do_pdm=True)
+    c.optim = dict(lr=5e-6, lr_fake=5e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, clip_norm=10.0)
+    # data.kind: "digits" (built-in toy), "precomputed" (array_record of latents per scale + text embeddings).
+    c.data = dict(kind="precomputed", path="", seed=0)
+    c.train = dict(steps=3000, batch_size=64, seed=42, log_every=10, ckpt_every=250, keep=3,
+                   sample_every=250, num_samples=8, export_peft=True)
+    # Mesh axes (data, fsdp, tensor); -1 takes the remaining devices. Rules map logical axes to mesh axes.
+    c.mesh = dict(shape=(1, -1, 1), rules=(
+        ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("adaln", "tensor"), ("joint", None),
+        ("head_dim", None), ("embed_out", None), ("activation_batch", ("data", "fsdp")),
+        ("activation_tokens", None), ("activation_embed", None)))
+    return c

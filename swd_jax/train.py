@@ -1,0 +1,183 @@
+"""SwD training: `python -m swd_jax.train --config configs/tiny.py --workdir DIR [--config.train.lr=...]`.
+
+The loop dispatches iteration N before it reads iteration N-1's metrics (the host never stalls the device),
+compiles one program per scale interval ahead of use, checkpoints asynchronously (student, fake, head, both
+optimiser states, step, PRNG key, data position; never the frozen base), resumes from the latest checkpoint
+automatically, stops with a clear error on a non-finite loss, and exports the student LoRA as a PEFT adapter.
+On a multi-host TPU slice, `jax.distributed.initialize()` runs first (set SWD_DISTRIBUTED=1 or let the
+launcher's environment say so).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+from swd_jax import sharding
+from swd_jax.checkpoint import Checkpointer
+from swd_jax.train_data import make_source
+from swd_jax.train_setup import Run, build_run, count_params
+from swd_jax.train_steps import make_iteration
+
+
+def compile_iterations(run: Run, source) -> dict:
+    """One jitted program per scale interval: (state, base, batches, uncond) -> (state, metrics), state donated."""
+    mesh, m = run.mesh, run.models
+    data_sharding = sharding.batch_sharding(mesh, leading_axes=1)
+    rep = sharding.replicated(mesh)
+    fns = {}
+    for k in range(m.schedule.num_intervals):
+        fns[k] = jax.jit(make_iteration(m, k),
+                         in_shardings=(run.state_shardings, run.base_shardings, data_sharding, rep),
+                         out_shardings=(run.state_shardings, rep), donate_argnums=(0,))
+    return fns
+
+
+def to_device(run: Run, host_batches: dict) -> dict:
+    """Host-local numpy batches [n, B_host, ...] -> global arrays sharded over data x fsdp on axis 1."""
+    s = sharding.batch_sharding(run.mesh, leading_axes=1)
+    return {k: jax.make_array_from_process_local_data(s, np.asarray(v, np.float32)) for k, v in host_batches.items()}
+
+
+class MetricsWriter:
+    """Every metric to TensorBoard (tensorboardX) and to `metrics.jsonl`, from process 0 only."""
+
+    def __init__(self, workdir: str):
+        self.active = jax.process_index() == 0
+        if self.active:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+    def write(self, step: int, metrics: dict):
+        if not self.active:
+            return
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, step)
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+
+    def close(self):
+        if self.active:
+            self.tb.close()
+            self.jsonl.close()
+
+
+def _check_finite(step: int, metrics: dict, ckpt: Checkpointer):
+    bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+    if bad:
+        ckpt.wait_until_finished()
+        raise FloatingPointError(
+            f"non-finite loss at step {step}: {bad}. Stopped; the last good checkpoint (step "
+            f"{ckpt.latest_step()}) is kept in {ckpt.directory}. Lower the learning rate or check the data.")
+
+
+def train(config, workdir: str, *, stop_after: int | None = None, devices=None) -> dict:
+    """Run (or resume) the SwD distillation described by `config`; returns the last logged metrics.
+
+    `stop_after` ends the loop after that many iterations in this call (used to test resumption).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    run = build_run(config, devices)
+    c, m = config, run.models
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=c.train.ckpt_every, keep=c.train.keep)
+    position, start = 0, 0
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), run.state)
+    restored = ckpt.restore_latest(abstract)
+    if restored is not None:
+        run.state, extra = restored
+        position, start = extra["data_position"], int(extra["step"])
+        print(f"resumed from step {start} in {ckpt.directory}", file=sys.stderr)
+    source = make_source(c, m.schedule, run.mmdit_config, position)
+    uncond = {k: jax.device_put(np.asarray(v, np.float32), sharding.replicated(run.mesh))
+              for k, v in source.uncond().items()}
+    fns = compile_iterations(run, source)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(c.to_json_best_effort(indent=2))
+        print(f"base params {count_params(run.base):,}; trainable student LoRA {count_params(run.state['student']):,}; "
+              f"mesh {dict(run.mesh.shape)}", file=sys.stderr)
+    writer = MetricsWriter(workdir)
+    n = m.loss.n_fake_steps + 1
+    end = c.train.steps if stop_after is None else min(c.train.steps, start + stop_after)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=c.train.steps, initial=start, desc="SwD", disable=jax.process_index() != 0)
+    pending, last, t_last = None, {}, time.perf_counter()
+    state = run.state
+    try:
+        for step in range(start, end):
+            k = m.schedule.interval(step)
+            batches = to_device(run, source.batches(k, n))
+            with run.mesh:
+                state, metrics = fns[k](state, run.base, batches, uncond)
+            if pending is not None:  # read step-1's metrics while `step` runs
+                last = _log(pending, writer, bar, ckpt, t_last, c)
+                t_last = time.perf_counter()
+            pending = (step + 1, metrics, k)
+            if ckpt.should_save(step + 1) or step + 1 == end:
+                if pending is not None:  # never save a state whose losses were not checked
+                    last = _log(pending, writer, bar, ckpt, t_last, c)
+                    t_last, pending = time.perf_counter(), None
+                ckpt.save(step + 1, state, {"step": step + 1, "data_position": source.position},
+                          force=step + 1 == end)
+        if pending is not None:
+            last = _log(pending, writer, bar, ckpt, t_last, c)
+    finally:
+        bar.close()
+        writer.close()
+        ckpt.close()
+    run.state = state
+    if c.train.export_peft and end == c.train.steps and jax.process_index() == 0:
+        _export(run, workdir)
+    return last
+
+
+def _log(pending, writer, bar, ckpt, t_last, c) -> dict:
+    step, metrics, k = pending
+    metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
+    _check_finite(step, metrics, ckpt)
+    dt = time.perf_counter() - t_last
+    metrics.update({"interval": k, "step_time_s": dt, "lr": c.optim.lr, "lr_fake": c.optim.lr_fake,
+                    "images_per_s": c.train.batch_size * (c.loss.n_fake_steps + 1) / max(dt, 1e-9)})
+    bar.update(1)
+    if step % c.train.log_every == 0 or step == c.train.steps:
+        writer.write(step, metrics)
+        bar.set_postfix({k2: f"{metrics[k2]:.4g}" for k2 in ("fake/loss", "gen/loss") if k2 in metrics})
+    return metrics
+
+
+def _export(run: Run, workdir: str):
+    """The trained student LoRA as a PEFT adapter folder (loads with peft.PeftModel.from_pretrained)."""
+    try:
+        from swd_jax.convert.peft_lora import save_peft_adapter
+    except ImportError:  # the exporter is optional in minimal installs
+        print("PEFT export skipped: swd_jax.convert.peft_lora not available", file=sys.stderr)
+        return
+    out = os.path.join(workdir, "student_peft")
+    save_peft_adapter(jax.device_get(run.state["student"]), run.models.mmdit.lora, out)
+    print(f"student LoRA exported to {out}", file=sys.stderr)
+
+
+def main(argv=None):
+    from absl import app, flags
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "configs/*.py file", lock_config=True)
+    flags.DEFINE_string("workdir", None, "where checkpoints, metrics and samples go")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def _main(_):
+        if os.environ.get("SWD_DISTRIBUTED") == "1":
+            jax.distributed.initialize()
+        cfg = flags.FLAGS.config
+        last = train(cfg, flags.FLAGS.workdir)
+        print(json.dumps({k: v for k, v in last.items()}, indent=1))
+
+    app.run(_main, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Batches for the SwD iteration: latents at the interval's scale s_k and its previous scale, text embeddings.
+
+A source gives, for interval k, `n` stacked host-local batches {"x": [n, B, s_k, s_k, C], "x_prev": [n, B,
+s_{k-1}, s_{k-1}, C], "context": [n, B, T, J], "pooled": [n, B, P]} and the unconditional embeddings. Its
+`position` (examples consumed, global) is saved in checkpoints, so a resumed run reads exactly the batches
+an uninterrupted run would.
+
+- "digits": the built-in toy problem (swd_jax.toy_data), identity "VAE", deterministic epoch permutations.
+- "precomputed": array_record shards written by `python -m swd_jax.precompute` (keys `latents_{s}` for every
+  scale s, `prompt_embeds`, `pooled_prompt_embeds`; `uncond.npz` beside them), read with the grain loader.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+import jax
+import numpy as np
+
+from swd_jax.schedule import ScaleSchedule
+from swd_jax.toy_data import ToyTextEncoder, area_down, digit_prompt, load_digits_images
+
+
+class DigitsSource:
+    """The toy digits problem; example j of the stream is perm_{epoch}[j mod N], perm seeded per epoch."""
+
+    def __init__(self, schedule: ScaleSchedule, joint_dim: int, pooled_dim: int, global_batch: int, seed: int,
+                 channels: int = 1, position: int = 0):
+        if channels != 1:
+            raise ValueError(f"the digits source gives 1-channel latents; the model has in_channels={channels}")
+        self.schedule, self.seed, self.global_batch, self.position = schedule, seed, global_batch, position
+        self.images, self.labels = load_digits_images(max(schedule.scales))
+        self.encoder = ToyTextEncoder(joint_dim, pooled_dim)
+        self.class_context, self.class_pooled = self.encoder([digit_prompt(i) for i in range(10)])
+        self.n_hosts, self.host = jax.process_count(), jax.process_index()
+        if global_batch % self.n_hosts:
+            raise ValueError(f"global batch {global_batch} not divisible by {self.n_hosts} hosts")
+
+    def _indices(self, start: int, count: int) -> np.ndarray:
+        epochs, rows = np.divmod(np.arange(start, start + count), len(self.labels))
+        return np.array([self._perm(int(e))[r] for e, r in zip(epochs, rows)], np.int64)
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        cache = getattr(self, "_perm_cache", None)
+        if cache is None or cache[0] != epoch:
+            self._perm_cache = (epoch, np.random.default_rng((self.seed, epoch)).permutation(len(self.labels)))
+        return self._perm_cache[1]
+
+    def batches(self, k: int, n: int) -> dict[str, np.ndarray]:
+        per_host = self.global_batch // self.n_hosts
+        out = []
+        for _ in range(n):
+            idx = self._indices(self.position + self.host * per_host, per_host)
+            self.position += self.global_batch
+            out.append(self.examples(idx, k))
+        return {key: np.stack([b[key] for b in out]) for key in out[0]}
+
+    def examples(self, idx: np.ndarray, k: int) -> dict[str, np.ndarray]:
+        x = area_down(self.images[idx], self.schedule.scale(k))
+        return {"x": x, "x_prev": area_down(x, self.schedule.prev_scale(k)),
+                "context": self.class_context[self.labels[idx]], "pooled": self.class_pooled[self.labels[idx]]}
+
+    def uncond(self) -> dict[str, np.ndarray]:
+        context, pooled = self.encoder([""])
+        return {"context": context, "pooled": pooled}
+
+
+class PrecomputedSource:
+    """array_record shards of precomputed latents (per scale) and text embeddings, via the grain loader."""
+
+    def __init__(self, path: str, schedule: ScaleSchedule, global_batch: int, seed: int, position: int = 0):
+        from swd_jax.data import make_loader
+        files = sorted(glob.glob(os.path.join(path, "*.array_record*")))
+        if not files:
+            raise FileNotFoundError(f"no .array_record shards in {path}; run `python -m swd_jax.precompute` first")
+        uncond = os.path.join(path, "uncond.npz")
+        if not os.path.exists(uncond):
+            raise FileNotFoundError(f"{uncond} missing: precompute writes the empty-prompt embeddings there")
+        with np.load(uncond) as z:
+            self._uncond = {"context": z["prompt_embeds"], "pooled": z["pooled_prompt_embeds"]}
+        self.schedule, self.global_batch = schedule, global_batch
+        per_host = global_batch // jax.process_count()
+        self.loader = make_loader(files, per_host, seed, start_position=position // global_batch)
+
+    @property
+    def position(self) -> int:
+        return self.loader.position * self.global_batch
+
+    def batches(self, k: int, n: int) -> dict[str, np.ndarray]:
+        s, s_prev = self.schedule.scale(k), self.schedule.prev_scale(k)
+        out = []
+        for _ in range(n):
+            b = next(self.loader)
+            missing = [f"latents_{v}" for v in (s, s_prev) if f"latents_{v}" not in b]
+            if missing:
+                raise KeyError(f"precomputed records lack {missing}; they hold {sorted(b)}")
+            out.append({"x": b[f"latents_{s}"], "x_prev": b[f"latents_{s_prev}"], "context": b["prompt_embeds"],
+                        "pooled": b["pooled_prompt_embeds"]})
+        return {key: np.stack([o[key] for o in out]) for key in out[0]}
+
+    def uncond(self) -> dict[str, np.ndarray]:
+        return self._uncond
+
+
+def make_source(c, schedule: ScaleSchedule, mmdit_config, position: int = 0):
+    if c.data.kind == "digits":
+        return DigitsSource(schedule, mmdit_config.joint_attention_dim, mmdit_config.pooled_projection_dim,
+                            c.train.batch_size, c.data.seed, mmdit_config.in_channels, position)
+    if c.data.kind == "precomputed":
+        if not c.data.path:
+            raise ValueError("data.kind='precomputed' needs data.path (the output folder of swd_jax.precompute)")
+        return PrecomputedSource(c.data.path, schedule, c.train.batch_size, c.data.seed, position)
+    raise ValueError(f"data.kind={c.data.kind!r}; expected 'digits' or 'precomputed'")

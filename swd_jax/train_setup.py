@@ -1,0 +1,158 @@
+"""Everything a run needs before its loop: config checks, base weights, models, optimisers, sharded state, data."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from swd_jax import sharding
+from swd_jax.convert.transformer import example_inputs, param_logical_axes
+from swd_jax.discriminator import DiscriminatorHead
+from swd_jax.models.layers import LORA, LoraConfig
+from swd_jax.models.mmdit import MMDiT, MMDiTConfig
+from swd_jax.schedule import ScaleSchedule, get_schedule
+from swd_jax.train_steps import LossConfig, SwDModels, init_state
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _dtype(name: str, field: str):
+    if name not in DTYPES:
+        raise ValueError(f"{field}={name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def make_schedule(c: ml_collections.ConfigDict) -> ScaleSchedule:
+    s = c.schedule
+    if s.preset:
+        if s.scales or s.boundaries:
+            raise ValueError("schedule: give either `preset` or `scales`+`boundaries`, not both")
+        return get_schedule(s.preset)
+    return ScaleSchedule(scales=tuple(s.scales), boundaries=tuple(s.boundaries),
+                         num_train_steps=s.num_train_steps, shift=s.shift)
+
+
+def make_optimizer(lr: float, o) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW (METHOD.md s.5)."""
+    return optax.chain(optax.clip_by_global_norm(o.clip_norm),
+                       optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+
+
+def loss_config(c) -> LossConfig:
+    fields = {f.name for f in dataclasses.fields(LossConfig)}
+    d = c.loss.to_dict()
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ValueError(f"unknown loss config fields: {unknown}")
+    for k in ("cls_blocks", "mmd_blocks", "dmd_range", "pdm_range"):
+        d[k] = tuple(d[k])
+    return LossConfig(**d)
+
+
+def load_base(c, mesh) -> tuple[MMDiTConfig, dict]:
+    """The frozen base transformer weights, sharded on `mesh` by their logical axes (FSDP by default)."""
+    m = c.model
+    pdt = _dtype(m.param_dtype, "model.param_dtype")
+    if m.source == "random":
+        cfg = MMDiTConfig(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in m.random.items()})
+    elif m.source in ("diffusers", "converted"):
+        if not m.path:
+            raise ValueError(f"model.source={m.source!r} needs model.path")
+        cfg = _read_model_config(m.source, m.path)
+    else:
+        raise ValueError(f"model.source={m.source!r}; expected 'random', 'diffusers' or 'converted'")
+    shardings = sharding.logical_shardings(param_logical_axes(cfg), mesh, c.mesh.rules)
+    if m.source == "random":
+        model = MMDiT(cfg, param_dtype=pdt)
+        init = lambda: nn.unbox(model.init(jax.random.key(c.train.seed), *example_inputs(cfg, 1))["params"])
+        return cfg, jax.jit(init, out_shardings=shardings)()
+    if m.source == "diffusers":
+        from swd_jax.convert.transformer import load_transformer
+        folder = os.path.join(m.path, "transformer") if os.path.isdir(os.path.join(m.path, "transformer")) else m.path
+        return load_transformer(folder, dtype=pdt, shardings=shardings)
+    from swd_jax.convert.__main__ import load_converted
+    cfg, params = load_converted(m.path, shardings=shardings, dtype=pdt)
+    return cfg, params
+
+
+def _read_model_config(source: str, path: str) -> MMDiTConfig:
+    if source == "diffusers":
+        sub = os.path.join(path, "transformer")
+        return MMDiTConfig.from_folder(sub if os.path.isdir(sub) else path)
+    return MMDiTConfig.from_folder(path)
+
+
+@dataclasses.dataclass
+class Run:
+    """A built run: models, mesh, base weights, sharded state and the shardings the steps are jitted with."""
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    mmdit_config: MMDiTConfig
+    models: SwDModels
+    base: dict
+    base_shardings: Any
+    state: dict
+    state_shardings: Any
+
+
+def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
+    """Check the config, load/shard the base weights, create student/fake LoRA, head and optimiser states."""
+    mesh = sharding.make_mesh(c.mesh.shape, devices=devices)
+    sharding.check_batch(c.train.batch_size, mesh)
+    schedule = make_schedule(c)
+    loss = loss_config(c)
+    cfg, base = load_base(c, mesh)
+    for name in ("cls_blocks", "mmd_blocks"):
+        bad = [b for b in getattr(loss, name) if not 0 <= b < cfg.num_layers]
+        if bad:
+            raise ValueError(f"loss.{name} {bad} outside the model's blocks 0..{cfg.num_layers - 1}")
+    for s in schedule.scales:
+        if s > cfg.max_latent_size or s % cfg.patch_size:
+            raise ValueError(f"schedule scale {s} does not fit the model (patch {cfg.patch_size}, "
+                             f"largest latent {cfg.max_latent_size})")
+    dtype = _dtype(c.model.dtype, "model.dtype")
+    lora = LoraConfig(rank=c.lora.rank, alpha=c.lora.alpha)
+    mmdit = MMDiT(cfg, lora=lora, dtype=dtype, param_dtype=_dtype(c.model.param_dtype, "model.param_dtype"),
+                  remat=c.model.remat, attention_impl=c.model.attention_impl)
+    head = DiscriminatorHead(cfg.inner_dim, c.head.num_layers, dtype=dtype)
+    models = SwDModels(mmdit, head, schedule, loss, make_optimizer(c.optim.lr, c.optim),
+                       make_optimizer(c.optim.lr_fake, c.optim))
+    base_shardings = jax.tree.map(lambda a: a.sharding, base)
+
+    lora_model = MMDiT(cfg, lora=lora, param_dtype=jnp.float32)
+    ex = example_inputs(cfg, 1)
+
+    def init_lora(key):
+        return lora_model.init(key, *ex)[LORA]
+
+    lora_shardings = sharding.logical_shardings(nn.get_partition_spec(jax.eval_shape(init_lora, jax.random.key(0))),
+                                                mesh, c.mesh.rules)
+    head_init = lambda key: head.init(key, jnp.zeros((1, 1, cfg.inner_dim)))["params"]
+    head_shardings = sharding.logical_shardings(nn.get_partition_spec(jax.eval_shape(head_init, jax.random.key(0))),
+                                                mesh, c.mesh.rules)
+
+    def make_state(seed):
+        key = jax.random.key(seed)
+        k_student, k_fake, k_head = jax.random.split(key, 3)
+        student = nn.unbox(init_lora(k_student))
+        fake = nn.unbox(init_lora(k_fake))
+        student = jax.lax.with_sharding_constraint(student, nn.unbox(lora_shardings))
+        fake = jax.lax.with_sharding_constraint(fake, nn.unbox(lora_shardings))
+        heads = jax.lax.with_sharding_constraint(nn.unbox(head_init(k_head)), nn.unbox(head_shardings))
+        return init_state(student, fake, heads, models, jax.random.key_data(jax.random.key(c.train.seed + 1)))
+
+    with mesh:
+        state = jax.jit(make_state, static_argnums=0)(c.lora.init_seed)
+    state_shardings = jax.tree.map(lambda a: a.sharding, state)
+    return Run(c, mesh, cfg, models, base, base_shardings, state, state_shardings)
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
