@@ -112,18 +112,17 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
         for step in range(start, end):
             k = m.schedule.interval(step)
             batches = to_device(run, source.batches(k, n))
-            with run.mesh:
+            with jax.set_mesh(run.mesh):
                 state, metrics = fns[k](state, run.base, batches, uncond)
             if pending is not None:  # read step-1's metrics while `step` runs
                 last = _log(pending, writer, bar, ckpt, t_last, c)
                 t_last = time.perf_counter()
             pending = (step + 1, metrics, k)
-            if ckpt.should_save(step + 1) or step + 1 == end:
+            if (step + 1) % c.train.ckpt_every == 0 or step + 1 == end:
                 if pending is not None:  # never save a state whose losses were not checked
                     last = _log(pending, writer, bar, ckpt, t_last, c)
                     t_last, pending = time.perf_counter(), None
-                ckpt.save(step + 1, state, {"step": step + 1, "data_position": source.position},
-                          force=step + 1 == end)
+                ckpt.save(step + 1, state, {"step": step + 1, "data_position": source.position}, force=True)
         if pending is not None:
             last = _log(pending, writer, bar, ckpt, t_last, c)
     finally:

@@ -5,7 +5,8 @@ s_{k-1}, s_{k-1}, C], "context": [n, B, T, J], "pooled": [n, B, P]} and the unco
 `position` (examples consumed, global) is saved in checkpoints, so a resumed run reads exactly the batches
 an uninterrupted run would.
 
-- "digits": the built-in toy problem (swd_jax.toy_data), identity "VAE", deterministic epoch permutations.
+- "digits": the built-in toy problem (swd_jax.toy_data), identity "VAE", deterministic epoch permutations;
+  sklearn's real digits, or with `data.path` an npz of (images, labels), e.g. teacher-generated digits.
 - "precomputed": array_record shards written by `python -m swd_jax.precompute` (keys `latents_{s}` for every
   scale s, `prompt_embeds`, `pooled_prompt_embeds`; `uncond.npz` beside them), read with the grain loader.
 """
@@ -25,11 +26,19 @@ class DigitsSource:
     """The toy digits problem; example j of the stream is perm_{epoch}[j mod N], perm seeded per epoch."""
 
     def __init__(self, schedule: ScaleSchedule, joint_dim: int, pooled_dim: int, global_batch: int, seed: int,
-                 channels: int = 1, position: int = 0):
+                 channels: int = 1, position: int = 0, path: str = ""):
         if channels != 1:
             raise ValueError(f"the digits source gives 1-channel latents; the model has in_channels={channels}")
         self.schedule, self.seed, self.global_batch, self.position = schedule, seed, global_batch, position
-        self.images, self.labels = load_digits_images(max(schedule.scales))
+        if path:  # e.g. teacher-generated digits: npz with images [N, S, S, 1] and labels [N]
+            with np.load(path) as z:
+                self.images, self.labels = z["images"].astype(np.float32), z["labels"].astype(np.int32)
+            if self.images.shape[1] < max(schedule.scales):
+                raise ValueError(f"{path}: images are {self.images.shape[1]} px, the schedule needs "
+                                 f"{max(schedule.scales)}")
+            self.images = area_down(self.images, max(schedule.scales))
+        else:
+            self.images, self.labels = load_digits_images(max(schedule.scales))
         self.encoder = ToyTextEncoder(joint_dim, pooled_dim)
         self.class_context, self.class_pooled = self.encoder([digit_prompt(i) for i in range(10)])
         self.n_hosts, self.host = jax.process_count(), jax.process_index()
@@ -105,7 +114,7 @@ class PrecomputedSource:
 def make_source(c, schedule: ScaleSchedule, mmdit_config, position: int = 0):
     if c.data.kind == "digits":
         return DigitsSource(schedule, mmdit_config.joint_attention_dim, mmdit_config.pooled_projection_dim,
-                            c.train.batch_size, c.data.seed, mmdit_config.in_channels, position)
+                            c.train.batch_size, c.data.seed, mmdit_config.in_channels, position, c.data.path)
     if c.data.kind == "precomputed":
         if not c.data.path:
             raise ValueError("data.kind='precomputed' needs data.path (the output folder of swd_jax.precompute)")

@@ -148,7 +148,7 @@ def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
         heads = jax.lax.with_sharding_constraint(nn.unbox(head_init(k_head)), nn.unbox(head_shardings))
         return init_state(student, fake, heads, models, jax.random.key_data(jax.random.key(c.train.seed + 1)))
 
-    with mesh:
+    with jax.set_mesh(mesh):
         state = jax.jit(make_state, static_argnums=0)(c.lora.init_seed)
     state_shardings = jax.tree.map(lambda a: a.sharding, state)
     return Run(c, mesh, cfg, models, base, base_shardings, state, state_shardings)

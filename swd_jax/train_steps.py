@@ -189,7 +189,7 @@ def make_iteration(m: SwDModels, k: int):
             batch, i = inputs
             grad_fn = jax.value_and_grad(fake_loss, argnums=1, has_aux=True)
             (_, metrics), grads = grad_fn(m, fake, base, state["student"], batch, k, jax.random.fold_in(key, i))
-            metrics["fake/grad_norm"] = optax.global_norm(grads)
+            metrics["fake/grad_norm"] = optax.tree.norm(grads)
             fake, opt_fake = _apply(m.opt_fake, grads, opt_fake, fake)
             return (fake, opt_fake), metrics
 
@@ -199,7 +199,7 @@ def make_iteration(m: SwDModels, k: int):
         grad_fn = jax.value_and_grad(generator_loss, argnums=1, has_aux=True)
         (_, metrics), grads = grad_fn(m, state["student"], base, fake, gen_batch, uncond, k,
                                       jax.random.fold_in(key, n))
-        metrics["gen/grad_norm"] = optax.global_norm(grads)
+        metrics["gen/grad_norm"] = optax.tree.norm(grads)
         student, opt_student = _apply(m.opt_student, grads, state["opt_student"], state["student"])
         metrics.update({name: v[-1] for name, v in fake_metrics.items()})
         metrics["fake/loss_mean"] = fake_metrics["fake/loss"].mean()
