@@ -102,6 +102,7 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
         print(f"base params {count_params(run.base):,}; trainable student LoRA {count_params(run.state['student']):,}; "
               f"mesh {dict(run.mesh.shape)}", file=sys.stderr)
     writer = MetricsWriter(workdir)
+    validate = _make_validation(run, source, workdir)
     n = m.loss.n_fake_steps + 1
     end = c.train.steps if stop_after is None else min(c.train.steps, start + stop_after)
     from tqdm.auto import tqdm
@@ -123,6 +124,8 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
                     last = _log(pending, writer, bar, ckpt, t_last, c)
                     t_last, pending = time.perf_counter(), None
                 ckpt.save(step + 1, state, {"step": step + 1, "data_position": source.position}, force=True)
+            if validate and ((step + 1) % c.train.sample_every == 0 or step + 1 == c.train.steps):
+                validate(step + 1, state)
         if pending is not None:
             last = _log(pending, writer, bar, ckpt, t_last, c)
     finally:
@@ -147,6 +150,32 @@ def _log(pending, writer, bar, ckpt, t_last, c) -> dict:
         writer.write(step, metrics)
         bar.set_postfix({k2: f"{metrics[k2]:.4g}" for k2 in ("fake/loss", "gen/loss") if k2 in metrics})
     return metrics
+
+
+def _make_validation(run: Run, source, workdir: str):
+    """A function (step, state) -> None that saves the student's samples as samples/step_N.png (process 0)."""
+    c = run.config
+    if c.train.sample_every <= 0 or jax.process_index() != 0:
+        return None
+    from swd_jax.validation import StudentSampler, image_grid, save_png
+    decode = None
+    vae_dir = os.path.join(c.model.path, "vae") if c.model.path else ""
+    if c.data.kind != "digits" and vae_dir and os.path.isdir(vae_dir):
+        from swd_jax.convert.vae import load_vae
+        from swd_jax.models.vae import decode_latents
+        vae, vae_params = load_vae(vae_dir)
+        decode = lambda x: decode_latents(vae, vae_params, x)
+    elif c.data.kind != "digits":
+        print("validation grids show latent channels 0-2: no vae/ folder beside the transformer", file=sys.stderr)
+        decode = lambda x: x[..., :3] / 3.0
+    sampler = StudentSampler(run.models.mmdit, run.models.schedule, run.mmdit_config.in_channels, decode)
+    cond = {k: jax.device_put(v) for k, v in source.validation_cond(c.train.num_samples).items()}
+
+    def validate(step: int, state):
+        images = sampler(run.base, state["student"], cond, seed=c.train.seed)
+        save_png(os.path.join(workdir, "samples", f"step_{step:06d}.png"), image_grid(images))
+
+    return validate
 
 
 def _export(run: Run, workdir: str):

@@ -73,6 +73,11 @@ class DigitsSource:
         context, pooled = self.encoder([""])
         return {"context": context, "pooled": pooled}
 
+    def validation_cond(self, n: int) -> dict[str, np.ndarray]:
+        """Prompts "a handwritten digit zero", "... one", ... (cycling) for validation grids."""
+        labels = np.arange(n) % 10
+        return {"context": self.class_context[labels], "pooled": self.class_pooled[labels]}
+
 
 class PrecomputedSource:
     """array_record shards of precomputed latents (per scale) and text embeddings, via the grain loader."""
@@ -89,6 +94,7 @@ class PrecomputedSource:
             self._uncond = {"context": z["prompt_embeds"], "pooled": z["pooled_prompt_embeds"]}
         self.schedule, self.global_batch = schedule, global_batch
         per_host = global_batch // jax.process_count()
+        self.files = files
         self.loader = make_loader(files, per_host, seed, start_position=position // global_batch)
 
     @property
@@ -109,6 +115,14 @@ class PrecomputedSource:
 
     def uncond(self) -> dict[str, np.ndarray]:
         return self._uncond
+
+    def validation_cond(self, n: int) -> dict[str, np.ndarray]:
+        """The text embeddings of the first n records (fixed across runs and resumes)."""
+        from swd_jax.data import decode_array_record, open_source
+        records = open_source(self.files).records
+        rows = [decode_array_record(records[i]) for i in range(min(n, len(records)))]
+        return {"context": np.stack([np.asarray(r["prompt_embeds"], np.float32) for r in rows]),
+                "pooled": np.stack([np.asarray(r["pooled_prompt_embeds"], np.float32) for r in rows])}
 
 
 def make_source(c, schedule: ScaleSchedule, mmdit_config, position: int = 0):
