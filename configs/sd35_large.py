@@ -1,0 +1,28 @@
+"""SwD distillation of Stable Diffusion 3.5 Large into a 4-step scale-wise student (reference run).
+
+Reference (`train_sd35_large.sh`): scales 64-80-96-128, boundaries 0-7-14-18-28, teacher CFG 4.5, features of
+block 20 (of 38), LoRA rank 64, lr 5e-6, 4000 steps, global batch 32 (8 GPUs x 4), bf16, remat.
+
+    python -m swd_jax.convert /path/to/stable-diffusion-3.5-large /ckpt/sd35l --dtype bfloat16
+    python -m swd_jax.precompute --model /path/to/stable-diffusion-3.5-large \
+        --data /data/sd35_large_train_data --out /data/sd35l_pre --scales 64,80,96,128
+    launch/tpu_pod.sh NAME ZONE v5p-32 configs/sd35_large.py gs://BUCKET/runs/sd35l \
+        --config.model.path=/ckpt/sd35l --config.data.path=/data/sd35l_pre
+Cost: see benchmarks/README.md (memory plan per mesh size).
+"""
+import ml_collections
+
+from configs.common import base_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = base_config()
+    c.model.source = "converted"
+    c.schedule.preset = "sd35_large_4"
+    c.loss.cfg_teacher = 4.5
+    c.loss.cls_blocks = (20,)
+    c.loss.mmd_blocks = (20,)
+    c.train.steps = 4000
+    c.train.batch_size = 32
+    c.data.kind = "precomputed"
+    return c

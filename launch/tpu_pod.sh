@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Train on a Cloud TPU VM slice: create (or reuse) it, install swd_jax on every worker, run on all workers.
+#
+#   launch/tpu_pod.sh NAME ZONE ACCELERATOR CONFIG WORKDIR [--config.x=y ...]
+#   e.g. launch/tpu_pod.sh swd-v5p us-east5-a v5p-16 configs/sd35_medium.py gs://my-bucket/runs/sd35m \
+#            --config.model.path=/mnt/ckpt/sd35m --config.data.path=/mnt/data/sd35m_pre
+#
+# Every worker runs the same command; jax.distributed.initialize() (SWD_DISTRIBUTED=1) finds the others.
+# Checkpoints go to WORKDIR (a gs:// path works with orbax); rerunning the script resumes from the latest.
+# Env: TPU_VERSION (runtime image, default v2-alpha-tpuv5), REPO (git URL of this project), BRANCH (main).
+set -euo pipefail
+if [ $# -lt 5 ]; then sed -n 2,10p "$0"; exit 2; fi
+NAME=$1 ZONE=$2 ACCEL=$3 CONFIG=$4 WORKDIR=$5
+shift 5
+OVERRIDES="$*"
+RUNTIME=${TPU_VERSION:-v2-alpha-tpuv5}
+REPO=${REPO:?set REPO to the git URL of swd_jax}
+BRANCH=${BRANCH:-main}
+
+if ! gcloud compute tpus tpu-vm describe "$NAME" --zone "$ZONE" >/dev/null 2>&1; then
+  echo "creating $NAME ($ACCEL) in $ZONE"
+  gcloud compute tpus tpu-vm create "$NAME" --zone "$ZONE" --accelerator-type "$ACCEL" --version "$RUNTIME"
+else
+  echo "reusing $NAME in $ZONE"
+fi
+
+SETUP="set -e; if [ ! -d swd_jax ]; then git clone -b $BRANCH $REPO swd_jax; fi; cd swd_jax && git pull -q; \
+python3 -m venv ~/swd_venv && . ~/swd_venv/bin/activate && pip install -q -U pip && \
+pip install -q -r launch/requirements-tpu.txt && pip install -q --no-deps -e ."
+gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" --worker=all --command "$SETUP"
+
+RUN="cd swd_jax && . ~/swd_venv/bin/activate && SWD_DISTRIBUTED=1 python -m swd_jax.train \
+--config $CONFIG --workdir $WORKDIR $OVERRIDES 2>&1 | tee -a ~/swd_train.log"
+gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" --worker=all --command "$RUN"
