@@ -14,7 +14,9 @@ def base_config() -> ml_collections.ConfigDict:
                        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
                        pooled_projection_dim=16, out_channels=1, pos_embed_max_size=8,
                        dual_attention_layers=(0,), qk_norm="rms_norm")))
-    c.lora = dict(rank=64, alpha=64.0, init_seed=0)
+    # Reference targets: image-stream attention + both MLPs (PEFT names; see swd_jax.models.layers.LoraConfig).
+    c.lora = dict(rank=64, alpha=64.0, init_seed=0,
+                  targets=("to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2"))
     c.head = dict(num_layers=4)
     c.schedule = dict(preset="sd35_medium_4", scales=(), boundaries=(), num_train_steps=28, shift=3.0)
     c.loss = dict(n_fake_steps=5, dmd_weight=1.0, gan_g_weight=5e-3, gan_d_weight=1e-2, pdm_weight=1.0,

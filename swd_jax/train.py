@@ -180,13 +180,10 @@ def _make_validation(run: Run, source, workdir: str):
 
 def _export(run: Run, workdir: str):
     """The trained student LoRA as a PEFT adapter folder (loads with peft.PeftModel.from_pretrained)."""
-    try:
-        from swd_jax.convert.peft_lora import save_peft_adapter
-    except ImportError:  # the exporter is optional in minimal installs
-        print("PEFT export skipped: swd_jax.convert.peft_lora not available", file=sys.stderr)
-        return
+    from swd_jax.convert.peft_lora import export_peft
     out = os.path.join(workdir, "student_peft")
-    save_peft_adapter(jax.device_get(run.state["student"]), run.models.mmdit.lora, out)
+    export_peft(jax.device_get(run.state["student"]), run.models.mmdit.lora, out, cfg=run.mmdit_config,
+                overwrite=True)
     print(f"student LoRA exported to {out}", file=sys.stderr)
 
 

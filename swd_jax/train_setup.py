@@ -78,7 +78,11 @@ def load_base(c, mesh) -> tuple[MMDiTConfig, dict]:
         folder = os.path.join(m.path, "transformer") if os.path.isdir(os.path.join(m.path, "transformer")) else m.path
         return load_transformer(folder, dtype=pdt, shardings=shardings)
     from swd_jax.convert.__main__ import load_converted
-    cfg, params = load_converted(m.path, shardings=shardings, dtype=pdt)
+    cfg, params = load_converted(m.path, shardings=shardings)
+    wrong = {str(x.dtype) for x in jax.tree.leaves(params)} - {jnp.dtype(pdt).name}
+    if wrong:
+        raise ValueError(f"{m.path} holds {sorted(wrong)} weights but model.param_dtype={m.param_dtype!r}; "
+                         f"convert with --dtype {m.param_dtype} or change model.param_dtype")
     return cfg, params
 
 
@@ -118,7 +122,7 @@ def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
             raise ValueError(f"schedule scale {s} does not fit the model (patch {cfg.patch_size}, "
                              f"largest latent {cfg.max_latent_size})")
     dtype = _dtype(c.model.dtype, "model.dtype")
-    lora = LoraConfig(rank=c.lora.rank, alpha=c.lora.alpha)
+    lora = LoraConfig(rank=c.lora.rank, alpha=c.lora.alpha, targets=tuple(c.lora.targets))
     mmdit = MMDiT(cfg, lora=lora, dtype=dtype, param_dtype=_dtype(c.model.param_dtype, "model.param_dtype"),
                   remat=c.model.remat, attention_impl=c.model.attention_impl)
     head = DiscriminatorHead(cfg.inner_dim, c.head.num_layers, dtype=dtype)

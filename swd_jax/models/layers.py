@@ -13,7 +13,6 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 LORA = "lora"
 
@@ -27,8 +26,10 @@ class LoraConfig:
     """
     rank: int = 64
     alpha: float = 64.0
-    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
-                                "to_add_out", "net.0.proj", "net.2")
+    # The reference's SwD runs (`--apply_lora_to_attn_projections --apply_lora_to_mlp_projections`): image-stream
+    # attention (and attn2 of MMDiT-X) plus the MLPs of both streams. Add "add_q_proj", "add_k_proj",
+    # "add_v_proj", "to_add_out" for the text-stream attention.
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2")
 
     @property
     def scale(self) -> float:
@@ -117,16 +118,20 @@ def timestep_embedding(t_B, dim: int = 256, max_period: float = 10000.0):
     return jnp.concatenate([jnp.cos(args_BF), jnp.sin(args_BF)], axis=-1)
 
 
-def sincos_pos_embed_2d(embed_dim: int, grid_size: int, base_size: int) -> np.ndarray:
-    """[grid*grid, D] 2-D sin-cos table as diffusers' `get_2d_sincos_pos_embed` (interpolation_scale 1)."""
-    pos = np.arange(grid_size, dtype=np.float64) / (grid_size / base_size)
+def sincos_pos_embed_2d(embed_dim: int, grid_size: int, base_size: int) -> jnp.ndarray:
+    """[grid*grid, D] 2-D sin-cos table as diffusers' `get_2d_sincos_pos_embed` (interpolation_scale 1).
+
+    float32 jnp (diffusers builds it in float64 and stores float32): used only to initialise random models,
+    converted checkpoints carry diffusers' own table. Traced, so abstract inits (`jax.eval_shape`) cost nothing.
+    """
+    pos = jnp.arange(grid_size, dtype=jnp.float32) / (grid_size / base_size)
 
     def one_d(d, p):
-        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
-        out = np.outer(p.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+        omega = 1.0 / 10000 ** (jnp.arange(d // 2, dtype=jnp.float32) / (d / 2.0))
+        out = jnp.outer(p.reshape(-1), omega)
+        return jnp.concatenate([jnp.sin(out), jnp.cos(out)], axis=1)
 
-    grid_w, grid_h = np.meshgrid(pos, pos, indexing="xy")  # grid_w varies along columns
+    grid_w, grid_h = jnp.meshgrid(pos, pos, indexing="xy")  # grid_w varies along columns
     emb_h = one_d(embed_dim // 2, grid_w)  # diffusers feeds grid[0] (the w-major mesh) to its first half
     emb_w = one_d(embed_dim // 2, grid_h)
-    return np.concatenate([emb_h, emb_w], axis=1).astype(np.float32)
+    return jnp.concatenate([emb_h, emb_w], axis=1)
