@@ -92,7 +92,8 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
         run.state, extra = restored
         position, start = extra["data_position"], int(extra["step"])
         print(f"resumed from step {start} in {ckpt.directory}", file=sys.stderr)
-    source = make_source(c, m.schedule, run.mmdit_config, position)
+    local = [d for d in run.mesh.devices.flat if d.process_index == jax.process_index()]
+    source = make_source(c, m.schedule, run.mmdit_config, position, devices=local)
     uncond = {k: jax.device_put(np.asarray(v, np.float32), sharding.replicated(run.mesh))
               for k, v in source.uncond().items()}
     fns = compile_iterations(run, source)

@@ -7,6 +7,7 @@ an uninterrupted run would.
 
 - "digits": the built-in toy problem (swd_jax.toy_data), identity "VAE", deterministic epoch permutations;
   sklearn's real digits, or with `data.path` an npz of (images, labels), e.g. teacher-generated digits.
+- "images": image records (swd_jax.data.build_image_dataset) encoded online by our VAE + text encoders.
 - "precomputed": array_record shards written by `python -m swd_jax.precompute` (keys `latents_{s}` for every
   scale s, `prompt_embeds`, `pooled_prompt_embeds`; `uncond.npz` beside them), read with the grain loader.
 """
@@ -125,7 +126,71 @@ class PrecomputedSource:
                 "pooled": np.stack([np.asarray(r["pooled_prompt_embeds"], np.float32) for r in rows])}
 
 
-def make_source(c, schedule: ScaleSchedule, mmdit_config, position: int = 0):
+class OnlineSource:
+    """Image records (`swd_jax.data.build_image_dataset`) encoded on the fly by our VAE and text encoders.
+
+    For interval k only the two scales it needs are encoded: the image at 8*max(scales) is area-downscaled to
+    8*s_k and 8*s_{k-1} and VAE-encoded (a posterior sample per example, as the reference draws one per step).
+    """
+
+    def __init__(self, path: str, model_dir: str, schedule: ScaleSchedule, global_batch: int, seed: int,
+                 position: int = 0, max_sequence_length: int = 256, dtype: str = "float32", devices=None):
+        import dataclasses as dc
+
+        import jax.numpy as jnp
+
+        from swd_jax.data import make_loader
+        from swd_jax.precompute import Precomputer
+        if not model_dir:
+            raise ValueError("data.kind='images' encodes online: model.path must be the diffusers SD3 folder "
+                             "(vae/, text_encoder*/, tokenizer*/)")
+        from swd_jax.data import open_source
+        self.records = open_source(path)  # the folder build_image_dataset(image_dir, out_dir) returned
+        if self.records.kind != "images":
+            raise ValueError(f"{path} holds array records, not images: use data.kind='precomputed' for those")
+        self.enc = Precomputer(model_dir, schedule.scales, max_sequence_length=max_sequence_length, seed=seed,
+                               dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype), store_dtype=jnp.float32,
+                               devices=devices)
+        self._replace = lambda scales: dc.replace(self.enc.spec, scales=scales)
+        self.schedule, self.global_batch = schedule, global_batch
+        self.loader = make_loader(self.records, global_batch // jax.process_count(), seed,
+                                  start_position=position // global_batch, resolution=self.enc.resolution,
+                                  image_dtype="float32")
+
+    @property
+    def position(self) -> int:
+        return self.loader.position * self.global_batch
+
+    def _encode(self, batch, scales):
+        from swd_jax.precompute import encode_batch
+        rows = np.asarray(batch["record_index"], np.int64) + self.position * 7919  # fresh sample per visit
+        inputs = jax.device_put((batch["image"], self.enc.text.tokenize(list(batch["prompt"])),
+                                 (rows % (2**31 - 1)).astype(np.int32)), self.enc.data_sharding)
+        return encode_batch(self.enc.text.models, self.enc.vae, self._replace(scales), self.enc.params, *inputs)
+
+    def batches(self, k: int, n: int) -> dict[str, np.ndarray]:
+        s, s_prev = self.schedule.scale(k), self.schedule.prev_scale(k)
+        out = []
+        for _ in range(n):
+            e = jax.device_get(self._encode(next(self.loader), tuple(sorted({s, s_prev}))))
+            out.append({"x": e[f"latents_{s}"], "x_prev": e[f"latents_{s_prev}"], "context": e["prompt_embeds"],
+                        "pooled": e["pooled_prompt_embeds"]})
+        return {key: np.stack([o[key] for o in out]) for key in out[0]}
+
+    def uncond(self) -> dict[str, np.ndarray]:
+        u = self.enc.uncond()
+        return {"context": u["prompt_embeds"], "pooled": u["pooled_prompt_embeds"]}
+
+    def validation_cond(self, n: int) -> dict[str, np.ndarray]:
+        records = self.records.records
+        raw = [records[i]["prompt"] for i in range(min(n, len(records)))]
+        prompts = [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in raw]
+        embeds, pooled = self.enc.text.encode_prompt(prompts)
+        return {"context": np.asarray(embeds, np.float32), "pooled": np.asarray(pooled, np.float32)}
+
+
+def make_source(c, schedule: ScaleSchedule, mmdit_config, position: int = 0, devices=None):
+    """The configured data source; `devices`: this host's devices of the run's mesh (online encoding)."""
     if c.data.kind == "digits":
         return DigitsSource(schedule, mmdit_config.joint_attention_dim, mmdit_config.pooled_projection_dim,
                             c.train.batch_size, c.data.seed, mmdit_config.in_channels, position, c.data.path)
@@ -133,4 +198,7 @@ def make_source(c, schedule: ScaleSchedule, mmdit_config, position: int = 0):
         if not c.data.path:
             raise ValueError("data.kind='precomputed' needs data.path (the output folder of swd_jax.precompute)")
         return PrecomputedSource(c.data.path, schedule, c.train.batch_size, c.data.seed, position)
-    raise ValueError(f"data.kind={c.data.kind!r}; expected 'digits' or 'precomputed'")
+    if c.data.kind == "images":
+        return OnlineSource(c.data.path, c.model.path, schedule, c.train.batch_size, c.data.seed, position,
+                            c.data.max_sequence_length, c.model.dtype, devices)
+    raise ValueError(f"data.kind={c.data.kind!r}; expected 'digits', 'precomputed' or 'images'")

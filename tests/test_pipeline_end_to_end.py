@@ -46,3 +46,24 @@ def test_precompute_train_export(sd3, tmp_path):  # noqa: F811
     adapter = work / "student_peft"
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == c.lora.rank
     PeftModel.from_pretrained(SD3Transformer2DModel.from_pretrained(root / "transformer"), str(adapter))
+
+
+def test_online_encoding_source_matches_precompute_layout(sd3, tmp_path):  # noqa: F811
+    """data.kind="images": image records encoded on the fly give the batches the train step expects."""
+    import jax
+
+    from swd_jax.data import build_image_dataset
+    from swd_jax.schedule import ScaleSchedule
+    from swd_jax.train_data import OnlineSource
+
+    data = _dataset(tmp_path / "data", 4)
+    records = build_image_dataset(str(data), str(tmp_path / "records"))
+    schedule = ScaleSchedule(scales=(4, 8), boundaries=(0, 14, 28))
+    src = OnlineSource(records, str(sd3[1]), schedule, global_batch=2, seed=0, max_sequence_length=T5_LEN,
+                       devices=jax.devices()[:2])
+    b = src.batches(1, 2)
+    assert b["x"].shape == (2, 2, 8, 8, 4) and b["x_prev"].shape == (2, 2, 4, 4, 4)
+    assert b["context"].shape == (2, 2, 77 + T5_LEN, 64) and b["pooled"].shape == (2, 2, 40)
+    assert src.position == 4 and all(np.isfinite(v).all() for v in b.values())
+    assert src.uncond()["context"].shape == (1, 77 + T5_LEN, 64)
+    assert src.validation_cond(3)["pooled"].shape == (3, 40)
