@@ -39,14 +39,18 @@ def one_iteration(c, devices):
     fn = compile_iterations(run, source)[0]
     with jax.set_mesh(run.mesh):
         state, metrics = fn(run.state, run.base, to_device(run, source.batches(0, c.loss.n_fake_steps + 1)), uncond)
-    return jax.device_get(state), jax.device_get(metrics)
+    return jax.device_get(state), jax.device_get(metrics), run
 
 
 def test_sharded_step_equals_single_device():
     c1 = small_config(**{"mesh.shape": (1, 1, 1)})
     c8 = small_config(**{"mesh.shape": (2, 4, 1)})
-    s1, m1 = one_iteration(c1, jax.devices()[:1])
-    s8, m8 = one_iteration(c8, jax.devices())
+    s1, m1, _ = one_iteration(c1, jax.devices()[:1])
+    s8, m8, run8 = one_iteration(c8, jax.devices())
+    # The base weights are FSDP-sharded over their model dimension; the batch is split over data x fsdp.
+    q = run8.base["transformer_blocks_0"]["attn"]["to_q"]["kernel"]
+    assert q.sharding.spec[0] == "fsdp" and len(q.addressable_shards) == 8
+    assert q.addressable_shards[0].data.shape[0] == q.shape[0] // 4
     for k in m1:
         np.testing.assert_allclose(m8[k], m1[k], rtol=2e-4, atol=1e-6, err_msg=k)
     # Reductions run in a different order on 8 devices: float32 rounding, nothing more.
@@ -85,3 +89,14 @@ def test_bad_config_values_give_clear_errors():
         build_run(small_config(**{"model.source": "nope"}), jax.devices()[:1])
     with pytest.raises(AttributeError, match="learning_rate"):
         small_config(**{"optim.learning_rate": 1.0})
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    from swd_jax.checkpoint import Checkpointer
+    from swd_jax.train import _check_finite
+    ckpt = Checkpointer(str(tmp_path), save_every=1, keep=2)
+    ckpt.save(1, {"w": np.ones(3, np.float32)}, {"step": 1, "data_position": 8}, force=True)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2: \{'gen/dmd': nan\}.*step 1\) is kept"):
+        _check_finite(2, {"gen/dmd": float("nan"), "gen/pdm": 0.1}, ckpt)
+    assert ckpt.all_steps() == [1]
+    ckpt.close()
