@@ -1,6 +1,8 @@
 """The SwD trainer: loss goes down, sharded == single device, resume == uninterrupted, clear config errors."""
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -64,8 +66,11 @@ def test_loss_goes_down_and_resume_equals_uninterrupted(tmp_path):
     train(c, str(tmp_path / "full"), devices=one)
     rows = [json.loads(l) for l in open(tmp_path / "full" / "metrics.jsonl")]
     assert len(rows) == 50 and all(np.isfinite(r["gen/loss"]) and np.isfinite(r["fake/loss"]) for r in rows)
-    first, last = np.mean([r["fake/mse"] for r in rows[:10]]), np.mean([r["fake/mse"] for r in rows[-10:]])
-    assert last < 0.8 * first, (first, last)
+    # Each fake step draws its noise level per example, so single steps are noisy: compare the mean of all
+    # fake updates (fake/loss_mean) over the first and last 15 iterations, and the fitted trend.
+    curve = np.array([r["fake/loss_mean"] for r in rows])
+    first, last = curve[:15].mean(), curve[-15:].mean()
+    assert last < 0.85 * first and np.polyfit(np.arange(50), curve, 1)[0] < 0, (first, last, curve.round(3))
     # The generator losses are not asserted: the tiny teacher is random, so DMD/PDM have no target to reach.
 
     # Interrupted after 25 (checkpoint), resumed to 50: same metrics and state as the uninterrupted run.
@@ -87,8 +92,11 @@ def test_bad_config_values_give_clear_errors():
         build_run(small_config(**{"loss.cls_blocks": (5,)}), jax.devices()[:1])
     with pytest.raises(ValueError, match="model.source='nope'"):
         build_run(small_config(**{"model.source": "nope"}), jax.devices()[:1])
-    with pytest.raises(AttributeError, match="learning_rate"):
-        small_config(**{"optim.learning_rate": 1.0})
+    # An unknown field on the command line (configs are locked there) stops the CLI with its name.
+    out = subprocess.run([sys.executable, "-m", "swd_jax.train", "--config", "configs/tiny.py", "--workdir",
+                          "/nonexistent/never_written", "--config.optim.learning_rate=1"],
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode != 0 and "learning_rate" in out.stderr, out.stderr[-2000:]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
