@@ -309,8 +309,8 @@ class _PatchEmbed(nn.Module):
         D, m = cfg.inner_dim, cfg.pos_embed_max_size
         proj = LoraDense(D, (None, "embed"), True, None, self.dtype, self.param_dtype, name="proj")
         x = proj(patches_BLK)
-        table = self.param("pos_embed", lambda _: jnp.asarray(
-            sincos_pos_embed_2d(D, m, cfg.sample_size // p), self.param_dtype)[None])  # [1, m*m, D] as diffusers
+        init = lambda _: jnp.asarray(sincos_pos_embed_2d(D, m, cfg.sample_size // p), self.param_dtype)[None]
+        table = self.param("pos_embed", nn.with_logical_partitioning(init, (None, None, "embed")))  # [1, m*m, D]
         top, left = (m - h) // 2, (m - w) // 2
         crop = table.reshape(m, m, D)[top:top + h, left:left + w].reshape(1, h * w, D)
         return x + crop.astype(self.dtype)
