@@ -1,0 +1,199 @@
+"""Shape-only SwD training programs at full SD3.5 size: abstract state, base, batches with shardings (no weights).
+
+`lower_iteration(shape, mesh, k)` builds exactly the program `swd_jax.train.compile_iterations` jits (the
+whole iteration of `make_iteration`, state donated, FSDP-sharded base) on abstract inputs, so
+`.compile().memory_analysis()` gives the per-device memory and `.cost_analysis()` the FLOPs, without one
+byte of weights. The models are assembled as `train_setup.build_run` does (same config fields, same
+optimisers), the base from the MMDiT presets with the published SD3.5 shapes.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from configs.common import base_config
+from swd_jax import sharding
+from swd_jax.models import mmdit as mmdit_module
+from swd_jax.convert.transformer import abstract_params, example_inputs, param_logical_axes
+from swd_jax.discriminator import DiscriminatorHead
+from swd_jax.models.layers import LORA, LoraConfig
+from swd_jax.models.mmdit import SD35_LARGE, SD35_MEDIUM, MMDiT, MMDiTConfig
+from swd_jax.schedule import ScaleSchedule
+from swd_jax.train_setup import DTYPES, loss_config, make_optimizer, make_schedule
+from swd_jax.train_steps import SwDModels, init_state, make_iteration
+
+SD35_TEXT_TOKENS = 77 + 256  # CLIP-L/G (77) joined with T5-XXL (256) on the token axis, width 4096
+GiB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainShape:
+    """One SwD training setup: model shape, schedule, per-device batch and the loss settings that change cost."""
+    name: str
+    model: MMDiTConfig
+    schedule: str | ScaleSchedule  # a preset name of swd_jax.schedule, or a schedule
+    batch_per_device: int
+    cls_block: int
+    cfg_teacher: float
+    text_tokens: int = SD35_TEXT_TOKENS
+    lora_rank: int = 64
+    remat: bool = True
+    dtype: str = "bfloat16"
+    param_dtype: str = "bfloat16"
+    n_fake_steps: int = 5
+
+    def config(self) -> ml_collections.ConfigDict:
+        """The run config (configs/common.py defaults) this shape stands for."""
+        c = base_config()
+        c.model.dtype, c.model.param_dtype, c.model.remat = self.dtype, self.param_dtype, self.remat
+        c.lora.rank, c.lora.alpha = self.lora_rank, float(self.lora_rank)
+        if isinstance(self.schedule, str):
+            c.schedule.preset = self.schedule
+        else:
+            c.schedule.preset = ""
+            c.schedule.scales, c.schedule.boundaries = self.schedule.scales, self.schedule.boundaries
+        c.loss.cls_blocks = c.loss.mmd_blocks = (self.cls_block,)
+        c.loss.cfg_teacher = self.cfg_teacher
+        c.loss.n_fake_steps = self.n_fake_steps
+        return c
+
+
+# The reference runs (METHOD.md s.5): 8 GPUs x 8 images (Medium), x 4 (Large); bf16 compute and base weights.
+MEDIUM = TrainShape("SD3.5-Medium", SD35_MEDIUM, "sd35_medium_4", batch_per_device=8, cls_block=11, cfg_teacher=7.0)
+LARGE = TrainShape("SD3.5-Large", SD35_LARGE, "sd35_large_4", batch_per_device=4, cls_block=20, cfg_teacher=4.5)
+
+
+def build_models(shape: TrainShape) -> SwDModels:
+    """The SwD models of a run with this shape, assembled as `train_setup.build_run` does."""
+    c = shape.config()
+    dtype, pdt = DTYPES[shape.dtype], DTYPES[shape.param_dtype]
+    mmdit = MMDiT(shape.model, lora=LoraConfig(rank=c.lora.rank, alpha=c.lora.alpha), dtype=dtype, param_dtype=pdt,
+                  remat=shape.remat, attention_impl=c.model.attention_impl)
+    head = DiscriminatorHead(shape.model.inner_dim, c.head.num_layers, dtype=dtype)
+    return SwDModels(mmdit, head, make_schedule(c), loss_config(c),
+                     make_optimizer(c.optim.lr, c.optim), make_optimizer(c.optim.lr_fake, c.optim))
+
+
+def _with_sharding(tree, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def abstract_state(m: SwDModels, mesh, rules=sharding.DEFAULT_RULES):
+    """(abstract state, state shardings): LoRA/head/optimiser leaves carry the shardings build_run gives them."""
+    cfg = m.mmdit.config
+    lora_model = MMDiT(cfg, lora=m.mmdit.lora, param_dtype=jnp.float32)
+    boxed_lora = jax.eval_shape(lambda k: lora_model.init(k, *example_inputs(cfg, 1))[LORA], jax.random.key(0))
+    boxed_head = jax.eval_shape(lambda k: m.head.init(k, jnp.zeros((1, 1, cfg.inner_dim)))["params"],
+                                jax.random.key(0))
+    lora_sh = sharding.logical_shardings(nn.get_partition_spec(boxed_lora), mesh, rules)
+    head_sh = sharding.logical_shardings(nn.get_partition_spec(boxed_head), mesh, rules)
+    lora, head = nn.unbox(boxed_lora), nn.unbox(boxed_head)
+    state = jax.eval_shape(lambda: init_state(lora, lora, head, m, jax.random.key_data(jax.random.key(0))))
+    rep = sharding.replicated(mesh)
+    fake_sh = {"lora": lora_sh, "head": head_sh}
+    opt_sh = lambda opt, params, sh: optax.tree_map_params(opt, lambda _, s: s, params, sh,
+                                                           transform_non_params=lambda _: rep)
+    shardings = {"student": lora_sh, "fake": fake_sh,
+                 "opt_student": opt_sh(m.opt_student, state["opt_student"], lora_sh),
+                 "opt_fake": opt_sh(m.opt_fake, state["opt_fake"], fake_sh),
+                 "step": rep, "key": rep}
+    return _with_sharding(state, shardings), shardings
+
+
+def abstract_base(shape: TrainShape, mesh, rules=sharding.DEFAULT_RULES):
+    """(abstract base weights in param_dtype, their FSDP shardings) as `train_setup.load_base` places them."""
+    sh = sharding.logical_shardings(param_logical_axes(shape.model), mesh, rules)
+    return _with_sharding(abstract_params(shape.model, DTYPES[shape.param_dtype]), sh), sh
+
+
+def abstract_batches(shape: TrainShape, m: SwDModels, mesh, k: int):
+    """Abstract [n_fake + 1, B, ...] float32 batches at interval k (global batch = per-device batch x devices)."""
+    cfg, s = shape.model, m.schedule
+    n, B = m.loss.n_fake_steps + 1, shape.batch_per_device * sharding.batch_divisor(mesh)
+    sh = sharding.batch_sharding(mesh, leading_axes=1)
+    f32 = lambda *dims: jax.ShapeDtypeStruct((n, B) + dims, jnp.float32, sharding=sh)
+    batches = {"x": f32(s.scale(k), s.scale(k), cfg.in_channels),
+               "x_prev": f32(s.prev_scale(k), s.prev_scale(k), cfg.in_channels),
+               "context": f32(shape.text_tokens, cfg.joint_attention_dim),
+               "pooled": f32(cfg.pooled_projection_dim)}
+    rep = sharding.replicated(mesh)
+    uncond = {"context": jax.ShapeDtypeStruct((1, shape.text_tokens, cfg.joint_attention_dim), jnp.float32,
+                                              sharding=rep),
+              "pooled": jax.ShapeDtypeStruct((1, cfg.pooled_projection_dim), jnp.float32, sharding=rep)}
+    return batches, uncond
+
+
+def chunked_attention(q_BLHD, k_BSHD, v_BSHD, impl: str = "xla", chunk: int = 512):
+    """softmax(q k^T / sqrt(D)) v over query chunks, each rematerialised: the memory profile of a flash attention.
+
+    Same FLOPs and math as `swd_jax.models.layers.dot_product_attention`; only [B, H, chunk, S] logits are
+    ever live (forward and backward). For memory plans only: stands in for a splash/flash kernel.
+    """
+    B, L, H, D = q_BLHD.shape
+    n = -(-L // chunk)
+    q = jnp.pad(q_BLHD, ((0, 0), (0, n * chunk - L), (0, 0), (0, 0)))
+    q_NBCHD = q.reshape(B, n, chunk, H, D).transpose(1, 0, 2, 3, 4)
+    scale = 1.0 / math.sqrt(D)
+
+    @jax.checkpoint
+    def one(q_BCHD):
+        logits = jnp.einsum("bchd,bshd->bhcs", q_BCHD, k_BSHD, preferred_element_type=jnp.float32) * scale
+        probs = jax.nn.softmax(logits, axis=-1).astype(v_BSHD.dtype)
+        return jnp.einsum("bhcs,bshd->bchd", probs, v_BSHD)
+
+    o_NBCHD = jax.lax.map(one, q_NBCHD)
+    return o_NBCHD.transpose(1, 0, 2, 3, 4).reshape(B, n * chunk, H, D)[:, :L]
+
+
+@contextlib.contextmanager
+def flash_like_attention(chunk: int = 512):
+    """Within this context, MMDiT traces `chunked_attention` instead of its XLA attention (memory plans only)."""
+    original = mmdit_module.dot_product_attention
+    mmdit_module.dot_product_attention = lambda q, k, v, impl="xla": chunked_attention(q, k, v, impl, chunk)
+    try:
+        yield
+    finally:
+        mmdit_module.dot_product_attention = original
+
+
+def iteration_program(shape: TrainShape, mesh, k: int | None = None, rules=sharding.DEFAULT_RULES):
+    """(jitted iteration of interval k, its abstract arguments); k defaults to the last, full-resolution one."""
+    m = build_models(shape)
+    k = m.schedule.num_intervals - 1 if k is None else k
+    state, state_sh = abstract_state(m, mesh, rules)
+    base, base_sh = abstract_base(shape, mesh, rules)
+    batches, uncond = abstract_batches(shape, m, mesh, k)
+    rep = sharding.replicated(mesh)
+    fn = jax.jit(make_iteration(m, k), in_shardings=(state_sh, base_sh, batches["x"].sharding, rep),
+                 out_shardings=(state_sh, rep), donate_argnums=(0,))
+    return fn, (state, base, batches, uncond)
+
+
+def lower_iteration(shape: TrainShape, mesh, k: int | None = None, rules=sharding.DEFAULT_RULES):
+    """The lowered SwD iteration on abstract inputs, traced under the mesh and the logical-axis rules."""
+    fn, args = iteration_program(shape, mesh, k, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+        return fn.lower(*args)
+
+
+def argument_bytes_per_device(args) -> int:
+    """Bytes of one device's shards of abstract arguments (what `memory_analysis` counts as arguments)."""
+    return int(sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(args)))
+
+
+def memory_per_device(compiled) -> dict[str, float]:
+    """GiB per device from `memory_analysis()`: arguments, outputs, temporaries, and the peak estimate."""
+    ma = compiled.memory_analysis()
+    if ma is None:
+        raise RuntimeError("this backend gives no memory_analysis() for compiled programs")
+    arg, out, tmp = ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.temp_size_in_bytes
+    alias = ma.alias_size_in_bytes
+    return {"arguments_gib": arg / GiB, "outputs_gib": out / GiB, "temp_gib": tmp / GiB, "alias_gib": alias / GiB,
+            "peak_gib": (arg + out - alias + tmp) / GiB}
