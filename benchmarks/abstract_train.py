@@ -8,7 +8,6 @@ optimisers), the base from the MMDiT presets with the published SD3.5 shapes.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 
@@ -20,7 +19,6 @@ import optax
 
 from configs.common import base_config
 from swd_jax import sharding
-from swd_jax.models import mmdit as mmdit_module
 from swd_jax.convert.transformer import abstract_params, example_inputs, param_logical_axes
 from swd_jax.discriminator import DiscriminatorHead
 from swd_jax.models.layers import LORA, LoraConfig
@@ -45,6 +43,7 @@ class TrainShape:
     text_tokens: int = SD35_TEXT_TOKENS
     lora_rank: int = 64
     remat: bool = True
+    attention_impl: str = "xla"
     dtype: str = "bfloat16"
     param_dtype: str = "bfloat16"
     n_fake_steps: int = 5
@@ -53,6 +52,7 @@ class TrainShape:
         """The run config (configs/common.py defaults) this shape stands for."""
         c = base_config()
         c.model.dtype, c.model.param_dtype, c.model.remat = self.dtype, self.param_dtype, self.remat
+        c.model.attention_impl = self.attention_impl
         c.lora.rank, c.lora.alpha = self.lora_rank, float(self.lora_rank)
         if isinstance(self.schedule, str):
             c.schedule.preset = self.schedule
@@ -128,39 +128,6 @@ def abstract_batches(shape: TrainShape, m: SwDModels, mesh, k: int):
                                               sharding=rep),
               "pooled": jax.ShapeDtypeStruct((1, cfg.pooled_projection_dim), jnp.float32, sharding=rep)}
     return batches, uncond
-
-
-def chunked_attention(q_BLHD, k_BSHD, v_BSHD, impl: str = "xla", chunk: int = 512):
-    """softmax(q k^T / sqrt(D)) v over query chunks, each rematerialised: the memory profile of a flash attention.
-
-    Same FLOPs and math as `swd_jax.models.layers.dot_product_attention`; only [B, H, chunk, S] logits are
-    ever live (forward and backward). For memory plans only: stands in for a splash/flash kernel.
-    """
-    B, L, H, D = q_BLHD.shape
-    n = -(-L // chunk)
-    q = jnp.pad(q_BLHD, ((0, 0), (0, n * chunk - L), (0, 0), (0, 0)))
-    q_NBCHD = q.reshape(B, n, chunk, H, D).transpose(1, 0, 2, 3, 4)
-    scale = 1.0 / math.sqrt(D)
-
-    @jax.checkpoint
-    def one(q_BCHD):
-        logits = jnp.einsum("bchd,bshd->bhcs", q_BCHD, k_BSHD, preferred_element_type=jnp.float32) * scale
-        probs = jax.nn.softmax(logits, axis=-1).astype(v_BSHD.dtype)
-        return jnp.einsum("bhcs,bshd->bchd", probs, v_BSHD)
-
-    o_NBCHD = jax.lax.map(one, q_NBCHD)
-    return o_NBCHD.transpose(1, 0, 2, 3, 4).reshape(B, n * chunk, H, D)[:, :L]
-
-
-@contextlib.contextmanager
-def flash_like_attention(chunk: int = 512):
-    """Within this context, MMDiT traces `chunked_attention` instead of its XLA attention (memory plans only)."""
-    original = mmdit_module.dot_product_attention
-    mmdit_module.dot_product_attention = lambda q, k, v, impl="xla": chunked_attention(q, k, v, impl, chunk)
-    try:
-        yield
-    finally:
-        mmdit_module.dot_product_attention = original
 
 
 def iteration_program(shape: TrainShape, mesh, k: int | None = None, rules=sharding.DEFAULT_RULES):

@@ -25,6 +25,18 @@ import sys
 import time
 import traceback
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.abstract_train import MEDIUM, TrainShape, build_models
+from swd_jax.convert.transformer import abstract_params, example_inputs
+from swd_jax.models.mmdit import MMDiT
+from swd_jax.schedule import ScaleSchedule
+from swd_jax.train_setup import DTYPES
+from swd_jax.train_steps import init_state, make_iteration
+
 # Peak dense bf16 tensor FLOP/s by device kind (NVIDIA data sheets, SXM parts).
 PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}
 
@@ -38,35 +50,66 @@ def peak_flops(device_kind: str) -> float | None:
 
 @dataclasses.dataclass
 class Setup:
-    """What one run measures; `tiny()` shrinks it to a CPU smoke test of the same code path."""
-    mmdit_fields: dict
+    """What one run measures; `tiny_setup` shrinks it to a CPU smoke test of the same code path."""
+    train: TrainShape
     scales_4: tuple[int, ...] = (64, 80, 96, 128)
     scales_6: tuple[int, ...] = (32, 48, 64, 80, 96, 128)
-    text_tokens: int = 333
-    train_batch: int = 8
-    cls_block: int = 11
-    lora_rank: int = 64
-    remat: bool = True
-    dtype: str = "bfloat16"
-    attention: str = "cudnn"
     device: str = "cuda"
 
     @property
     def full(self) -> int:
         return self.scales_4[-1]
 
+    @property
+    def mmdit_fields(self) -> dict:
+        return dataclasses.asdict(self.train.model)
+
 
 def medium_setup(a) -> Setup:
-    from swd_jax.models.mmdit import SD35_MEDIUM
-    return Setup(dataclasses.asdict(SD35_MEDIUM), train_batch=a.train_batch, attention=a.attention)
+    return Setup(dataclasses.replace(MEDIUM, batch_per_device=a.train_batch, attention_impl=a.attention))
 
 
 def tiny_setup(a) -> Setup:
     from benchmarks.tiny import MICRO
+    from swd_jax.models.mmdit import MMDiTConfig
     # Few distinct step shapes (8->8, 8->16, 16->16, 16->end): few compiles.
-    return Setup(MICRO.mmdit_fields(), scales_4=(8, 8, 16, 16), scales_6=(8, 8, 8, 16, 16, 16), text_tokens=MICRO.text_tokens,
-                 train_batch=2, cls_block=0, lora_rank=4, remat=False, dtype="float32", attention="xla",
-                 device="cpu")
+    scales_4 = (8, 8, 16, 16)
+    train = TrainShape("micro", MMDiTConfig(**MICRO.mmdit_fields()), ScaleSchedule(scales_4, (0, 7, 14, 18, 28)),
+                       batch_per_device=2, cls_block=0, cfg_teacher=7.0, text_tokens=MICRO.text_tokens, lora_rank=4,
+                       remat=False, dtype="float32", param_dtype="float32")
+    return Setup(train, scales_4=scales_4, scales_6=(8, 8, 8, 16, 16, 16), device="cpu")
+
+
+def random_base(cfg, dtype, key) -> dict:
+    """Random base weights N(0, 0.02^2) of the right shapes, made on the device (no host tables, no constants)."""
+    abstract = abstract_params(cfg, dtype)
+    leaves, treedef = jax.tree.flatten(abstract)
+    keys = jax.random.split(key, len(leaves))
+    make = jax.jit(lambda ks: [(0.02 * jax.random.normal(k, a.shape, jnp.float32)).astype(a.dtype)
+                               for k, a in zip(ks, leaves)])
+    return jax.tree.unflatten(treedef, make(keys))
+
+
+def fresh_state(m, key) -> dict:
+    """A new train state (LoRA A ~ N(0, 1/r^2), B = 0, head init, optimiser states) without a model init."""
+    from swd_jax.models.layers import LORA
+    cfg, r = m.mmdit.config, m.mmdit.lora.rank
+    lora_model = MMDiT(cfg, lora=m.mmdit.lora, param_dtype=jnp.float32)
+    abstract = nn.unbox(jax.eval_shape(lambda k: lora_model.init(k, *example_inputs(cfg, 1))[LORA], key))
+
+    def lora(k):
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+        ks = jax.random.split(k, len(leaves))
+        return jax.tree.unflatten(treedef, [
+            jax.random.normal(kk, a.shape, a.dtype) / r if path[-1].key == "lora_A" else jnp.zeros(a.shape, a.dtype)
+            for kk, (path, a) in zip(ks, leaves)])
+
+    def make(key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        head = nn.unbox(m.head.init(k3, jnp.zeros((1, 1, cfg.inner_dim)))["params"])
+        return init_state(lora(k1), lora(k2), head, m, jax.random.key_data(key))
+
+    return jax.jit(make)(key)
 
 
 def _sigmas(n_steps: int):
@@ -86,17 +129,13 @@ def _median_time(fn, repeats: int) -> tuple[float, list[float]]:
 
 def sampler_latency_jax(s: Setup, repeats: int) -> dict:
     """Ours: seconds per 1-image sample for SwD 6/4-step and full-resolution 4-step."""
-    import jax
-    import jax.numpy as jnp
-    from swd_jax.models.mmdit import MMDiT, MMDiTConfig
     from swd_jax.sampler import scale_wise_sample
-    cfg = MMDiTConfig(**s.mmdit_fields)
-    dt = jnp.bfloat16 if s.dtype == "bfloat16" else jnp.float32
-    model = MMDiT(cfg, dtype=dt, param_dtype=dt, attention_impl=s.attention)
-    ctx = jnp.zeros((1, s.text_tokens, cfg.joint_attention_dim), dt) + 0.1
+    t, cfg = s.train, s.train.model
+    dt = DTYPES[t.dtype]
+    model = MMDiT(cfg, dtype=dt, param_dtype=dt, attention_impl=t.attention_impl)
+    ctx = jnp.zeros((1, t.text_tokens, cfg.joint_attention_dim), dt) + 0.1
     pooled = jnp.zeros((1, cfg.pooled_projection_dim), dt) + 0.1
-    x0 = jnp.zeros((1, 2 * cfg.patch_size, 2 * cfg.patch_size, cfg.in_channels), dt)
-    params = jax.jit(lambda k: model.init(k, x0, jnp.zeros((1,)), ctx, pooled)["params"])(jax.random.key(0))
+    params = random_base(cfg, dt, jax.random.key(0))
     cond = {"context": ctx, "pooled": pooled}
 
     def vf(p, x, t, c):
@@ -118,12 +157,12 @@ def sampler_latency_torch(s: Setup, repeats: int) -> dict:
     import torch
     from diffusers import SD3Transformer2DModel
     from benchmarks.torch_swd import scale_wise_sample_torch
-    dt = torch.bfloat16 if s.dtype == "bfloat16" else torch.float32
+    dt = torch.bfloat16 if s.train.dtype == "bfloat16" else torch.float32
     dev = torch.device(s.device)
-    fields = dict(s.mmdit_fields, dual_attention_layers=tuple(s.mmdit_fields["dual_attention_layers"]))
+    fields = s.mmdit_fields
     with dev:
         model = SD3Transformer2DModel(**fields).to(dt).eval()
-    ctx = torch.full((1, s.text_tokens, fields["joint_attention_dim"]), 0.1, dtype=dt, device=dev)
+    ctx = torch.full((1, s.train.text_tokens, fields["joint_attention_dim"]), 0.1, dtype=dt, device=dev)
     pooled = torch.full((1, fields["pooled_projection_dim"]), 0.1, dtype=dt, device=dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     out = {}
@@ -141,86 +180,81 @@ def sampler_latency_torch(s: Setup, repeats: int) -> dict:
     return out
 
 
-def _train_shape(s: Setup):
-    """The TinyShape-like record the run config and batches are built from, at this setup's sizes."""
-    from benchmarks.tiny import TinyShape
-    f = s.mmdit_fields
-    return TinyShape(num_layers=f["num_layers"], heads=f["num_attention_heads"], head_dim=f["attention_head_dim"],
-                     dual_attention_layers=tuple(f["dual_attention_layers"]), joint_dim=f["joint_attention_dim"],
-                     pooled_dim=f["pooled_projection_dim"], text_tokens=s.text_tokens, channels=f["in_channels"],
-                     scales=s.scales_4, boundaries=(0, 7, 14, 18, 28), batch=s.train_batch, lora_rank=s.lora_rank,
-                     cls_block=s.cls_block, n_fake_steps=5, cfg_teacher=7.0, remat=s.remat, dtype=s.dtype)
+def _batches(t: TrainShape, schedule, k: int, seed: int = 0) -> dict:
+    """Random [n_fake + 1, B, ...] float32 batches at interval k, NHWC latents."""
+    rng = np.random.default_rng(seed)
+    n, B, cfg = t.n_fake_steps + 1, t.batch_per_device, t.model
+    s, sp = schedule.scale(k), schedule.prev_scale(k)
+    normal = lambda *d: rng.standard_normal((n, B) + d, dtype=np.float32)
+    return {"x": normal(s, s, cfg.in_channels), "x_prev": normal(sp, sp, cfg.in_channels),
+            "context": normal(t.text_tokens, cfg.joint_attention_dim), "pooled": normal(cfg.pooled_projection_dim)}
+
+
+def _uncond(t: TrainShape) -> dict:
+    rng = np.random.default_rng(1)
+    return {"context": rng.standard_normal((1, t.text_tokens, t.model.joint_attention_dim), dtype=np.float32),
+            "pooled": rng.standard_normal((1, t.model.pooled_projection_dim), dtype=np.float32)}
 
 
 def train_iteration_jax(s: Setup, repeats: int) -> dict:
     """Ours: one iteration at the full-resolution interval; seconds, images/s, FLOPs and MFU."""
-    import jax
-    from benchmarks.tiny import random_batches, random_uncond
-    from swd_jax.train import compile_iterations, to_device
-    from swd_jax.train_setup import build_run
-    shape = _train_shape(s)
-    c = shape.run_config()
-    c.model.attention_impl = s.attention
-    c.model.random.sample_size = s.mmdit_fields["sample_size"]
-    c.model.random.pos_embed_max_size = s.mmdit_fields["pos_embed_max_size"]
-    run = build_run(c, jax.devices()[:1])
-    k = len(shape.scales) - 1
-    fn = compile_iterations(run, None)[k]
-    batches = to_device(run, random_batches(shape, k))
-    uncond = {key: jax.device_put(v) for key, v in random_uncond(shape).items()}
-    t = time.perf_counter()
-    with jax.set_mesh(run.mesh):
-        compiled = fn.lower(run.state, run.base, batches, uncond).compile()
-    compile_s = time.perf_counter() - t
-    state = run.state
+    t = s.train
+    m = build_models(t)
+    k = m.schedule.num_intervals - 1
+    base = random_base(t.model, DTYPES[t.param_dtype], jax.random.key(0))
+    state = fresh_state(m, jax.random.key(1))
+    batches = jax.device_put(_batches(t, m.schedule, k))
+    uncond = jax.device_put(_uncond(t))
+    fn = jax.jit(make_iteration(m, k), donate_argnums=(0,))
+    tc = time.perf_counter()
+    lowered = fn.lower(state, base, batches, uncond)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - tc
 
     def step():
         nonlocal state
-        state, metrics = compiled(state, run.base, batches, uncond)
+        state, metrics = compiled(state, base, batches, uncond)
         float(metrics["gen/loss"])
 
     med, times = _median_time(step, repeats)
-    # Model FLOPs: the same iteration without remat, lowered only (XLA's count before optimisation).
-    from swd_jax.train_steps import make_iteration
-    models = dataclasses.replace(run.models, mmdit=run.models.mmdit.clone(remat=False))
-    with jax.set_mesh(run.mesh):
-        model_flops = float(jax.jit(make_iteration(models, k)).lower(
-            state, run.base, batches, uncond).cost_analysis()["flops"])
+    # Model FLOPs: XLA's count before optimisation of the iteration without remat (re-traced if remat is on).
+    if t.remat:
+        no_remat = dataclasses.replace(m, mmdit=m.mmdit.clone(remat=False))
+        lowered = jax.jit(make_iteration(no_remat, k)).lower(state, base, batches, uncond)
+    model_flops = float(lowered.cost_analysis()["flops"])
     hw = compiled.cost_analysis()
-    hw_flops = float(hw["flops"]) if hw and "flops" in hw else None
-    images = (shape.n_fake_steps + 1) * shape.batch
     dev = jax.devices()[0]
-    peak = peak_flops(dev.device_kind)
+    peak = peak_flops(dev.device_kind) if dev.platform == "gpu" else None
     mem = compiled.memory_analysis()
+    images = (t.n_fake_steps + 1) * t.batch_per_device
     out = {"median_s": med, "times_s": times, "compile_s": compile_s, "images_per_s": images / med,
-           "batch": shape.batch, "latent": shape.scales[k], "model_flops": model_flops, "compiled_flops": hw_flops,
-           "device_kind": dev.device_kind, "peak_bf16_flops": peak,
-           "mfu": model_flops / med / peak if peak else None,
+           "batch": t.batch_per_device, "latent": m.schedule.scale(k), "attention": t.attention_impl,
+           "remat": t.remat, "model_flops": model_flops,
+           "compiled_flops": float(hw["flops"]) if hw and "flops" in hw else None,
+           "device_kind": dev.device_kind, "peak_bf16_flops": peak, "mfu": model_flops / med / peak if peak else None,
            "temp_gib": mem.temp_size_in_bytes / 2 ** 30 if mem else None}
-    print(f"  ours: {med:.2f} s/iteration, {out['images_per_s']:.1f} images/s, MFU "
-          f"{out['mfu'] if out['mfu'] is None else round(out['mfu'], 3)} (compile {compile_s:.0f} s)", flush=True)
+    mfu = "n/a" if out["mfu"] is None else f"{out['mfu']:.3f}"
+    print(f"  ours: {med:.2f} s/iteration, {out['images_per_s']:.1f} images/s, MFU {mfu} (compile {compile_s:.0f} s)",
+          flush=True)
     return out
 
 
 def train_iteration_torch(s: Setup, repeats: int) -> dict:
     """The reference structure on diffusers + peft (bf16 weights, bf16 autocast, gradient checkpointing)."""
     import torch
-    from benchmarks.tiny import random_batches, random_uncond
     from benchmarks.torch_swd import TorchSwD, to_torch_nchw
-    from swd_jax.schedule import ScaleSchedule
-    shape = _train_shape(s)
+    t = s.train
+    sched = build_models(t).schedule
     dev = torch.device(s.device)
-    bf16 = s.dtype == "bfloat16"
-    fields = dict(s.mmdit_fields, dual_attention_layers=tuple(s.mmdit_fields["dual_attention_layers"]))
-    model = TorchSwD(fields, scales=shape.scales, boundaries=shape.boundaries,
-                     sigmas=ScaleSchedule(shape.scales, shape.boundaries).sigmas, lora_rank=shape.lora_rank,
-                     cls_blocks=(shape.cls_block,), n_fake_steps=shape.n_fake_steps, cfg_teacher=shape.cfg_teacher,
-                     device=dev, weight_dtype=torch.bfloat16 if bf16 else torch.float32,
+    bf16 = t.dtype == "bfloat16"
+    model = TorchSwD(s.mmdit_fields, scales=sched.scales, boundaries=sched.boundaries, sigmas=sched.sigmas,
+                     lora_rank=t.lora_rank, cls_blocks=(t.cls_block,), n_fake_steps=t.n_fake_steps,
+                     cfg_teacher=t.cfg_teacher, device=dev, weight_dtype=torch.bfloat16 if bf16 else torch.float32,
                      autocast_dtype=torch.bfloat16 if bf16 and dev.type == "cuda" else None,
-                     gradient_checkpointing=s.remat)
-    k = len(shape.scales) - 1
-    batches = to_torch_nchw(random_batches(shape, k), device=dev)
-    uncond = to_torch_nchw(random_uncond(shape), device=dev)
+                     gradient_checkpointing=t.remat)
+    k = sched.num_intervals - 1
+    batches = to_torch_nchw(_batches(t, sched, k), device=dev)
+    uncond = to_torch_nchw(_uncond(t), device=dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -230,8 +264,8 @@ def train_iteration_torch(s: Setup, repeats: int) -> dict:
         sync()
 
     med, times = _median_time(step, repeats)
-    images = (shape.n_fake_steps + 1) * shape.batch
-    out = {"median_s": med, "times_s": times, "images_per_s": images / med, "batch": shape.batch,
+    images = (t.n_fake_steps + 1) * t.batch_per_device
+    out = {"median_s": med, "times_s": times, "images_per_s": images / med, "batch": t.batch_per_device,
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else None}
     print(f"  torch: {med:.2f} s/iteration, {out['images_per_s']:.1f} images/s", flush=True)
     return out
@@ -248,7 +282,7 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run of the same code path at a tiny shape")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--train-batch", type=int, default=8, help="images per batch in the training iteration")
-    ap.add_argument("--attention", default="cudnn", choices=("cudnn", "xla"), help="our attention implementation")
+    ap.add_argument("--attention", default="cudnn", choices=("cudnn", "xla", "chunked"), help="our attention implementation")
     ap.add_argument("--skip", default="", help="comma-separated phases to skip: " + ",".join(p[0] for p in PHASES))
     ap.add_argument("--budget-s", type=float, default=450.0)
     a = ap.parse_args(argv)
@@ -266,7 +300,6 @@ def main(argv=None):
 
 
 def _run(a, s: Setup, t0: float):
-    import jax
     if not a.tiny and jax.devices()[0].platform != "gpu":
         raise SystemExit(f"no GPU visible to JAX ({jax.devices()}); use --tiny for the CPU smoke run")
     res = {"setup": dataclasses.asdict(s), "jax_devices": [d.device_kind for d in jax.devices()],

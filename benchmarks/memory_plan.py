@@ -1,7 +1,7 @@
 """Memory plan: compiled per-device memory of one SwD training iteration for SD3.5-Medium/-Large on N devices.
 
     python -m benchmarks.memory_plan                     # issue-4 figure: Medium, 16 devices, remat on
-    python -m benchmarks.memory_plan --models medium,large --remat on,off --attention xla,flash-like \\
+    python -m benchmarks.memory_plan --models medium,large --remat on,off --attention xla,chunked \\
         --devices 8,16,32,64 --json plan.json             # the whole table (one compile per row group)
 
 The program is `swd_jax.train_steps.make_iteration` jitted as `swd_jax.train.compile_iterations` does (state
@@ -20,13 +20,13 @@ How the figures are made, and what they are worth:
 - XLA:CPU buffer assignment is a proxy for TPU's, and a pessimistic one for big programs: the TPU compiler
   adds a rematerialisation pass that trades compute for memory when a program exceeds HBM, and pads small
   minor dimensions. Read the figures as "what the program asks for before TPU-specific savings".
-- `--attention flash-like` traces a query-chunked, rematerialised attention (same FLOPs; only
-  [B, H, 512, S] logits live), standing in for a splash/flash kernel, which swd_jax does not have yet on TPU.
+- `--attention chunked` is the model's `attention_impl="chunked"` (`swd_jax.models.layers.chunked_attention`:
+  query chunks of 512, each rematerialised; same FLOPs, only [B, H, 512, S] logits live), the memory profile
+  of a flash/splash kernel in plain XLA.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -35,7 +35,7 @@ import time
 import jax
 
 from benchmarks.abstract_train import (GiB, LARGE, MEDIUM, TrainShape, argument_bytes_per_device,
-                                       flash_like_attention, iteration_program, lower_iteration,
+                                       iteration_program, lower_iteration,
                                        memory_per_device)
 from swd_jax import sharding
 
@@ -65,10 +65,8 @@ def mesh_of(n: int):
 
 def compile_memory(shape: TrainShape, n: int, attention: str = "xla") -> dict:
     """GiB per device of the compiled iteration on a (1, n, 1) mesh, plus compile seconds."""
-    ctx = flash_like_attention() if attention == "flash-like" else contextlib.nullcontext()
     t = time.perf_counter()
-    with ctx:
-        compiled = lower_iteration(shape, mesh_of(n)).compile()
+    compiled = lower_iteration(dataclasses.replace(shape, attention_impl=attention), mesh_of(n)).compile()
     return {**memory_per_device(compiled), "compile_s": time.perf_counter() - t}
 
 
@@ -86,7 +84,7 @@ def main(argv=None):
     ap.add_argument("--devices", default="16", help="comma-separated device counts (at most 64)")
     ap.add_argument("--compile-devices", type=int, default=0, help="compile on this count (default: first)")
     ap.add_argument("--remat", default="on", help="comma-separated: on,off")
-    ap.add_argument("--attention", default="xla", help="comma-separated: xla,flash-like")
+    ap.add_argument("--attention", default="xla", help="comma-separated: xla,chunked")
     ap.add_argument("--batch-per-device", type=int, default=0, help="override the reference per-device batch")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)

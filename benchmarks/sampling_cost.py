@@ -13,7 +13,6 @@ take turns `--repeats` times (the 28-step teacher only the first 2 turns) and th
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time

@@ -132,23 +132,19 @@ def load_teacher(folder: str) -> tuple[MMDiTConfig, dict]:
     return cfg, jax.device_put(params, jax.devices()[0])
 
 
-def _chunks(n: int, batch: int):
-    return [(i, min(batch, n - i)) for i in range(0, n, batch)]
-
-
 def teacher_euler(cfg, params, labels: np.ndarray, steps: int, guidance: float, shift: float, batch: int,
                   seed: int, desc: str) -> tuple[np.ndarray, float]:
     """Teacher samples (Euler, `steps`, CFG `guidance`) for `labels`; (images, seconds per image after warm-up)."""
     from tqdm.auto import tqdm
     enc, vf, sigmas = text_encoder(cfg), velocity_fn(cfg), flow_match_sigmas(steps, shift)
     out, timed_s, timed_n = [], 0.0, 0
-    for j, (i, _) in enumerate(tqdm(_chunks(len(labels), batch), desc=desc)):
+    for j, i in enumerate(tqdm(range(0, len(labels), batch), desc=desc)):
         lab = np.resize(labels[i:i + batch], batch)  # the last chunk is padded: one compiled shape
         cond, uncond = prompts(enc, lab, guidance > 1.0)
         x_init = jax.random.normal(jax.random.fold_in(jax.random.key(seed), j), (batch, cfg.sample_size,
                                    cfg.sample_size, cfg.in_channels))
-        x, dt = demo_eval.timed(lambda: euler_sample(vf, params, x_init, sigmas, cond, uncond=uncond,
-                                                     guidance_scale=guidance))
+        x, dt = demo_eval.timed(euler_sample, vf, params, x_init, sigmas, cond, uncond=uncond,
+                                guidance_scale=guidance)
         out.append(x[:len(labels[i:i + batch])])
         if j > 0:
             timed_s, timed_n = timed_s + dt, timed_n + batch
@@ -230,12 +226,12 @@ def student_samples(cfg, params, labels: np.ndarray, scales, sigmas, batch: int,
     from tqdm.auto import tqdm
     enc, vf = text_encoder(cfg), velocity_fn(cfg)
     out, timed_s, timed_n = [], 0.0, 0
-    for j, (i, _) in enumerate(tqdm(_chunks(len(labels), batch), desc=desc)):
+    for j, i in enumerate(tqdm(range(0, len(labels), batch), desc=desc)):
         lab = np.resize(labels[i:i + batch], batch)
         cond, uncond = prompts(enc, lab, guidance > 1.0)
-        x, dt = demo_eval.timed(lambda: scale_wise_sample(
-            vf, params, cond, jax.random.fold_in(jax.random.key(seed), j), (scales, sigmas), batch_size=batch,
-            channels=cfg.in_channels, uncond=uncond, guidance_scale=guidance))
+        x, dt = demo_eval.timed(scale_wise_sample, vf, params, cond, jax.random.fold_in(jax.random.key(seed), j),
+                                (scales, sigmas), batch_size=batch, channels=cfg.in_channels, uncond=uncond,
+                                guidance_scale=guidance)
         out.append(x[:len(labels[i:i + batch])])
         if j > 0:
             timed_s, timed_n = timed_s + dt, timed_n + batch
@@ -258,16 +254,19 @@ def stage_eval(c, workdir: str, teacher_dir: str, data_path: str) -> list[dict]:
     cond_c, _ = prompts(enc, np.arange(b) % 10, False)
     rows, grids = [], {}
 
-    def add(name, steps, sizes, images, sec, flops):
-        grids[name] = images
-        rows.append({"model": name, "steps": steps, "latent sizes": sizes, "ms / image": 1e3 * sec,
-                     "MFLOPs / image": flops / 1e6, **_q(clf, images, labels)})
-
     with np.load(data_path) as z:  # the many-step teacher's samples are the distillation data
         n = min(e.num_images, len(z["labels"]))
         if n < e.num_images or (z["labels"][:n] != labels[:n]).any():
             raise ValueError(f"{data_path} must start with {e.num_images} images cycling the 10 prompts")
         many, many_sec, many_steps = z["images"][:n], float(z["seconds_per_image"]), int(z["steps"])
+    teacher_feats = clf.features(many)
+
+    def add(name, steps, sizes, images, sec, flops):
+        grids[name] = images
+        fd_t = None if images is many else demo_eval.frechet_distance(teacher_feats, clf.features(images))
+        rows.append({"model": name, "steps": steps, "latent sizes": sizes, "ms / image": 1e3 * sec,
+                     "MFLOPs / image": flops / 1e6, **_q(clf, images, labels), "FD to teacher": fd_t})
+
     euler1 = demo_eval.euler_flops(vf, base, cond_u, 1, s, batch_size=b, channels=ch, uncond=uncond,
                                    guidance_scale=g)
     add(f"teacher, Euler, CFG {g:g}", many_steps, f"{s}", many, many_sec, many_steps * euler1)
@@ -285,7 +284,10 @@ def stage_eval(c, workdir: str, teacher_dir: str, data_path: str) -> list[dict]:
     ref = next(r for r in rows if r["model"].startswith("full-resolution"))["MFLOPs / image"]
     for r in rows:
         r["FLOPs vs full-res 4-step"] = r["MFLOPs / image"] / ref
-    real = _q(clf, clf.real_test, clf.labels_test)
+    test_feats = clf.features(clf.real_test)  # the reference row: held-out real digits vs the training digits
+    real = {"prompt acc. %": 100.0 * clf.test_accuracy,
+            "FD": demo_eval.frechet_distance(clf.features(clf.real_train), test_feats),
+            "FD to teacher": demo_eval.frechet_distance(teacher_feats, test_feats)}
     rows.append({"model": "real digits (held out, reference)", "steps": None, "latent sizes": f"{s}", **real})
     os.makedirs(os.path.join(workdir, "grids"), exist_ok=True)
     for name, images in grids.items():
@@ -332,6 +334,8 @@ def run_demo(c, workdir: str, *, stop_after: int | None = None) -> dict | None:
     result = {"rows": rows, "timings": timings, "table": table}
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
+    with open(os.path.join(workdir, "timings.jsonl"), "a") as f:  # one line per invocation, cached or not
+        f.write(json.dumps(timings) + "\n")
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(table + "\n\nStage times (this run; cached stages take ~0 s):\n\n"
                 + "\n".join(f"- {k}: {v}" for k, v in timings.items()) + "\n")

@@ -120,10 +120,10 @@ def euler_flops(velocity_fn, params, cond, num_steps: int, size: int, *, batch_s
     return num_steps * one / batch_size
 
 
-def timed(fn: Callable[[], jnp.ndarray]) -> tuple[np.ndarray, float]:
-    """(result as numpy, wall seconds) of a call, waiting for the device."""
+def timed(fn: Callable[..., jnp.ndarray], *args, **kwargs) -> tuple[np.ndarray, float]:
+    """(fn(*args, **kwargs) as numpy, wall seconds of the call), waiting for the device."""
     t0 = time.perf_counter()
-    out = jax.block_until_ready(fn())
+    out = jax.block_until_ready(fn(*args, **kwargs))
     return np.asarray(out), time.perf_counter() - t0
 
 
@@ -145,8 +145,8 @@ def save_grid(images_NHWC: np.ndarray, path: str, columns: int = 10, zoom: int =
 
 
 COLUMNS = (("model", "{}"), ("steps", "{}"), ("latent sizes", "{}"), ("prompt acc. %", "{:.1f}"),
-           ("FD", "{:.2f}"), ("MFLOPs / image", "{:.2f}"), ("FLOPs vs full-res 4-step", "{:.2f}"),
-           ("ms / image", "{:.2f}"))
+           ("FD", "{:.2f}"), ("FD to teacher", "{:.2f}"), ("MFLOPs / image", "{:.2f}"),
+           ("FLOPs vs full-res 4-step", "{:.2f}"), ("ms / image", "{:.2f}"))
 
 
 def markdown_table(rows: list[dict]) -> str:

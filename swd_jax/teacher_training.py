@@ -137,8 +137,8 @@ def train_teacher(cfg: MMDiTConfig, t: TeacherTraining, images_NHWC: np.ndarray,
     pyramid = {s: area_down(images_NHWC, s) for s in set(scales)}
     model, opt = MMDiT(cfg), make_optimizer(t)
     params = init_params(cfg, t.seed, context_NTJ.shape[1])
-    state = {"params": params, "opt": opt.init(params), "ema": jax.tree.map(jnp.copy, params), "step": jnp.zeros((), jnp.int32),
-             "key": jax.random.key_data(jax.random.key(t.seed + 1))}
+    state = {"params": params, "opt": opt.init(params), "ema": jax.tree.map(jnp.copy, params),
+             "step": jnp.zeros((), jnp.int32), "key": jax.random.key_data(jax.random.key(t.seed + 1))}
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=t.ckpt_every, keep=1)
     restored = ckpt.restore_latest(abstract_like(state))
     if restored is not None:
@@ -150,24 +150,25 @@ def train_teacher(cfg: MMDiTConfig, t: TeacherTraining, images_NHWC: np.ndarray,
     end = t.steps if stop_after is None else min(t.steps, start + stop_after)
     losses, pending = [], None
     bar = tqdm(total=t.steps, initial=start, desc="teacher (flow matching)")
+
+    def log(pending):
+        losses.append(_check(*pending))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+
     try:
         for i in range(start, end):
             idx = np.random.default_rng((t.seed, i)).integers(0, len(images_NHWC), t.batch_size)
-            batch = {"x": pyramid[scales[i % len(scales)]][idx], "context": context_NTJ[idx], "pooled": pooled_NP[idx],
-                     "uncond_context": u_ctx, "uncond_pooled": u_pooled}
+            batch = {"x": pyramid[scales[i % len(scales)]][idx], "context": context_NTJ[idx],
+                     "pooled": pooled_NP[idx], "uncond_context": u_ctx, "uncond_pooled": u_pooled}
             state, metrics = step_fn(state, batch)
             if pending is not None:  # read step i-1's loss while step i runs
-                losses.append(_check(pending, i - 1))
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            pending = metrics
-            if ckpt.should_save(i + 1):
-                ckpt.save(i + 1, state)
-        if pending is not None:
-            losses.append(_check(pending, end - 1))
-            bar.update(1)
-        if end > start and ckpt.latest_step() != end:
-            ckpt.save(end, state, force=True)
+                log(pending)
+            pending = (metrics, i)
+            if (i + 1) % t.ckpt_every == 0 or i + 1 == end:  # never save a state whose loss was not checked
+                log(pending)
+                pending = None
+                ckpt.save(i + 1, state, force=True)
     finally:
         bar.close()
         ckpt.close()

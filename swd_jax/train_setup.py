@@ -15,7 +15,7 @@ import optax
 from swd_jax import sharding
 from swd_jax.convert.transformer import example_inputs, param_logical_axes
 from swd_jax.discriminator import DiscriminatorHead
-from swd_jax.models.layers import LORA, LoraConfig
+from swd_jax.models.layers import ATTENTION_IMPLS, LORA, LoraConfig
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
 from swd_jax.schedule import ScaleSchedule, get_schedule
 from swd_jax.train_steps import LossConfig, SwDModels, init_state
@@ -121,6 +121,8 @@ def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
         if s > cfg.max_latent_size or s % cfg.patch_size:
             raise ValueError(f"schedule scale {s} does not fit the model (patch {cfg.patch_size}, "
                              f"largest latent {cfg.max_latent_size})")
+    if c.model.attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"model.attention_impl={c.model.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
     dtype = _dtype(c.model.dtype, "model.dtype")
     lora = LoraConfig(rank=c.lora.rank, alpha=c.lora.alpha, targets=tuple(c.lora.targets))
     mmdit = MMDiT(cfg, lora=lora, dtype=dtype, param_dtype=_dtype(c.model.param_dtype, "model.param_dtype"),

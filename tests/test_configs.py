@@ -5,7 +5,7 @@ import pytest
 
 from swd_jax.train_setup import loss_config, make_schedule
 
-CONFIGS = ["tiny", "sd35_medium", "sd35_large"]
+CONFIGS = ["tiny", "sd35_medium", "sd35_large", "digits_demo"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -19,7 +19,7 @@ def ci_config():
     c = digits_demo.get_config()
     c.demo.teacher.update(num_layers=1, attention_head_dim=16, num_attention_heads=1, caption_projection_dim=16,
                           joint_attention_dim=8, pooled_projection_dim=8, dual_attention_layers=(0,))
-    c.demo.pretrain.update(steps=4, batch_size=8, ckpt_every=2, warmup=2)
+    c.demo.pretrain.update(steps=4, batch_size=8, ckpt_every=2, warmup=2, scales=(8, 16))
     c.demo.data.update(num_images=20, steps=3)
     c.demo.sample_batch = 10
     c.demo.eval.update(num_images=20, grid_rows=2, classifier_hidden=16)
@@ -52,3 +52,39 @@ def test_demo_chain_runs_resumes_and_reports(tmp_path):
     assert 0 < swd["MFLOPs / image"] < full["MFLOPs / image"]
     assert os.path.exists(os.path.join(wd, "results.md")) and "SwD student" in result["table"]
     assert len([f for f in os.listdir(os.path.join(wd, "grids")) if f.endswith(".png")]) == 6
+
+
+def test_merged_lora_equals_lora_forward():
+    """The evaluation folds the student LoRA into the kernels; the forward must not change."""
+    from swd_jax.models.layers import LORA, LoraConfig
+    from swd_jax.models.mmdit import MMDiT
+    cfg = demo.teacher_config(ci_config())
+    lora = LoraConfig(rank=2, alpha=4.0)
+    model = MMDiT(cfg, lora=lora)
+    k = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(k[0], (2, 8, 8, 1))
+    t = jax.numpy.array([300.0, 900.0])
+    ctx, pooled = jax.random.normal(k[1], (2, 6, 8)), jax.random.normal(k[2], (2, 8))
+    variables = model.init(k[3], x, t, ctx, pooled)
+    base = jax.tree.map(lambda a: getattr(a, "value", a), variables["params"], is_leaf=lambda a: hasattr(a, "value"))
+    trained = jax.tree.map(lambda a: jax.random.normal(k[4], a.shape) * 0.1, variables[LORA])  # B != 0
+    want = model.apply({"params": base, LORA: trained}, x, t, ctx, pooled)
+    got = MMDiT(cfg).apply({"params": demo.merge_lora(base, trained, lora.scale)}, x, t, ctx, pooled)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_frechet_distance_of_gaussians():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((20000, 3))
+    assert demo_eval.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    # N(0, I) vs N(m, 4I): |m|^2 + tr(I + 4I - 2*2I) = |m|^2 + 3
+    b = 2.0 * rng.standard_normal((20000, 3)) + np.array([1.0, 2.0, 0.0])
+    assert demo_eval.frechet_distance(a, b) == pytest.approx(5.0 + 3.0, rel=0.03)
+
+
+def test_bad_teacher_training_settings_raise():
+    from swd_jax.teacher_training import TeacherTraining
+    with pytest.raises(ValueError, match="sigma_sampling"):
+        TeacherTraining(sigma_sampling="cosine")
+    with pytest.raises(ValueError, match="p_uncond"):
+        TeacherTraining(p_uncond=1.0)

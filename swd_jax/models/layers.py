@@ -98,16 +98,41 @@ class RMSNorm(nn.Module):
         return x32 * scale.astype(jnp.float32)
 
 
+ATTENTION_IMPLS = ("xla", "cudnn", "chunked")
+ATTENTION_CHUNK = 512  # query rows per chunk of the "chunked" attention
+
+
 def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, impl: str = "xla"):
-    """softmax(q k^T / sqrt(D)) v, the logits and softmax in float32. impl: "xla" (any backend) or "cudnn"."""
+    """softmax(q k^T / sqrt(D)) v, the logits and softmax in float32.
+
+    impl: "xla" (any backend; all [B, H, L, S] logits live at once), "cudnn" (GPU flash kernel) or "chunked"
+    (any backend; queries in chunks of ATTENTION_CHUNK, each rematerialised, so only [B, H, chunk, S] logits
+    are ever live, forward and backward: the memory profile of a flash attention at the same FLOPs).
+    """
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD, implementation="cudnn")
+    if impl == "chunked":
+        return chunked_attention(q_BLHD, k_BSHD, v_BSHD)
     if impl != "xla":
-        raise ValueError(f"unknown attention impl {impl!r}; expected 'xla' or 'cudnn'")
+        raise ValueError(f"unknown attention impl {impl!r}; expected one of {ATTENTION_IMPLS}")
     scale = 1.0 / math.sqrt(q_BLHD.shape[-1])
     logits_BHLS = jnp.einsum("blhd,bshd->bhls", q_BLHD, k_BSHD, preferred_element_type=jnp.float32) * scale
     probs_BHLS = jax.nn.softmax(logits_BHLS, axis=-1).astype(v_BSHD.dtype)
     return jnp.einsum("bhls,bshd->blhd", probs_BHLS, v_BSHD)
+
+
+def chunked_attention(q_BLHD, k_BSHD, v_BSHD, chunk: int | None = None):
+    """The "xla" attention over query chunks (default ATTENTION_CHUNK), each under `jax.checkpoint`."""
+    B, L, H, D = q_BLHD.shape
+    chunk = chunk or ATTENTION_CHUNK
+    if L <= chunk:
+        return dot_product_attention(q_BLHD, k_BSHD, v_BSHD, "xla")
+    n = -(-L // chunk)
+    q_BLHD = jnp.pad(q_BLHD, ((0, 0), (0, n * chunk - L), (0, 0), (0, 0)))
+    q_NBCHD = q_BLHD.reshape(B, n, chunk, H, D).transpose(1, 0, 2, 3, 4)
+    one = jax.checkpoint(lambda q_BCHD: dot_product_attention(q_BCHD, k_BSHD, v_BSHD, "xla"))
+    o_NBCHD = jax.lax.map(one, q_NBCHD)
+    return o_NBCHD.transpose(1, 0, 2, 3, 4).reshape(B, n * chunk, H, D)[:, :L]
 
 
 def timestep_embedding(t_B, dim: int = 256, max_period: float = 10000.0):
