@@ -98,7 +98,7 @@ class RMSNorm(nn.Module):
         return x32 * scale.astype(jnp.float32)
 
 
-ATTENTION_IMPLS = ("xla", "cudnn", "chunked")
+ATTENTION_IMPLS = ("xla", "cudnn", "chunked", "splash")
 ATTENTION_CHUNK = 512  # query rows per chunk of the "chunked" attention
 
 
@@ -107,12 +107,16 @@ def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, impl: str = "xla"):
 
     impl: "xla" (any backend; all [B, H, L, S] logits live at once), "cudnn" (GPU flash kernel) or "chunked"
     (any backend; queries in chunks of ATTENTION_CHUNK, each rematerialised, so only [B, H, chunk, S] logits
-    are ever live, forward and backward: the memory profile of a flash attention at the same FLOPs).
+    are ever live, forward and backward: the memory profile of a flash attention at the same FLOPs) or
+    "splash" (TPU Pallas flash kernel, sharded per device: `swd_jax.models.splash`).
     """
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD, implementation="cudnn")
     if impl == "chunked":
         return chunked_attention(q_BLHD, k_BSHD, v_BSHD)
+    if impl == "splash":
+        from swd_jax.models.splash import splash_attention
+        return splash_attention(q_BLHD, k_BSHD, v_BSHD)
     if impl != "xla":
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {ATTENTION_IMPLS}")
     scale = 1.0 / math.sqrt(q_BLHD.shape[-1])

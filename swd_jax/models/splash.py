@@ -1,0 +1,84 @@
+"""TPU flash attention for MMDiT: the Pallas splash kernel, padded to its blocks and sharded with `shard_map`.
+
+`attention_impl="splash"` (model config) routes `layers.dot_product_attention` here. The kernel computes
+softmax(q k^T) v blockwise in float32 (never materialising the [L, S] logits, forward or backward). MMDiT has
+no causal structure, so the mask only hides the padding that brings the joint sequence (e.g. 4096 image + 333
+text tokens) to a multiple of the block size.
+
+Under a mesh (`jax.set_mesh`), the kernel runs per device through `jax.shard_map` with the batch over the
+activation-batch mesh axes and heads over the heads axis (the logical-axis rules in force): a Mosaic kernel
+cannot be partitioned by the compiler itself. A batch or head count that does not divide runs replicated.
+
+Only TPU runs the kernel natively; `INTERPRET = True` runs it in Pallas interpret mode on any backend (slow,
+for tests on CPU). Any other backend gets a clear error instead of a silent fallback.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+INTERPRET = False  # tests set this to run the Pallas kernel in interpret mode on CPU
+
+
+def _block(n: int) -> int:
+    return 512 if n >= 512 else 128
+
+
+@functools.lru_cache(maxsize=32)
+def _kernel(heads: int, q_len: int, kv_len: int, kv_valid: int, block_q: int, block_kv: int, interpret: bool):
+    """A splash MHA kernel for [heads, q_len, D] x [heads, kv_len, D]; keys >= kv_valid are padding."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    mask = np.zeros((q_len, kv_len), dtype=bool)
+    mask[:, :kv_valid] = True
+    sizes = sk.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv, block_q_dkv=block_q,
+                          block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv, block_q_dq=block_q,
+                          block_kv_dq=block_kv)
+    return sk.make_splash_mha(sm.MultiHeadMask([sm.NumpyMask(mask)] * heads), block_sizes=sizes, head_shards=1,
+                              q_seq_shards=1, interpret=interpret)
+
+
+def _local_attention(q_BLHD, k_BSHD, v_BSHD, interpret: bool):
+    """Splash attention on one device's shard: pad to the blocks, [B, H, L, D] layout, vmap over the batch."""
+    B, L, H, D = q_BLHD.shape
+    S = k_BSHD.shape[1]
+    bq, bkv = _block(L), _block(S)
+    Lp, Sp = -(-L // bq) * bq, -(-S // bkv) * bkv
+    kernel = _kernel(H, Lp, Sp, S, bq, bkv, interpret)
+    # The kernel does not scale the logits: scale q in float32 (1/8 for SD3's head dim 64 is exact anyway).
+    q = (q_BLHD.astype(jnp.float32) / math.sqrt(D)).astype(q_BLHD.dtype)
+    to_bhld = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    o_BHLD = jax.vmap(kernel)(to_bhld(q, Lp), to_bhld(k_BSHD, Sp), to_bhld(v_BSHD, Sp))
+    return o_BHLD.transpose(0, 2, 1, 3)[:, :L].astype(v_BSHD.dtype)
+
+
+def _mesh_axes_size(mesh, axes) -> int:
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def splash_attention(q_BLHD, k_BSHD, v_BSHD):
+    """softmax(q k^T / sqrt(D)) v with the splash kernel; per device under the current mesh, if any."""
+    if jax.default_backend() != "tpu" and not INTERPRET:
+        raise ValueError(f"attention_impl='splash' needs a TPU (backend here: {jax.default_backend()!r}); "
+                         "use 'cudnn' on GPU or 'chunked' anywhere")
+    local = functools.partial(_local_attention, interpret=INTERPRET)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(q_BLHD, k_BSHD, v_BSHD)
+    batch_axes, _, head_axes, _ = nn.logical_to_mesh_axes(("activation_batch", None, "heads", None))
+    if q_BLHD.shape[0] % _mesh_axes_size(mesh, batch_axes):
+        batch_axes = None
+    if q_BLHD.shape[2] % _mesh_axes_size(mesh, head_axes):
+        head_axes = None
+    spec = P(batch_axes, None, head_axes, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
+        q_BLHD, k_BSHD, v_BSHD)
