@@ -70,42 +70,6 @@ def compile_memory(shape: TrainShape, n: int, attention: str = "xla") -> dict:
     return {**memory_per_device(compiled), "compile_s": time.perf_counter() - t}
 
 
-def shallow(shape: TrainShape, depth: int, dual: int) -> TrainShape:
-    """The same training shape with `depth` blocks, the first `dual` of them with dual attention."""
-    model = dataclasses.replace(shape.model, num_layers=depth, dual_attention_layers=tuple(range(dual)))
-    return dataclasses.replace(shape, name=f"{shape.name}[{depth} blocks, {dual} dual]", model=model,
-                               cls_block=min(shape.cls_block, depth - 1))
-
-
-def fit_memory(shape: TrainShape, n: int, attention: str = "xla", log=print) -> dict:
-    """GiB per device of the full-depth iteration from compiles of 2- and 4-block models (linear in depth).
-
-    Blocks add temporaries one by one (saved block inputs with remat, all activations without; one block's
-    working set is in the constant), so temp(L) = temp(2) + per-block slopes x the remaining blocks, with a
-    separate slope for dual-attention blocks (SD3.5-Medium: the first 13). The shallow models put the feature
-    block last, so their real-image passes run through every block: an upper bound (the full-depth compile
-    checks it: see the README). Arguments are exact for the full model.
-    """
-    cfg, t = shape.model, time.perf_counter()
-    nd = len(cfg.dual_attention_layers)
-    if cfg.dual_attention_layers != tuple(range(nd)) or (nd and nd < 2):
-        raise ValueError(f"depth fit needs dual attention in the first blocks (>= 2 of them), got "
-                         f"{cfg.dual_attention_layers}")
-    dual2 = 2 if nd else 0
-    temp = {}
-    for depth, dual in ((2, dual2), (4, dual2)) + (((4, 4),) if nd else ()):
-        r = compile_memory(shallow(shape, depth, dual), n, attention)
-        temp[depth, dual] = r["temp_gib"]
-        log(f"  {depth} blocks ({dual} dual): temporaries {r['temp_gib']:.2f} GiB, compiled in {r['compile_s']:.0f} s")
-    plain_slope = (temp[4, dual2] - temp[2, dual2]) / 2
-    dual_slope = (temp[4, 4] - temp[2, dual2]) / 2 if nd else 0.0
-    tmp = temp[2, dual2] + (nd - dual2) * dual_slope + (cfg.num_layers - 2 - (nd - dual2)) * plain_slope
-    _, args = iteration_program(shape, mesh_of(n))
-    arg = argument_bytes_per_device(args) / GiB
-    return {"arguments_gib": arg, "temp_gib": tmp, "peak_gib": arg + tmp, "method": "depth fit",
-            "per_block_gib": {"plain": plain_slope, "dual": dual_slope}, "compile_s": time.perf_counter() - t}
-
-
 def rescale(compiled_at: dict, shape: TrainShape, n: int) -> dict:
     """The figures for n devices from a compile on another count: exact arguments, the same temporaries."""
     _, args = iteration_program(shape, mesh_of(n))
@@ -122,8 +86,6 @@ def main(argv=None):
     ap.add_argument("--remat", default="on", help="comma-separated: on,off")
     ap.add_argument("--attention", default="xla", help="comma-separated: xla,chunked")
     ap.add_argument("--batch-per-device", type=int, default=0, help="override the reference per-device batch")
-    ap.add_argument("--fit", action="store_true",
-                    help="fit temporaries from 2- and 4-block compiles (minutes) instead of a full-depth compile")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
     _set_xla_flags()
@@ -141,8 +103,7 @@ def main(argv=None):
                     shape = dataclasses.replace(shape, batch_per_device=a.batch_per_device)
                 print(f"{shape.name}, remat {remat}, attention {attention}, batch/device {shape.batch_per_device}: "
                       f"compiling on {n0} devices ...", flush=True)
-                at = (fit_memory(shape, n0, attention) if a.fit
-                      else dict(compile_memory(shape, n0, attention), method="full-depth compile"))
+                at = compile_memory(shape, n0, attention)
                 print(f"  compiled in {at['compile_s']:.0f} s: peak {at['peak_gib']:.1f} GiB/device "
                       f"(arguments {at['arguments_gib']:.2f}, temporaries {at['temp_gib']:.1f})", flush=True)
                 for n in devices:
@@ -150,7 +111,7 @@ def main(argv=None):
                     row = {"model": shape.name, "devices": n, "remat": remat == "on", "attention": attention,
                            "batch_per_device": shape.batch_per_device, "global_batch": shape.batch_per_device * n,
                            "compiled_on": n0, **{k: v for k, v in mem.items() if k != "per_block_gib"}}
-                    row["fits"], row["method"] = fits(row["peak_gib"], n), at["method"]
+                    row["fits"] = fits(row["peak_gib"], n)
                     results.append(row)
                 if a.json:
                     with open(a.json, "w") as f:
@@ -160,8 +121,7 @@ def main(argv=None):
     for r in results:
         print(f"{r['model']:13s} {('on' if r['remat'] else 'off'):>5s} {r['attention']:>10s} {r['devices']:7d} "
               f"{r['batch_per_device']:9d} {r['arguments_gib']:8.2f} {r['peak_gib']:12.1f}  "
-              f"{', '.join(r['fits']) or 'no TPU chip'}{'' if r['devices'] == r['compiled_on'] else ' *'}"
-              f"  ({r['method']})")
+              f"{', '.join(r['fits']) or 'no TPU chip'}{'' if r['devices'] == r['compiled_on'] else ' *'}")
     print("* arguments exact for this device count, temporaries from the compile on "
           f"{n0} devices")
 

@@ -29,6 +29,7 @@ python3 -m venv ~/swd_venv && . ~/swd_venv/bin/activate && pip install -q -U pip
 pip install -q -r launch/requirements-tpu.txt && pip install -q --no-deps -e ."
 gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" --worker=all --command "$SETUP"
 
+# TPU: the splash flash-attention kernel (swd_jax/models/splash.py); an override later on the line wins.
 RUN="cd swd_jax && . ~/swd_venv/bin/activate && SWD_DISTRIBUTED=1 python -m swd_jax.train \
---config $CONFIG --workdir $WORKDIR $OVERRIDES 2>&1 | tee -a ~/swd_train.log"
+--config $CONFIG --workdir $WORKDIR --config.model.attention_impl=splash $OVERRIDES 2>&1 | tee -a ~/swd_train.log"
 gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" --worker=all --command "$RUN"

@@ -92,6 +92,8 @@ def test_bad_config_values_give_clear_errors():
         build_run(small_config(**{"loss.cls_blocks": (5,)}), jax.devices()[:1])
     with pytest.raises(ValueError, match="model.source='nope'"):
         build_run(small_config(**{"model.source": "nope"}), jax.devices()[:1])
+    with pytest.raises(ValueError, match="model.attention_impl='flash'; expected one of"):
+        build_run(small_config(**{"model.attention_impl": "flash"}), jax.devices()[:1])
     # An unknown field on the command line (configs are locked there) stops the CLI with its name.
     out = subprocess.run([sys.executable, "-m", "swd_jax.train", "--config", "configs/tiny.py", "--workdir",
                           "/nonexistent/never_written", "--config.optim.learning_rate=1"],
