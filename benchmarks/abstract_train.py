@@ -92,9 +92,9 @@ def abstract_state(m: SwDModels, mesh, rules=sharding.DEFAULT_RULES):
     boxed_lora = jax.eval_shape(lambda k: lora_model.init(k, *example_inputs(cfg, 1))[LORA], jax.random.key(0))
     boxed_head = jax.eval_shape(lambda k: m.head.init(k, jnp.zeros((1, 1, cfg.inner_dim)))["params"],
                                 jax.random.key(0))
-    lora_sh = sharding.logical_shardings(nn.get_partition_spec(boxed_lora), mesh, rules)
-    head_sh = sharding.logical_shardings(nn.get_partition_spec(boxed_head), mesh, rules)
     lora, head = nn.unbox(boxed_lora), nn.unbox(boxed_head)
+    lora_sh = sharding.logical_shardings(nn.get_partition_spec(boxed_lora), mesh, rules, shapes=lora)
+    head_sh = sharding.logical_shardings(nn.get_partition_spec(boxed_head), mesh, rules, shapes=head)
     state = jax.eval_shape(lambda: init_state(lora, lora, head, m, jax.random.key_data(jax.random.key(0))))
     rep = sharding.replicated(mesh)
     fake_sh = {"lora": lora_sh, "head": head_sh}
@@ -109,8 +109,9 @@ def abstract_state(m: SwDModels, mesh, rules=sharding.DEFAULT_RULES):
 
 def abstract_base(shape: TrainShape, mesh, rules=sharding.DEFAULT_RULES):
     """(abstract base weights in param_dtype, their FSDP shardings) as `train_setup.load_base` places them."""
-    sh = sharding.logical_shardings(param_logical_axes(shape.model), mesh, rules)
-    return _with_sharding(abstract_params(shape.model, DTYPES[shape.param_dtype]), sh), sh
+    params = abstract_params(shape.model, DTYPES[shape.param_dtype])
+    sh = sharding.logical_shardings(param_logical_axes(shape.model), mesh, rules, shapes=params)
+    return _with_sharding(params, sh), sh
 
 
 def abstract_batches(shape: TrainShape, m: SwDModels, mesh, k: int):

@@ -48,9 +48,24 @@ def make_mesh(shape: Sequence[int], axes: Sequence[str] = MESH_AXES, devices=Non
     return jax.make_mesh(tuple(shape), tuple(axes), axis_types=(AxisType.Auto,) * len(axes), devices=devices)
 
 
-def logical_shardings(logical_specs, mesh: Mesh, rules=DEFAULT_RULES):
-    """Pytree of logical PartitionSpecs -> pytree of NamedShardings on `mesh`."""
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, list(rules))
+def logical_shardings(logical_specs, mesh: Mesh, rules=DEFAULT_RULES, shapes=None):
+    """Pytree of logical PartitionSpecs -> pytree of NamedShardings on `mesh`.
+
+    With `shapes` (the same pytree of arrays or ShapeDtypeStructs), a dimension that its mesh axes do not
+    divide evenly is replicated instead (e.g. SD3.5-Large's 1824-wide discriminator layer, or its 2432-wide
+    weights on 128-way FSDP): the array still places, at the cost of that one dimension's memory saving.
+    """
+    shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, list(rules))
+    return shardings if shapes is None else jax.tree.map(_divisible, shardings, shapes)
+
+
+def _divisible(sh: NamedSharding, x) -> NamedSharding:
+    spec = list(sh.spec) + [None] * (len(x.shape) - len(sh.spec))
+    for i, axes in enumerate(spec):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if names and x.shape[i] % int(np.prod([sh.mesh.shape[a] for a in names])):
+            spec[i] = None
+    return NamedSharding(sh.mesh, P(*spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
