@@ -44,9 +44,14 @@ XLA_FLAGS = ("--xla_force_host_platform_device_count=64 --xla_cpu_enable_concurr
 
 
 def _set_xla_flags():
-    """64 fake CPU devices and the memory-minimising scheduler; XLA reads these when its backend starts."""
+    """64 fake CPU devices and the memory-minimising scheduler; XLA reads these when its backend starts.
+
+    With JAX_PLATFORMS=tpu (on a TPU VM) nothing is changed: the plan then compiles for the real chips.
+    """
+    if os.environ.get("JAX_PLATFORMS", "cpu") != "cpu":
+        return
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + XLA_FLAGS).strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 # HBM per chip and how a slice of n chips is named (v4 and v5p names count TensorCores, 2 per chip).

@@ -34,6 +34,7 @@ class TinyShape:
     cfg_teacher: float = 7.0
     remat: bool = False
     dtype: str = "float32"
+    attention: str = "xla"  # ours only: config.model.attention_impl, "chunked@128" also sets attention_chunk
 
     @property
     def width(self) -> int:
@@ -54,6 +55,10 @@ class TinyShape:
         c.model.source = "random"
         c.model.dtype = c.model.param_dtype = self.dtype
         c.model.remat = self.remat
+        impl, _, chunk = self.attention.partition("@")
+        c.model.attention_impl = impl
+        if chunk:
+            c.model.attention_chunk = int(chunk)
         c.model.random = ml_collections.ConfigDict(self.mmdit_fields())
         c.lora.rank, c.lora.alpha = self.lora_rank, float(self.lora_rank)
         c.schedule.preset = ""

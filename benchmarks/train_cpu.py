@@ -1,6 +1,6 @@
 """Seconds and memory of one SwD iteration on CPU: ours (one XLA program) vs the PyTorch reference structure.
 
-    python -m benchmarks.train_cpu [--repeats 5] [--interval 3] [--threads N] [--remat] [--json out.json]
+    python -m benchmarks.train_cpu [--repeats 5] [--interval 3] [--threads N] [--remat] [--attention xla,chunked] [--json out.json]
 
 One iteration = 5 fake-model updates + 1 generator update, all losses on (DMD with CFG, GAN, PDM), on the
 tiny SD3.5-Medium-shaped model of `benchmarks/tiny.py` (6 layers, width 192, dual attention in layers 0-2,
@@ -13,6 +13,7 @@ iterations and its rise over the level just before each; for ours also XLA's com
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -136,6 +137,9 @@ def _worker(kind: str, shape: TinyShape, k: int, threads: int, conn):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if threads:
         _limit_threads(threads)
+    kind, _, attention = kind.partition(":")  # "jax:chunked" = ours with that attention_impl
+    if attention:
+        shape = dataclasses.replace(shape, attention=attention)
     runner = RUNNERS[kind](shape, k)
     if threads and kind == "torch":
         runner._torch.set_num_threads(threads)
@@ -179,7 +183,8 @@ def benchmark(shape: TinyShape, k: int, repeats: int, kinds=("jax", "torch"), th
         for kind in kinds:
             conns[kind].send("extra")
             times = [row[0] for row in rows[kind]]
-            out[kind] = {"name": RUNNERS[kind].name, "median_s": statistics.median(times), "min_s": min(times),
+            name = RUNNERS[kind.partition(":")[0]].name + (f", {kind.partition(':')[2]} attention" if ":" in kind else "")
+            out[kind] = {"name": name, "median_s": statistics.median(times), "min_s": min(times),
                          "times_s": times, "loss": rows[kind][-1][1],
                          "peak_rss_mib": max(row[3] for row in rows[kind]) / MiB,
                          "iteration_rss_rise_mib": max(row[3] - row[2] for row in rows[kind]) / MiB,
@@ -199,28 +204,33 @@ def main(argv=None):
     ap.add_argument("--interval", type=int, default=3, help="scale interval k (0..3); 3 = latent 64")
     ap.add_argument("--remat", action="store_true", help="gradient checkpointing in both implementations")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads per framework (0: each one's default)")
+    ap.add_argument("--attention", default="xla", help="ours: comma-separated attention_impl values, e.g. xla,chunked,chunked@128 (@ = chunk rows)")
     ap.add_argument("--micro", action="store_true", help="the seconds-long smoke shape instead of the tiny SD3.5-M")
     ap.add_argument("--json", default="", help="also write the figures here")
     a = ap.parse_args(argv)
-    import dataclasses
     shape = dataclasses.replace(MICRO if a.micro else TINY_SD35M, remat=a.remat)
+    ours = tuple(f"jax:{v}" for v in a.attention.split(","))
     if not 0 <= a.interval < len(shape.scales):
         raise SystemExit(f"--interval must be in 0..{len(shape.scales) - 1}")
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     print(f"shape {shape}\ninterval {a.interval} (latent {shape.scales[a.interval]}), load average {load}, "
           f"{os.cpu_count()} CPUs", flush=True)
-    res = benchmark(shape, a.interval, a.repeats, threads=a.threads, log=lambda s: print(s, flush=True))
+    res = benchmark(shape, a.interval, a.repeats, kinds=ours + ("torch",), threads=a.threads,
+                    log=lambda s: print(s, flush=True))
     with open("/proc/loadavg") as f:
         load_after = f.read().split()[:3]
-    j, t = res["jax"], res["torch"]
-    print(f"\n{'implementation':38s} {'s/iter (median)':>15s} {'min':>7s} {'peak RSS MiB':>13s} {'rise MiB':>9s}")
-    for r in (j, t):
-        print(f"{r['name']:38s} {r['median_s']:15.2f} {r['min_s']:7.2f} {r['peak_rss_mib']:13.0f} "
+    t = res["torch"]
+    print(f"\n{'implementation':48s} {'s/iter (median)':>15s} {'min':>7s} {'peak RSS MiB':>13s} {'rise MiB':>9s}")
+    for r in res.values():
+        print(f"{r['name']:48s} {r['median_s']:15.2f} {r['min_s']:7.2f} {r['peak_rss_mib']:13.0f} "
               f"{r['iteration_rss_rise_mib']:9.0f}")
-    ratio = t["median_s"] / j["median_s"]
-    print(f"\nspeed-up (torch median / ours median): {ratio:.2f}x; XLA compile {j['compile_s']:.1f} s, "
-          f"XLA temp buffers {j['xla_temp_mib']:.0f} MiB; load average after {load_after}")
+    for kind in ours:
+        j = res[kind]
+        print(f"{j['name']}: speed-up (torch median / ours median) {t['median_s'] / j['median_s']:.2f}x; "
+              f"XLA compile {j['compile_s']:.1f} s, XLA temp buffers {j['xla_temp_mib']:.0f} MiB")
+    print(f"load average after {load_after}")
+    ratio = {kind: t["median_s"] / res[kind]["median_s"] for kind in ours}
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"shape": dataclasses.asdict(shape), "interval": a.interval, "load_before": load,

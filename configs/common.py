@@ -7,7 +7,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Where the frozen base (teacher) weights come from: "random" (tiny tests), "diffusers" (a transformer
     # folder, converted on load), "converted" (the output of `python -m swd_jax.convert`).
     c.model = dict(source="diffusers", path="", dtype="bfloat16", param_dtype="bfloat16", remat=True,
-                   attention_impl="xla",
+                   # "xla" | "chunked" (any backend, flash-like memory) | "splash" (TPU) | "cudnn" (GPU);
+                   # attention_chunk: query rows per chunk of "chunked".
+                   attention_impl="xla", attention_chunk=512,
                    # Used with source="random" only: the MMDiTConfig fields of a random-weight model.
                    random=ml_collections.ConfigDict(dict(
                        sample_size=16, patch_size=2, in_channels=1, num_layers=4, attention_head_dim=16,

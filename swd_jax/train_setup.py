@@ -124,10 +124,13 @@ def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
                              f"largest latent {cfg.max_latent_size})")
     if c.model.attention_impl not in ATTENTION_IMPLS:
         raise ValueError(f"model.attention_impl={c.model.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+    if c.model.attention_chunk < 8:
+        raise ValueError(f"model.attention_chunk={c.model.attention_chunk}; expected at least 8 query rows")
     dtype = _dtype(c.model.dtype, "model.dtype")
     lora = LoraConfig(rank=c.lora.rank, alpha=c.lora.alpha, targets=tuple(c.lora.targets))
     mmdit = MMDiT(cfg, lora=lora, dtype=dtype, param_dtype=_dtype(c.model.param_dtype, "model.param_dtype"),
-                  remat=c.model.remat, attention_impl=c.model.attention_impl)
+                  remat=c.model.remat, attention_impl=c.model.attention_impl,
+                  attention_chunk=c.model.attention_chunk)
     head = DiscriminatorHead(cfg.inner_dim, c.head.num_layers, dtype=dtype)
     models = SwDModels(mmdit, head, schedule, loss, make_optimizer(c.optim.lr, c.optim),
                        make_optimizer(c.optim.lr_fake, c.optim))

@@ -83,7 +83,7 @@ def test_bad_inputs_name_the_problem(tmp_path):
         load_transformer(str(tmp_path))
 
 
-def test_chunked_attention_matches_torch_values_and_gradients(monkeypatch):
+def test_chunked_attention_matches_torch_values_and_gradients():
     """The memory-saving "chunked" attention (query chunks, rematerialised) equals torch SDPA, with gradients."""
     import torch
     from swd_jax.models import layers
@@ -100,7 +100,6 @@ def test_chunked_attention_matches_torch_values_and_gradients(monkeypatch):
     for g, t in zip(grads, (tq, tk, tv)):
         assert rel_err(np.asarray(g), t.grad.numpy().transpose(0, 2, 1, 3)) < TOL
     # The whole model with chunked attention (chunks smaller than the sequence) still equals diffusers.
-    monkeypatch.setattr(layers, "ATTENTION_CHUNK", 16)
     model = tiny_sd3_transformer("sd35_medium")
     cfg = MMDiTConfig.from_dict(tiny_sd3_config("sd35_medium"))
     params = convert_state_dict({kk: vv.numpy() for kk, vv in model.state_dict().items()}, cfg)
@@ -108,8 +107,11 @@ def test_chunked_attention_matches_torch_values_and_gradients(monkeypatch):
     from tests.torch_reference import torch_forward
     ref_v, _ = torch_forward(model, inputs)
     x, t, c, p = inputs
-    got = MMDiT(cfg, attention_impl="chunked").apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)),
-                                                       jnp.asarray(t), jnp.asarray(c), jnp.asarray(p))
+    chunked = MMDiT(cfg, attention_impl="chunked", attention_chunk=16)
+    args = (jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(c), jnp.asarray(p))
+    got = chunked.apply({"params": params}, *args)
     assert rel_err(np.asarray(got).transpose(0, 3, 1, 2), ref_v) < TOL
-    with pytest.raises(ValueError, match="unknown attention impl 'splash'"):
-        layers.dot_product_attention(q, k, v, "splash")
+    # 43 tokens in chunks of 16: the attention really runs as a loop over query chunks.
+    assert "stablehlo.while" in jax.jit(lambda *a: chunked.apply({"params": params}, *a)).lower(*args).as_text()
+    with pytest.raises(ValueError, match="unknown attention impl 'flash'"):
+        layers.dot_product_attention(q, k, v, "flash")

@@ -102,7 +102,7 @@ ATTENTION_IMPLS = ("xla", "cudnn", "chunked", "splash")
 ATTENTION_CHUNK = 512  # query rows per chunk of the "chunked" attention
 
 
-def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, impl: str = "xla"):
+def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, impl: str = "xla", chunk: int | None = None):
     """softmax(q k^T / sqrt(D)) v, the logits and softmax in float32.
 
     impl: "xla" (any backend; all [B, H, L, S] logits live at once), "cudnn" (GPU flash kernel) or "chunked"
@@ -113,7 +113,7 @@ def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, impl: str = "xla"):
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD, implementation="cudnn")
     if impl == "chunked":
-        return chunked_attention(q_BLHD, k_BSHD, v_BSHD)
+        return chunked_attention(q_BLHD, k_BSHD, v_BSHD, chunk)
     if impl == "splash":
         from swd_jax.models.splash import splash_attention
         return splash_attention(q_BLHD, k_BSHD, v_BSHD)
@@ -132,6 +132,8 @@ def chunked_attention(q_BLHD, k_BSHD, v_BSHD, chunk: int | None = None):
     if L <= chunk:
         return dot_product_attention(q_BLHD, k_BSHD, v_BSHD, "xla")
     n = -(-L // chunk)
+    chunk = -(-L // n)
+    chunk = -(-chunk // 8) * 8  # n balanced chunks, multiples of 8: 4429 -> 9 x 496 (not 9 x 512)
     q_BLHD = jnp.pad(q_BLHD, ((0, 0), (0, n * chunk - L), (0, 0), (0, 0)))
     q_NBCHD = q_BLHD.reshape(B, n, chunk, H, D).transpose(1, 0, 2, 3, 4)
     one = jax.checkpoint(lambda q_BCHD: dot_product_attention(q_BCHD, k_BSHD, v_BSHD, "xla"))

@@ -112,6 +112,7 @@ class Attention(_Common):
     context_pre_only: bool = False
     qk_norm: str | None = None
     impl: str = "xla"
+    chunk: int | None = None  # query rows per chunk of the "chunked" attention (None: layers.ATTENTION_CHUNK)
 
     @nn.compact
     def __call__(self, x_BLD, c_BTD=None):
@@ -131,7 +132,7 @@ class Attention(_Common):
             cq, ck, cv = project(c_BTD, ("add_q_proj", "add_k_proj", "add_v_proj"),
                                  {"add_q_proj": "norm_added_q", "add_k_proj": "norm_added_k"})
             q, k, v = (jnp.concatenate(p, axis=1) for p in ((q, cq), (k, ck), (v, cv)))
-        o_BLHD = dot_product_attention(q, k, v, self.impl)
+        o_BLHD = dot_product_attention(q, k, v, self.impl, self.chunk)
         o_BLD = o_BLHD.reshape(*o_BLHD.shape[:2], inner)
         n_img = x_BLD.shape[1]
         x_out = self.dense(x_BLD.shape[-1], ("heads", "embed"), "to_out_0")(o_BLD[:, :n_img])
@@ -188,11 +189,13 @@ class JointBlock(_Common):
     dual_attention: bool = False
     qk_norm: str | None = None
     impl: str = "xla"
+    chunk: int | None = None
 
     @nn.compact
     def __call__(self, x_BLD, c_BTD, temb_BD):
         kw = dict(lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
-        akw = dict(heads=self.heads, head_dim=self.head_dim, qk_norm=self.qk_norm, impl=self.impl, **kw)
+        akw = dict(heads=self.heads, head_dim=self.head_dim, qk_norm=self.qk_norm, impl=self.impl, chunk=self.chunk,
+                   **kw)
         mods = AdaLN(n=9 if self.dual_attention else 6, name="norm1", **kw)(temb_BD)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
         x_norm = layer_norm(x_BLD)
@@ -237,6 +240,7 @@ class MMDiT(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
     attention_impl: str = "xla"
+    attention_chunk: int | None = None  # "chunked" attention only: query rows per chunk
 
     def check_latent_size(self, height: int, width: int):
         cfg = self.config
@@ -279,7 +283,8 @@ class MMDiT(nn.Module):
             c_BTD, x_BLD = block_cls(heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim,
                                      context_pre_only=i == cfg.num_layers - 1,
                                      dual_attention=i in cfg.dual_attention_layers, qk_norm=cfg.qk_norm,
-                                     impl=self.attention_impl, name=f"transformer_blocks_{i}", **kw)(
+                                     impl=self.attention_impl, chunk=self.attention_chunk,
+                                     name=f"transformer_blocks_{i}", **kw)(
                 x_BLD, c_BTD, temb)
             x_BLD = nn.with_logical_constraint(x_BLD, ("activation_batch", "activation_tokens", "activation_embed"))
             if i in feature_blocks:
