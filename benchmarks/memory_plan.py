@@ -1,6 +1,6 @@
 """Memory plan: compiled per-device memory of one SwD training iteration for SD3.5-Medium/-Large on N devices.
 
-    python -m benchmarks.memory_plan                     # issue-4 figure: Medium, 16 devices, remat on
+    python -m benchmarks.memory_plan                     # Medium, 16 devices, remat on, chunked attention
     python -m benchmarks.memory_plan --models medium,large --remat on,off --attention xla,chunked \\
         --devices 8,16,32,64 --json plan.json             # the whole table (one compile per row group)
 
@@ -89,7 +89,7 @@ def main(argv=None):
     ap.add_argument("--devices", default="16", help="comma-separated device counts (at most 64)")
     ap.add_argument("--compile-devices", type=int, default=0, help="compile on this count (default: first)")
     ap.add_argument("--remat", default="on", help="comma-separated: on,off")
-    ap.add_argument("--attention", default="xla", help="comma-separated: xla,chunked")
+    ap.add_argument("--attention", default="chunked", help="comma-separated: xla,chunked")
     ap.add_argument("--batch-per-device", type=int, default=0, help="override the reference per-device batch")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)

@@ -11,7 +11,8 @@ projections of both streams, AdamW lr 5e-6, 3000 steps, global batch 64 (8 GPUs 
                          --config.model.path=/ckpt/sd35m --config.data.path=/data/sd35m_pre
    TPU pod slice:     launch/tpu_pod.sh NAME ZONE v5p-16 configs/sd35_medium.py gs://BUCKET/runs/sd35m \
                          --config.model.path=... --config.data.path=...
-Cost: see benchmarks/README.md for the per-device memory plan (16 devices fit with remat) and the step time.
+Cost: benchmarks/README.md has the per-device memory plan (XLA:CPU upper bound, remat + chunked attention:
+      125.8 GiB at 8 images/device, 42.6 GiB at 2) and the sampling FLOPs.
 Result: the trained student LoRA in WORKDIR/student_peft (PEFT format; loads onto diffusers' transformer).
 """
 import ml_collections
@@ -22,6 +23,7 @@ from configs.common import base_config
 def get_config() -> ml_collections.ConfigDict:
     c = base_config()
     c.model.source = "converted"
+    c.model.attention_impl = "chunked"  # 1024 px needs flash-like memory; launch/tpu_pod.sh picks "splash"
     c.schedule.preset = "sd35_medium_4"
     c.loss.cfg_teacher = 7.0
     c.loss.cls_blocks = (11,)
