@@ -19,7 +19,7 @@ import optax
 
 from configs.common import base_config
 from swd_jax import sharding
-from swd_jax.convert.transformer import abstract_params, example_inputs, param_logical_axes
+from swd_jax.convert.transformer import boxed_params, example_inputs
 from swd_jax.discriminator import DiscriminatorHead
 from swd_jax.models.layers import LORA, LoraConfig
 from swd_jax.models.mmdit import SD35_LARGE, SD35_MEDIUM, MMDiT, MMDiTConfig
@@ -93,8 +93,8 @@ def abstract_state(m: SwDModels, mesh, rules=sharding.DEFAULT_RULES):
     boxed_head = jax.eval_shape(lambda k: m.head.init(k, jnp.zeros((1, 1, cfg.inner_dim)))["params"],
                                 jax.random.key(0))
     lora, head = nn.unbox(boxed_lora), nn.unbox(boxed_head)
-    lora_sh = sharding.logical_shardings(nn.get_partition_spec(boxed_lora), mesh, rules, shapes=lora)
-    head_sh = sharding.logical_shardings(nn.get_partition_spec(boxed_head), mesh, rules, shapes=head)
+    lora_sh = sharding.boxed_shardings(boxed_lora, mesh, rules)
+    head_sh = sharding.boxed_shardings(boxed_head, mesh, rules)
     state = jax.eval_shape(lambda: init_state(lora, lora, head, m, jax.random.key_data(jax.random.key(0))))
     rep = sharding.replicated(mesh)
     fake_sh = {"lora": lora_sh, "head": head_sh}
@@ -109,9 +109,9 @@ def abstract_state(m: SwDModels, mesh, rules=sharding.DEFAULT_RULES):
 
 def abstract_base(shape: TrainShape, mesh, rules=sharding.DEFAULT_RULES):
     """(abstract base weights in param_dtype, their FSDP shardings) as `train_setup.load_base` places them."""
-    params = abstract_params(shape.model, DTYPES[shape.param_dtype])
-    sh = sharding.logical_shardings(param_logical_axes(shape.model), mesh, rules, shapes=params)
-    return _with_sharding(params, sh), sh
+    boxed = boxed_params(shape.model, DTYPES[shape.param_dtype])
+    sh = sharding.boxed_shardings(boxed, mesh, rules)
+    return _with_sharding(nn.unbox(boxed), sh), sh
 
 
 def abstract_batches(shape: TrainShape, m: SwDModels, mesh, k: int):

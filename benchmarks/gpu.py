@@ -28,9 +28,9 @@ import traceback
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks.abstract_train import MEDIUM, TrainShape, build_models
+from benchmarks.tiny import synthetic_batches, synthetic_uncond
 from swd_jax.convert.transformer import abstract_params, example_inputs
 from swd_jax.models.mmdit import MMDiT
 from swd_jax.schedule import ScaleSchedule
@@ -180,20 +180,15 @@ def sampler_latency_torch(s: Setup, repeats: int) -> dict:
     return out
 
 
-def _batches(t: TrainShape, schedule, k: int, seed: int = 0) -> dict:
+def _batches(t: TrainShape, schedule, k: int) -> dict:
     """Random [n_fake + 1, B, ...] float32 batches at interval k, NHWC latents."""
-    rng = np.random.default_rng(seed)
-    n, B, cfg = t.n_fake_steps + 1, t.batch_per_device, t.model
-    s, sp = schedule.scale(k), schedule.prev_scale(k)
-    normal = lambda *d: rng.standard_normal((n, B) + d, dtype=np.float32)
-    return {"x": normal(s, s, cfg.in_channels), "x_prev": normal(sp, sp, cfg.in_channels),
-            "context": normal(t.text_tokens, cfg.joint_attention_dim), "pooled": normal(cfg.pooled_projection_dim)}
+    return synthetic_batches(t.n_fake_steps + 1, t.batch_per_device, schedule.scale(k), schedule.prev_scale(k),
+                             t.model.in_channels, t.text_tokens, t.model.joint_attention_dim,
+                             t.model.pooled_projection_dim)
 
 
 def _uncond(t: TrainShape) -> dict:
-    rng = np.random.default_rng(1)
-    return {"context": rng.standard_normal((1, t.text_tokens, t.model.joint_attention_dim), dtype=np.float32),
-            "pooled": rng.standard_normal((1, t.model.pooled_projection_dim), dtype=np.float32)}
+    return synthetic_uncond(t.text_tokens, t.model.joint_attention_dim, t.model.pooled_projection_dim)
 
 
 def train_iteration_jax(s: Setup, repeats: int) -> dict:

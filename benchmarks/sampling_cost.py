@@ -46,12 +46,6 @@ def samplers(full: int = 128) -> dict[str, tuple[tuple[int, ...], np.ndarray, bo
             f"teacher {TEACHER_STEPS}-step CFG": ((full,) * TEACHER_STEPS, flow_match_sigmas(TEACHER_STEPS, 3.0), True)}
 
 
-def _velocity_fn(model: MMDiT):
-    def velocity(params, x_BHWC, t_B, cond):
-        return model.apply({"params": params}, x_BHWC, t_B, cond["context"], cond["pooled"])
-    return velocity
-
-
 def step_flops(cfg: MMDiTConfig, scale: int, next_scale: int | None, guided: bool,
                text_tokens: int = SD35_TEXT_TOKENS) -> float:
     """FLOPs of one sampler step for one image at latent `scale` (XLA cost analysis, abstract bf16 inputs)."""
@@ -62,7 +56,7 @@ def step_flops(cfg: MMDiTConfig, scale: int, next_scale: int | None, guided: boo
     cond = {"context": S((1, text_tokens, cfg.joint_attention_dim), jnp.float32),
             "pooled": S((1, cfg.pooled_projection_dim), jnp.float32)}
     f32 = S((), jnp.float32)
-    vf = _velocity_fn(model)
+    vf = sampler.mmdit_velocity(model)
     if guided:
         lowered = sampler._euler_step.lower(vf, params, x, f32, f32, f32, cond, cond, f32, guided=True)
     else:
@@ -105,7 +99,7 @@ def wall_table(shape: TinyShape, repeats: int, batch: int = 1, teacher_repeats: 
     cond = {"context": ctx, "pooled": pooled}
     u = random_uncond(shape)
     uncond = {k: jnp.broadcast_to(jnp.asarray(v), (B,) + v.shape[1:]) for k, v in u.items()}
-    vf = _velocity_fn(model)
+    vf = sampler.mmdit_velocity(model)
     runs = {}
     for name, (scales, sigmas, guided) in samplers(max(shape.scales)).items():
         if guided:

@@ -79,18 +79,28 @@ MICRO = TinyShape(num_layers=2, heads=2, head_dim=16, dual_attention_layers=(0,)
                   cls_block=0, n_fake_steps=1)
 
 
+def synthetic_batches(n: int, batch: int, scale: int, prev_scale: int, channels: int, text_tokens: int,
+                      joint_dim: int, pooled_dim: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 [n, batch, ...] training batches: NHWC latents at `scale` and `prev_scale`, text embeddings."""
+    rng = np.random.default_rng(seed)
+    normal = lambda *d: rng.standard_normal((n, batch) + d, dtype=np.float32)
+    return {"x": normal(scale, scale, channels), "x_prev": normal(prev_scale, prev_scale, channels),
+            "context": normal(text_tokens, joint_dim), "pooled": normal(pooled_dim)}
+
+
+def synthetic_uncond(text_tokens: int, joint_dim: int, pooled_dim: int, seed: int = 1) -> dict[str, np.ndarray]:
+    """Random unconditional (empty prompt) embeddings [1, T, J] and [1, P]."""
+    rng = np.random.default_rng(seed)
+    return {"context": rng.standard_normal((1, text_tokens, joint_dim), dtype=np.float32),
+            "pooled": rng.standard_normal((1, pooled_dim), dtype=np.float32)}
+
+
 def random_batches(shape: TinyShape, k: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Synthetic [n_fake + 1, B, ...] batches at interval k, NHWC latents (scale s_k and s_{k-1})."""
-    rng = np.random.default_rng(seed)
-    n, B = shape.n_fake_steps + 1, shape.batch
-    s, s_prev = shape.scales[k], shape.scales[max(k - 1, 0)]
-    normal = lambda *d: rng.standard_normal((n, B) + d, dtype=np.float32)
-    return {"x": normal(s, s, shape.channels), "x_prev": normal(s_prev, s_prev, shape.channels),
-            "context": normal(shape.text_tokens, shape.joint_dim), "pooled": normal(shape.pooled_dim)}
+    return synthetic_batches(shape.n_fake_steps + 1, shape.batch, shape.scales[k], shape.scales[max(k - 1, 0)],
+                             shape.channels, shape.text_tokens, shape.joint_dim, shape.pooled_dim, seed)
 
 
 def random_uncond(shape: TinyShape, seed: int = 1) -> dict[str, np.ndarray]:
     """Synthetic unconditional (empty prompt) embeddings [1, T, J] and [1, P]."""
-    rng = np.random.default_rng(seed)
-    return {"context": rng.standard_normal((1, shape.text_tokens, shape.joint_dim), dtype=np.float32),
-            "pooled": rng.standard_normal((1, shape.pooled_dim), dtype=np.float32)}
+    return synthetic_uncond(shape.text_tokens, shape.joint_dim, shape.pooled_dim, seed)

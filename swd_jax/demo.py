@@ -32,7 +32,7 @@ from swd_jax import demo_eval
 from swd_jax.checkpoint import Checkpointer, check_matches, load_params
 from swd_jax.models.layers import LORA, LoraConfig
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
-from swd_jax.sampler import euler_sample, scale_wise_sample
+from swd_jax.sampler import euler_sample, mmdit_velocity, scale_wise_sample
 from swd_jax.schedule import ScaleSchedule, flow_match_sigmas
 from swd_jax.teacher_training import TeacherTraining, save_teacher, teacher_exists, train_teacher
 from swd_jax.toy_data import ToyTextEncoder, digit_prompt, load_digits_images
@@ -68,12 +68,7 @@ def prompts(enc: ToyTextEncoder, labels: np.ndarray, guided: bool) -> tuple[dict
 @functools.lru_cache(maxsize=None)
 def velocity_fn(cfg: MMDiTConfig):
     """One velocity function per model config (the sampler compiles per function object)."""
-    model = MMDiT(cfg)
-
-    def velocity(params, x_BHWC, t_B, cond):
-        return model.apply({"params": params}, x_BHWC, t_B, cond["context"], cond["pooled"])
-
-    return velocity
+    return mmdit_velocity(MMDiT(cfg))
 
 
 def merge_lora(base: dict, lora: dict, scale: float) -> dict:

@@ -32,6 +32,17 @@ from swd_jax.schedule import NUM_TRAIN_TIMESTEPS, ScaleSchedule
 VelocityFn = Callable[[Any, jnp.ndarray, jnp.ndarray, Any], jnp.ndarray]
 
 
+def mmdit_velocity(model) -> VelocityFn:
+    """The velocity function of an MMDiT module: params = its "params" collection, cond = {context, pooled}.
+
+    Make it once per model and reuse the object: the sampler compiles per velocity function.
+    """
+    def velocity(params, x_BHWC, t_B, cond):
+        return model.apply({"params": params}, x_BHWC, t_B, cond["context"], cond["pooled"])
+
+    return velocity
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerNoise:
     """Explicit noise: `init_BHWC` at scales[0], and `steps[i]` [B, s_{i+1}, s_{i+1}, C] for i = 0..K-2."""

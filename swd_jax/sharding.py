@@ -59,11 +59,22 @@ def logical_shardings(logical_specs, mesh: Mesh, rules=DEFAULT_RULES, shapes=Non
     return shardings if shapes is None else jax.tree.map(_divisible, shardings, shapes)
 
 
+def boxed_shardings(boxed, mesh: Mesh, rules=DEFAULT_RULES):
+    """`logical_shardings` of an abstract tree boxed with logical names (`jax.eval_shape` of a Linen init),
+    fitted to its shapes."""
+    return logical_shardings(nn.get_partition_spec(boxed), mesh, rules, shapes=nn.unbox(boxed))
+
+
+def axes_size(mesh, axes) -> int:
+    """Devices along mesh axes given as one name, a tuple of names or None (works for abstract meshes too)."""
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return int(np.prod([mesh.shape[a] for a in names]))
+
+
 def _divisible(sh: NamedSharding, x) -> NamedSharding:
     spec = list(sh.spec) + [None] * (len(x.shape) - len(sh.spec))
     for i, axes in enumerate(spec):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        if names and x.shape[i] % int(np.prod([sh.mesh.shape[a] for a in names])):
+        if x.shape[i] % axes_size(sh.mesh, axes):
             spec[i] = None
     return NamedSharding(sh.mesh, P(*spec))
 

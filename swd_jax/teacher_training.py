@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from swd_jax.checkpoint import Checkpointer, abstract_like, save_params
+from swd_jax.convert.transformer import example_inputs
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
 from swd_jax.schedule import add_noise
 from swd_jax.toy_data import area_down
@@ -109,9 +110,7 @@ def make_train_step(model: MMDiT, opt: optax.GradientTransformation, t: TeacherT
 def init_params(cfg: MMDiTConfig, seed: int, text_tokens: int) -> dict:
     """Fresh MMDiT params (float32) from the module's own initialisers."""
     model = MMDiT(cfg)
-    x = jnp.zeros((1, cfg.sample_size, cfg.sample_size, cfg.in_channels))
-    args = (x, jnp.zeros((1,)), jnp.zeros((1, text_tokens, cfg.joint_attention_dim)),
-            jnp.zeros((1, cfg.pooled_projection_dim)))
+    args = example_inputs(cfg, 1, cfg.sample_size, text_tokens)
     return jax.jit(lambda k: nn.unbox(model.init(k, *args)["params"]))(jax.random.key(seed))
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 
 from swd_jax import sharding
-from swd_jax.convert.transformer import abstract_params, example_inputs, param_logical_axes
+from swd_jax.convert.transformer import boxed_params, example_inputs
 from swd_jax.discriminator import DiscriminatorHead
 from swd_jax.models.layers import ATTENTION_IMPLS, LORA, LoraConfig
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
@@ -68,8 +68,7 @@ def load_base(c, mesh) -> tuple[MMDiTConfig, dict]:
         cfg = _read_model_config(m.source, m.path)
     else:
         raise ValueError(f"model.source={m.source!r}; expected 'random', 'diffusers' or 'converted'")
-    shardings = sharding.logical_shardings(param_logical_axes(cfg), mesh, c.mesh.rules,
-                                           shapes=abstract_params(cfg, pdt))
+    shardings = sharding.boxed_shardings(boxed_params(cfg, pdt), mesh, c.mesh.rules)
     if m.source == "random":
         model = MMDiT(cfg, param_dtype=pdt)
         init = lambda: nn.unbox(model.init(jax.random.key(c.train.seed), *example_inputs(cfg, 1))["params"])
@@ -142,13 +141,9 @@ def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
     def init_lora(key):
         return lora_model.init(key, *ex)[LORA]
 
-    abstract_lora = jax.eval_shape(init_lora, jax.random.key(0))
-    lora_shardings = sharding.logical_shardings(nn.get_partition_spec(abstract_lora), mesh, c.mesh.rules,
-                                                shapes=nn.unbox(abstract_lora))
+    lora_shardings = sharding.boxed_shardings(jax.eval_shape(init_lora, jax.random.key(0)), mesh, c.mesh.rules)
     head_init = lambda key: head.init(key, jnp.zeros((1, 1, cfg.inner_dim)))["params"]
-    abstract_head = jax.eval_shape(head_init, jax.random.key(0))
-    head_shardings = sharding.logical_shardings(nn.get_partition_spec(abstract_head), mesh, c.mesh.rules,
-                                                shapes=nn.unbox(abstract_head))
+    head_shardings = sharding.boxed_shardings(jax.eval_shape(head_init, jax.random.key(0)), mesh, c.mesh.rules)
 
     def make_state(seed):
         key = jax.random.key(seed)

@@ -57,17 +57,15 @@ def diffusers_key_to_ours(key: str) -> tuple[tuple[str, ...], Callable[[np.ndarr
     raise KeyError(f"no conversion rule for diffusers key {key!r}")
 
 
-def abstract_params(cfg: MMDiTConfig, param_dtype=jnp.float32) -> dict:
-    """Shapes/dtypes of our MMDiT params (no memory allocated), unboxed from their logical-axis metadata."""
+def boxed_params(cfg: MMDiTConfig, param_dtype=jnp.float32) -> dict:
+    """Shapes/dtypes of our MMDiT params (no memory allocated), boxed with their logical axis names."""
     model = MMDiT(cfg, param_dtype=param_dtype)
-    return nn.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), *example_inputs(cfg, 1))["params"]))
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), *example_inputs(cfg, 1))["params"])
 
 
-def param_logical_axes(cfg: MMDiTConfig) -> dict:
-    """The logical axis names of every base parameter (a PartitionSpec of names per leaf)."""
-    model = MMDiT(cfg)
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *example_inputs(cfg, 1))["params"])
-    return nn.get_partition_spec(boxed)
+def abstract_params(cfg: MMDiTConfig, param_dtype=jnp.float32) -> dict:
+    """Shapes/dtypes of our MMDiT params (no memory allocated)."""
+    return nn.unbox(boxed_params(cfg, param_dtype))
 
 
 def example_inputs(cfg: MMDiTConfig, batch: int, latent: int | None = None, text_tokens: int = 8,

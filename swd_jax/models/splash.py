@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from swd_jax.sharding import axes_size
+
 INTERPRET = False  # tests set this to run the Pallas kernel in interpret mode on CPU
 
 
@@ -58,13 +60,6 @@ def _local_attention(q_BLHD, k_BSHD, v_BSHD, interpret: bool):
     return o_BHLD.transpose(0, 2, 1, 3)[:, :L].astype(v_BSHD.dtype)
 
 
-def _mesh_axes_size(mesh, axes) -> int:
-    if axes is None:
-        return 1
-    axes = (axes,) if isinstance(axes, str) else axes
-    return math.prod(mesh.shape[a] for a in axes)
-
-
 def splash_attention(q_BLHD, k_BSHD, v_BSHD):
     """softmax(q k^T / sqrt(D)) v with the splash kernel; per device under the current mesh, if any."""
     if jax.default_backend() != "tpu" and not INTERPRET:
@@ -75,9 +70,9 @@ def splash_attention(q_BLHD, k_BSHD, v_BSHD):
     if mesh.empty or mesh.size == 1:
         return local(q_BLHD, k_BSHD, v_BSHD)
     batch_axes, _, head_axes, _ = nn.logical_to_mesh_axes(("activation_batch", None, "heads", None))
-    if q_BLHD.shape[0] % _mesh_axes_size(mesh, batch_axes):
+    if q_BLHD.shape[0] % axes_size(mesh, batch_axes):
         batch_axes = None
-    if q_BLHD.shape[2] % _mesh_axes_size(mesh, head_axes):
+    if q_BLHD.shape[2] % axes_size(mesh, head_axes):
         head_axes = None
     spec = P(batch_axes, None, head_axes, None)
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
