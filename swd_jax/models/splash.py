@@ -9,8 +9,11 @@ Under a mesh (`jax.set_mesh`), the kernel runs per device through `jax.shard_map
 activation-batch mesh axes and heads over the heads axis (the logical-axis rules in force): a Mosaic kernel
 cannot be partitioned by the compiler itself. A batch or head count that does not divide runs replicated.
 
-Only TPU runs the kernel natively; `INTERPRET = True` runs it in Pallas interpret mode on any backend (slow,
-for tests on CPU). Any other backend gets a clear error instead of a silent fallback.
+The compile target, not the host, decides: the kernel is built for TPU (Mosaic, `interpret=False`) when the
+mesh in force (`jax.set_mesh`) is made of TPU devices -- real chips, or the abstract devices of
+`jax.experimental.topologies.get_topology_desc` for an ahead-of-time compile from a CPU host -- or, with no
+mesh, when the default backend is TPU. `INTERPRET = True` runs it in Pallas interpret mode on any target
+(slow, for tests on CPU). Any other target gets a clear error instead of a silent fallback.
 """
 from __future__ import annotations
 
@@ -60,10 +63,18 @@ def _local_attention(q_BLHD, k_BSHD, v_BSHD, interpret: bool):
     return o_BHLD.transpose(0, 2, 1, 3)[:, :L].astype(v_BSHD.dtype)
 
 
+def target_platform() -> str:
+    """The platform being compiled for: that of the current mesh's devices, else the default backend's."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    return jax.default_backend() if device is None else device.platform
+
+
 def splash_attention(q_BLHD, k_BSHD, v_BSHD):
     """softmax(q k^T / sqrt(D)) v with the splash kernel; per device under the current mesh, if any."""
-    if jax.default_backend() != "tpu" and not INTERPRET:
-        raise ValueError(f"attention_impl='splash' needs a TPU (backend here: {jax.default_backend()!r}); "
+    target = target_platform()
+    if target != "tpu" and not INTERPRET:
+        raise ValueError(f"attention_impl='splash' needs a TPU (compiling for: {target!r}); "
                          "use 'cudnn' on GPU or 'chunked' anywhere")
     local = functools.partial(_local_attention, interpret=INTERPRET)
     mesh = jax.sharding.get_abstract_mesh()
