@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from benchmarks.tiny import MICRO
 from configs.common import base_config
 from swd_jax import sharding
 from swd_jax.convert.transformer import boxed_params, example_inputs
@@ -68,6 +69,12 @@ class TrainShape:
 # The reference runs (METHOD.md s.5): 8 GPUs x 8 images (Medium), x 4 (Large); bf16 compute and base weights.
 MEDIUM = TrainShape("SD3.5-Medium", SD35_MEDIUM, "sd35_medium_4", batch_per_device=8, cls_block=11, cfg_teacher=7.0)
 LARGE = TrainShape("SD3.5-Large", SD35_LARGE, "sd35_large_4", batch_per_device=4, cls_block=20, cfg_teacher=4.5)
+
+
+# A seconds-long stand-in for the tests: the benchmarks' micro model at latents 8 and 16, one fake update.
+MICRO_TRAIN = TrainShape("micro", MMDiTConfig(**MICRO.mmdit_fields()), ScaleSchedule((8, 16), (0, 14, 28)),
+                         batch_per_device=1, cls_block=0, cfg_teacher=7.0, text_tokens=MICRO.text_tokens, lora_rank=4,
+                         dtype="float32", param_dtype="float32", n_fake_steps=1)
 
 
 def build_models(shape: TrainShape) -> SwDModels:

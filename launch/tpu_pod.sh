@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM slice: create (or reuse) it, install swd_jax on every worker, run on all workers.
 #
-#   launch/tpu_pod.sh NAME ZONE ACCELERATOR CONFIG WORKDIR [--config.x=y ...]
+#   launch/tpu_pod.sh NAME ZONE ACCELERATOR CONFIG WORKDIR [--force-batch] [--config.x=y ...]
 #   e.g. launch/tpu_pod.sh swd-v5p us-east5-a v5p-16 configs/sd35_medium.py gs://my-bucket/runs/sd35m \
 #            --config.model.path=/mnt/ckpt/sd35m --config.data.path=/mnt/data/sd35m_pre
 #
 # Every worker runs the same command; jax.distributed.initialize() (SWD_DISTRIBUTED=1) finds the others.
 # Checkpoints go to WORKDIR (a gs:// path works with orbax); rerunning the script resumes from the latest.
+# Before anything is created, launch/plan_check.py prints the TPU plan's batch recommendation for the slice
+# (benchmarks/tpu_plan.json) and refuses a per-chip batch the plan says does not fit, unless --force-batch.
 # Env: TPU_VERSION (runtime image, default v2-alpha-tpuv5), REPO (git URL of this project), BRANCH (main).
 set -euo pipefail
-if [ $# -lt 5 ]; then sed -n 2,10p "$0"; exit 2; fi
+if [ $# -lt 5 ]; then sed -n 2,12p "$0"; exit 2; fi
 NAME=$1 ZONE=$2 ACCEL=$3 CONFIG=$4 WORKDIR=$5
 shift 5
-OVERRIDES="$*"
+FORCE_BATCH="" OVERRIDES=""
+for arg in "$@"; do
+  if [ "$arg" = --force-batch ]; then FORCE_BATCH=$arg; else OVERRIDES="$OVERRIDES $arg"; fi
+done
+# shellcheck disable=SC2086
+python3 "$(dirname "$0")/plan_check.py" "$ACCEL" "$CONFIG" $FORCE_BATCH $OVERRIDES
 RUNTIME=${TPU_VERSION:-v2-alpha-tpuv5}
 REPO=${REPO:?set REPO to the git URL of swd_jax}
 BRANCH=${BRANCH:-main}

@@ -5,14 +5,9 @@ import numpy as np
 import pytest
 
 from benchmarks import abstract_train, gpu, memory_plan, sampling_cost, train_cpu
+from benchmarks.abstract_train import MICRO_TRAIN
 from benchmarks.tiny import MICRO
 from swd_jax.models.mmdit import MMDiTConfig
-from swd_jax.schedule import ScaleSchedule
-
-MICRO_TRAIN = abstract_train.TrainShape(
-    "micro", MMDiTConfig(**MICRO.mmdit_fields()), ScaleSchedule((8, 16), (0, 14, 28)), batch_per_device=1,
-    cls_block=0, cfg_teacher=7.0, text_tokens=MICRO.text_tokens, lora_rank=4, dtype="float32", param_dtype="float32",
-    n_fake_steps=1)
 
 
 def test_memory_plan_compiled_and_rescaled_memory():

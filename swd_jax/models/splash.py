@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from swd_jax.sharding import axes_size
 
 INTERPRET = False  # tests set this to run the Pallas kernel in interpret mode on CPU
+FP32_PRECISIONS = ("high", "highest", "float32", "tensorfloat32")  # Mosaic: fp32 contract precision
 
 
 def _block(n: int) -> int:
@@ -76,6 +77,9 @@ def splash_attention(q_BLHD, k_BSHD, v_BSHD):
     if target != "tpu" and not INTERPRET:
         raise ValueError(f"attention_impl='splash' needs a TPU (compiling for: {target!r}); "
                          "use 'cudnn' on GPU or 'chunked' anywhere")
+    if not INTERPRET and q_BLHD.dtype == jnp.bfloat16 and jax.config.jax_default_matmul_precision in FP32_PRECISIONS:
+        raise ValueError("splash attention on bf16 needs the default matmul precision (Mosaic rejects fp32-precision "
+                         f"dots on bf16); jax_default_matmul_precision is {jax.config.jax_default_matmul_precision!r}")
     local = functools.partial(_local_attention, interpret=INTERPRET)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:

@@ -1,0 +1,83 @@
+"""Before a TPU launch: print the TPU plan's batch recommendation for the slice, refuse a batch it says won't fit.
+
+    python3 launch/plan_check.py ACCELERATOR CONFIG [--force-batch] [--config.x=y ...]
+    e.g. python3 launch/plan_check.py v5p-16 configs/sd35_medium.py --config.train.batch_size=128
+
+Reads benchmarks/tpu_plan.json (written by `python -m benchmarks.tpu_plan --json ...`); standard library only,
+so it runs on the machine that launches, with or without jax. Exit 1: the per-chip batch exceeds the largest the
+plan fits in HBM (override with --force-batch); exit 0 otherwise, also when the plan has no entry for the slice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+PLAN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "tpu_plan.json")
+CORES_PER_CHIP = {"v5p": 2, "v4": 2, "v6e": 1}  # accelerator names count TensorCores (v5p-16 = 8 chips)
+MODELS = {"sd35_medium": "medium", "sd35_large": "large"}
+
+
+def global_batch(config: str, overrides: list[str]) -> int:
+    """train.batch_size from the overrides, else the config file's assignment, else configs/common.py's."""
+    for o in reversed(overrides):
+        m = re.fullmatch(r"--config\.train\.batch_size=(\d+)", o)
+        if m:
+            return int(m.group(1))
+    for path in (config, os.path.join(os.path.dirname(config), "common.py")):
+        with open(path) as f:
+            m = re.search(r"batch_size\s*=\s*(\d+)", f.read())
+        if m:
+            return int(m.group(1))
+    raise SystemExit(f"plan check: no train.batch_size in {config} or its common.py")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2:
+        print(__doc__.split("\n\n")[1])
+        return 2
+    accel, config, rest = argv[0], argv[1], argv[2:]
+    force = "--force-batch" in rest
+    gen, _, n = accel.partition("-")
+    model = MODELS.get(os.path.splitext(os.path.basename(config))[0])
+    if gen not in CORES_PER_CHIP or not n.isdigit() or model is None:
+        print(f"plan check: no TPU plan for {model or config} on {accel}; launching without a batch check")
+        return 0
+    chips = max(1, int(n) // CORES_PER_CHIP[gen])
+    batch = global_batch(config, rest)
+    per_chip = batch / chips
+    plans = {}
+    if os.path.exists(PLAN):
+        with open(PLAN) as f:
+            plans = json.load(f)
+    same = [p for key, p in plans.items() if key.startswith(f"{model}@{gen}:")]
+    if not same:
+        print(f"plan check: {PLAN} has no {model} plan for {gen}; launching without a batch check")
+        return 0
+    # Per-chip memory shrinks a little with more chips (sharded state): the plan of the largest slice not
+    # bigger than this one is the conservative one; else the smallest planned.
+    chips_of = lambda p: max(r["chips"] for r in p["rows"])
+    smaller = [p for p in same if chips_of(p) <= chips]
+    plan = max(smaller, key=chips_of) if smaller else min(same, key=chips_of)
+    best, safe = plan["max_batch_per_chip"], plan["max_batch_per_chip_10pct_headroom"]
+    note = " (extrapolated from cut-depth compiles)" if plan.get("extrapolated") else ""
+    print(f"TPU plan for {plan['model']} on {plan['topology']}{note}, HBM {plan['hbm_gib']:.0f} GiB/chip:")
+    print(f"  {'batch/chip':>10s} {'peak GiB':>9s} {'s/iter':>7s} {'MFU':>5s}")
+    full = max(r["blocks"] for r in plan["rows"])
+    for r in sorted((r for r in plan["rows"] if r["blocks"] == full), key=lambda r: r["batch_per_chip"]):
+        print(f"  {r['batch_per_chip']:10d} {r['peak_gib']:9.1f} {r['seconds']:7.3f} {r['mfu']:5.2f}")
+    print(f"  largest batch/chip that fits: {best}; with 10 % headroom: {safe}")
+    print(f"this launch: global batch {batch} on {accel} ({chips} chips) = {per_chip:g} images/chip")
+    if best is not None and per_chip <= best:
+        return 0
+    if force:
+        print("plan check: the plan says this batch does not fit; --force-batch given, launching anyway")
+        return 0
+    print(f"plan check: {per_chip:g} images/chip does not fit ({best or 'no batch'} does); lower "
+          "--config.train.batch_size or pass --force-batch")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,72 @@
+"""The SwD iteration with splash attention compiles for a real TPU slice (v5p:2x2x1) from this CPU host.
+
+libtpu's compiler runs ahead of time on the topology's abstract devices: the program is the one the trainer
+jits (`benchmarks/abstract_train.py`), sharded over 4 v5p chips, with the Mosaic splash kernel (not Pallas
+interpret mode), and the TPU compiler's memory and cost analyses come back.
+"""
+import dataclasses
+import json
+
+import jax
+import pytest
+
+from benchmarks import tpu_plan
+from benchmarks.abstract_train import MICRO_TRAIN
+from launch import plan_check
+
+TINY_TPU = dataclasses.replace(MICRO_TRAIN, name="micro-tpu", batch_per_device=2, dtype="bfloat16",
+                               param_dtype="bfloat16", attention_impl="splash")
+
+
+@pytest.fixture
+def no_compilation_cache():
+    """A TPU executable cannot be read back from the persistent cache without a TPU client: store none."""
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", True)
+
+
+def test_tiny_swd_iteration_compiles_for_v5p(no_compilation_cache):
+    pytest.importorskip("libtpu", reason="libtpu (requirements-test.txt) is the TPU compiler for AOT compiles")
+    with pytest.raises(ValueError, match="default matmul precision"):  # conftest asks for "highest"
+        tpu_plan.compile_plan(TINY_TPU, "v5p:2x2x1")
+    with jax.default_matmul_precision("default"):  # as in training: bf16 dots, f32 accumulation
+        row = tpu_plan.compile_plan(TINY_TPU, "v5p:2x2x1")
+    assert row["mosaic_kernels"] > 0  # the splash kernel is a TPU custom call in the compiled program
+    assert row["chips"] == 4 and row["hbm_gib"] == 95.0
+    assert 0 < row["arguments_gib"] < row["peak_gib"] < 1.0 and row["temp_gib"] > 0
+    assert row["flops_per_chip"] > 0 and row["model_flops"] > 0 and row["seconds"] > 0
+    assert 0 < row["mfu"] < 1 and row["images_per_s"] > 0
+
+
+def test_plan_extrapolates_depth_and_batch():
+    rows = [{"model": "m[2 blocks]", "blocks": n, "topology": "v5p:2x2x1", "chips": 4, "batch_per_chip": b,
+             "hbm_gib": 95.0, "extrapolated": False, "compile_s": 1.0, "arguments_gib": 1.0 * n,
+             "outputs_gib": 0.0, "alias_gib": 0.0, "temp_gib": n * b, "peak_gib": 1.0 * n + n * b,
+             "flops_per_chip": 1e12 * n * b, "model_flops": 4e12 * n * b, "seconds": 0.01 * n * b,
+             "images_per_s": 6 * b * 4 / (0.01 * n * b), "mfu": 0.5}
+            for n in (2, 4) for b in (4, 8)]
+    full = tpu_plan.extrapolate(rows, 24)
+    assert [r["batch_per_chip"] for r in full] == [4, 8] and all(r["extrapolated"] for r in full)
+    assert full[1]["peak_gib"] == pytest.approx(24 + 24 * 8) and full[1]["seconds"] == pytest.approx(1.92)
+    # peak = 24 + 24 b at full depth: b <= (95 - 24) / 24 = 2.96, and (85.5 - 24) / 24 = 2.56 with headroom
+    assert tpu_plan.largest_batch(full, 95.0) == 2 and tpu_plan.largest_batch(full, 40.0) is None
+    cut = tpu_plan.cut(tpu_plan.MEDIUM, 4, 8)
+    assert (cut.model.num_layers, cut.model.dual_attention_layers, cut.cls_block) == (4, (0, 1), 2)
+
+
+def test_launch_plan_check_refuses_a_batch_that_does_not_fit(tmp_path, monkeypatch, capsys):
+    rows = [{"chips": 4, "blocks": 24, "batch_per_chip": b, "peak_gib": 20.0 + 10 * b, "seconds": 0.1 * b,
+             "mfu": 0.4} for b in (2, 4)]
+    plan = {"medium@v5p:2x2x1": {"model": "SD3.5-Medium", "topology": "v5p:2x2x1", "hbm_gib": 95.0,
+                                 "max_batch_per_chip": 7, "max_batch_per_chip_10pct_headroom": 6,
+                                 "extrapolated": True, "rows": rows}}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    monkeypatch.setattr(plan_check, "PLAN", str(tmp_path / "plan.json"))
+    config = "configs/sd35_medium.py"  # global batch 64: 8 images/chip on v5p-16 (8 chips), 4 on v5p-32
+    assert plan_check.main(["v5p-16", config]) == 1
+    assert "8 images/chip does not fit (7 does)" in capsys.readouterr().out
+    assert plan_check.main(["v5p-16", config, "--force-batch"]) == 0
+    assert plan_check.main(["v5p-32", config]) == 0
+    assert plan_check.main(["v5p-16", config, "--config.train.batch_size=48"]) == 0  # 6 per chip
+    assert plan_check.main(["v6e-8", config]) == 0  # no v6e plan: no check
