@@ -193,30 +193,35 @@ def main(argv=None):
     ap.add_argument("--topology", default="v5p:2x2x1", help="e.g. v5p:2x2x1, v5p:2x2x2, v6e:2x2, v4:2x2x1")
     ap.add_argument("--batch", default="", help="comma-separated per-chip batches (default: the reference)")
     ap.add_argument("--blocks", default="", help="comma-separated depths to compile (default: the full model)")
-    ap.add_argument("--json", default="", help="merge the rows into this file (launch/tpu_pod.sh reads it)")
+    ap.add_argument("--json", default="", help="rows are kept in (and reused from) this file; launch/tpu_pod.sh "
+                    "reads benchmarks/tpu_plan.json")
     a = ap.parse_args(argv)
     shape = SHAPES[a.model]
     batches = [int(b) for b in a.batch.split(",")] if a.batch else [shape.batch_per_device]
     depths = [int(n) for n in a.blocks.split(",")] if a.blocks else [None]
-    rows, full, hbm = [], shape.model.num_layers, CHIPS[a.topology.split(":")[0]].hbm_gib
+    full, hbm, key = shape.model.num_layers, CHIPS[a.topology.split(":")[0]].hbm_gib, f"{a.model}@{a.topology}"
+    plans = {}
+    if a.json and os.path.exists(a.json):
+        with open(a.json) as f:
+            plans = json.load(f)
+    rows = [r for r in plans.get(key, {}).get("rows", []) if not r["extrapolated"]]  # compiled before: reused
     for n in depths:
         for b in batches:
             s = cut(shape, n, b)
+            if any((r["blocks"], r["batch_per_chip"]) == (s.model.num_layers, b) for r in rows):
+                print(f"{s.name} on {a.topology}, {b} images/chip: in {a.json} already", flush=True)
+                continue
             print(f"{s.name} on {a.topology}, {b} images/chip: compiling ...", flush=True)
             rows.append(compile_plan(s, a.topology))
             r = rows[-1]
             print(f"  {r['compile_s']:.0f} s: peak {r['peak_gib']:.1f} GiB/chip (arguments {r['arguments_gib']:.2f}, "
                   f"temporaries {r['temp_gib']:.1f}), {r['seconds']:.3f} s/iteration, MFU {r['mfu']:.2f}", flush=True)
-            summary = _summary(a, shape, rows, full, hbm)  # written after every compile: long runs keep partials
-            if a.json:
-                plans = {}
-                if os.path.exists(a.json):
-                    with open(a.json) as f:
-                        plans = json.load(f)
-                plans[f"{a.model}@{a.topology}"] = summary
+            if a.json:  # written after every compile: a long run keeps what it measured
+                plans[key] = _summary(a, shape, rows, full, hbm)
                 with open(a.json, "w") as f:
                     json.dump(plans, f, indent=1)
-    _print(summary["rows"])
+    summary = _summary(a, shape, rows, full, hbm)
+    _print(sorted(summary["rows"], key=lambda r: (r["blocks"], r["batch_per_chip"])))
     print(f"largest batch/chip that fits {hbm:.0f} GiB: {summary['max_batch_per_chip']} "
           f"(with {HEADROOM:.0%} headroom: {summary['max_batch_per_chip_10pct_headroom']})")
 

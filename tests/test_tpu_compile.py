@@ -39,7 +39,7 @@ def test_tiny_swd_iteration_compiles_for_v5p(no_compilation_cache):
     assert 0 < row["mfu"] < 1 and row["images_per_s"] > 0
 
 
-def test_plan_extrapolates_depth_and_batch():
+def test_plan_extrapolates_depth_and_batch(tmp_path, capsys):
     rows = [{"model": "m[2 blocks]", "blocks": n, "topology": "v5p:2x2x1", "chips": 4, "batch_per_chip": b,
              "hbm_gib": 95.0, "extrapolated": False, "compile_s": 1.0, "arguments_gib": 1.0 * n,
              "outputs_gib": 0.0, "alias_gib": 0.0, "temp_gib": n * b, "peak_gib": 1.0 * n + n * b,
@@ -53,6 +53,11 @@ def test_plan_extrapolates_depth_and_batch():
     assert tpu_plan.largest_batch(full, 95.0) == 2 and tpu_plan.largest_batch(full, 40.0) is None
     cut = tpu_plan.cut(tpu_plan.MEDIUM, 4, 8)
     assert (cut.model.num_layers, cut.model.dual_attention_layers, cut.cls_block) == (4, (0, 1), 2)
+    # The command line reuses rows compiled before (none to compile here) and summarises them.
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"medium@v5p:2x2x1": {"rows": rows}}))
+    tpu_plan.main(["--model", "medium", "--blocks", "2,4", "--batch", "4,8", "--json", str(path)])
+    assert "largest batch/chip that fits 95 GiB: 2 (with 10% headroom: 2)" in capsys.readouterr().out
 
 
 def test_launch_plan_check_refuses_a_batch_that_does_not_fit(tmp_path, monkeypatch, capsys):
