@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+from unittest import mock
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host only traces; the TPU compiler comes from libtpu
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only use: no chip to lock
@@ -47,6 +48,7 @@ from benchmarks.abstract_train import (
     memory_per_device,
 )
 from swd_jax import sharding
+from swd_jax.models import mmdit
 from swd_jax.train_steps import fake_loss
 
 
@@ -84,28 +86,54 @@ def cut(shape: TrainShape, blocks: int | None, batch: int) -> TrainShape:
     return dataclasses.replace(shape, model=model, cls_block=cls, name=f"{shape.name}[{blocks} blocks]")
 
 
-def model_flops(shape: TrainShape, chips: int) -> tuple[float, float]:
+def model_flops(shape: TrainShape, chips: int, attention: bool = True) -> tuple[float, float]:
     """(FLOPs of the iteration as cost analyses count it, FLOPs of one fake update) for all chips' batches.
 
-    The iteration as written (no remat, XLA attention), before optimisation, on one host CPU device (the TPU
-    compile-only client gives no pre-optimisation analysis). Every cost analysis, the TPU compiler's too,
-    counts the body of the fake updates' `scan` (a while loop) once, not n_fake times (checked: n_fake 1 and 2
-    give the same counts); the second figure is that body, the fake loss's value and gradient.
+    The iteration as written (no remat, XLA attention; with `attention=False` the attention counts nothing),
+    before optimisation, on one host CPU device (the TPU compile-only client gives no pre-optimisation
+    analysis). Every cost analysis, the TPU compiler's too, counts the body of the fake updates' `scan` (a
+    while loop) once, not n_fake times (checked: n_fake 1 and 2 give the same counts); the second figure is
+    that body, the fake loss's value and gradient.
     """
     plain = dataclasses.replace(shape, remat=False, attention_impl="xla", batch_per_device=shape.batch_per_device * chips)
     one = sharding.make_mesh((1, 1, 1), devices=jax.devices("cpu")[:1])
-    iteration = float(lower_iteration(plain, one).cost_analysis()["flops"])
-    m = build_models(plain)
-    k = m.schedule.num_intervals - 1
-    state, _ = abstract_state(m, one)
-    batches, _ = abstract_batches(plain, m, one, k)
-    batch = {name: jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for name, x in batches.items()}
-    base, _ = abstract_base(plain, one)
-    grad = jax.value_and_grad(fake_loss, argnums=1, has_aux=True)
-    fn = jax.jit(lambda st, b, x: grad(m, st["fake"], b, st["student"], x, k, jax.random.key(0)))
-    with jax.set_mesh(one), nn.logical_axis_rules(list(sharding.DEFAULT_RULES)):
-        body = float(fn.lower(state, base, batch).cost_analysis()["flops"])
+    no_attention = lambda q_BLHD, k_BSHD, v_BSHD, *_: q_BLHD
+    with mock.patch.object(mmdit, "dot_product_attention", mmdit.dot_product_attention if attention else no_attention):
+        iteration = float(lower_iteration(plain, one).cost_analysis()["flops"])
+        m = build_models(plain)
+        k = m.schedule.num_intervals - 1
+        state, _ = abstract_state(m, one)
+        batches, _ = abstract_batches(plain, m, one, k)
+        batch = {name: jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for name, x in batches.items()}
+        base, _ = abstract_base(plain, one)
+        grad = jax.value_and_grad(fake_loss, argnums=1, has_aux=True)
+        fn = jax.jit(lambda st, b, x: grad(m, st["fake"], b, st["student"], x, k, jax.random.key(0)))
+        with jax.set_mesh(one), nn.logical_axis_rules(list(sharding.DEFAULT_RULES)):
+            body = float(fn.lower(state, base, batch).cost_analysis()["flops"])
     return iteration, body
+
+
+def figures(shape: TrainShape, topo: str, compiler_flops: float, compiler_seconds: float) -> dict:
+    """FLOPs per chip, seconds, images/s and MFU of an iteration from the TPU compiler's per-chip counts.
+
+    Two corrections: the compiler counts the fake-update loop once (scaled up by the model FLOPs' ratio), and
+    it gives the Mosaic splash kernels no FLOPs and no time (checked: a splash-only program counts 1e-4 of the
+    attention's FLOPs) -- their FLOPs are added at the chip's peak, so the seconds are a lower bound and the
+    MFU an upper bound (SD3.5's head dim 64 fills half of v5p's 128-deep MXU in q k^T: expect less).
+    """
+    _, chips = topology(topo)
+    chip = CHIPS[topo.split(":")[0]]
+    n = shape.n_fake_steps
+    counted, body = model_flops(shape, chips)
+    counted_na, body_na = model_flops(shape, chips, attention=False)
+    total, rest = counted + (n - 1) * body, counted_na + (n - 1) * body_na
+    attention, loop = total - rest, rest / counted_na
+    seconds = compiler_seconds * loop + attention / (chips * chip.peak_flops)
+    images = (n + 1) * shape.batch_per_device * chips
+    return {"compiler_flops": compiler_flops, "compiler_seconds": compiler_seconds, "loop_correction": loop,
+            "attention_flops": attention, "model_flops": total, "flops_per_chip": compiler_flops * loop
+            + attention / chips, "seconds": seconds, "images_per_s": images / seconds,
+            "mfu": total / (chips * chip.peak_flops * seconds)}
 
 
 def compile_plan(shape: TrainShape, topo: str) -> dict:
@@ -119,23 +147,15 @@ def compile_plan(shape: TrainShape, topo: str) -> dict:
     compile_s = time.perf_counter() - t
     cost = compiled.cost_analysis()
     mem = {k: v * per_chip for k, v in memory_per_device(compiled).items()}
-    counted, body = model_flops(shape, chips)
-    flops = counted + (shape.n_fake_steps - 1) * body
-    # The compiler's FLOPs and time also count the fake-update loop once: scale them as the model FLOPs.
-    seconds = float(cost["optimal_seconds"]) * flops / counted
-    chip = CHIPS[topo.split(":")[0]]
-    images = (shape.n_fake_steps + 1) * shape.batch_per_device * chips
     return {"model": shape.name, "blocks": shape.model.num_layers, "topology": topo, "chips": chips,
-            "batch_per_chip": shape.batch_per_device, **mem, "hbm_gib": chip.hbm_gib,
-            "flops_per_chip": float(cost["flops"]) * per_chip * flops / counted, "model_flops": flops,
-            "seconds": seconds, "loop_correction": flops / counted,
-            "images_per_s": images / seconds, "mfu": flops / (chips * chip.peak_flops * seconds),
+            "batch_per_chip": shape.batch_per_device, **mem, "hbm_gib": CHIPS[topo.split(":")[0]].hbm_gib,
+            **figures(shape, topo, float(cost["flops"]) * per_chip, float(cost["optimal_seconds"])),
             "mosaic_kernels": compiled.as_text().count('custom_call_target="tpu_custom_call"'),
             "compile_s": compile_s, "extrapolated": False}
 
 
 LINEAR = ("arguments_gib", "outputs_gib", "temp_gib", "alias_gib", "peak_gib", "flops_per_chip", "model_flops",
-          "seconds")
+          "seconds", "attention_flops", "compiler_flops", "compiler_seconds")
 
 
 def _line(x0, y0, x1, y1, x):
@@ -152,7 +172,7 @@ def extrapolate(rows: list[dict], full_blocks: int) -> list[dict]:
         r0, r1 = at[0], at[-1]
         row = {**r1, "blocks": full_blocks, "extrapolated": True, "compile_s": None,
                "model": r1["model"].split("[")[0]}
-        for k in LINEAR:
+        for k in (k for k in LINEAR if k in r0 and k in r1):
             row[k] = _line(r0["blocks"], r0[k], r1["blocks"], r1[k], full_blocks)
         chip = CHIPS[row["topology"].split(":")[0]]
         images = r1["images_per_s"] * r1["seconds"]
@@ -205,6 +225,10 @@ def main(argv=None):
         with open(a.json) as f:
             plans = json.load(f)
     rows = [r for r in plans.get(key, {}).get("rows", []) if not r["extrapolated"]]  # compiled before: reused
+    for r in rows:
+        if "compiler_seconds" not in r:  # a row of the first version: loop-corrected only, recounted here
+            raw = (r["flops_per_chip"] / r["loop_correction"], r["seconds"] / r["loop_correction"])
+            r.update(figures(cut(shape, r["blocks"], r["batch_per_chip"]), a.topology, *raw))
     for n in depths:
         for b in batches:
             s = cut(shape, n, b)
