@@ -41,7 +41,7 @@ class LoraConfig:
 
 def diffusers_module_path(scope_path: tuple[str, ...]) -> str:
     """Our Linen scope path -> the diffusers module path (`transformer_blocks_3/attn/to_out_0` -> `...3.attn.to_out.0`)."""
-    from swd_jax.convert.names import our_to_diffusers  # local import: names.py is tiny and torch-free
+    from swd_jax.models.names import our_to_diffusers  # local import: names.py is tiny and torch-free
     return our_to_diffusers("/".join(scope_path))
 
 
