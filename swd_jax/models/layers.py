@@ -145,7 +145,7 @@ def chunked_attention(q_BLHD, k_BSHD, v_BSHD, chunk: int | None = None):
 # torch's float32 CPU exp, which diffusers' `get_timestep_embedding` uses, is not correctly rounded everywhere: for
 # the SD3/FLUX table (half 128, max_period 10000) it is one ulp above the correctly rounded value at entries 12 and
 # 106 (torch 2.13 CPU, the same under every ATEN_CPU_CAPABILITY and MKL_CBWR setting). One ulp of a frequency,
-# times a timestep near 1000, moves the embedding by 3e-5; tests/test_mmdit_strong_weights.py checks the table bit for bit.
+# times a timestep near 1000, moves the embedding by 3e-5. tests/test_mmdit_strong_weights.py checks bit equality.
 _TORCH_EXP_ULPS = {(128, 10000.0): {12: 1, 106: 1}}  # (half, max_period) -> {entry: ulps above correct rounding}
 
 
@@ -172,7 +172,7 @@ def timestep_embedding(t_B, dim: int = 256, max_period: float = 10000.0):
 
 
 def sincos_table_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
-    """[len(pos), D] [sin, cos](pos omega) in float64, rounded to float32 (diffusers `get_1d_sincos_pos_embed_from_grid`)."""
+    """[len(pos), D] [sin, cos](pos omega), float64 rounded to float32 (diffusers `get_1d_sincos_pos_embed_from_grid`)."""
     omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
     out = np.outer(np.asarray(pos, np.float64), 1.0 / 10000 ** omega)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1).astype(np.float32)
