@@ -172,7 +172,7 @@ def timestep_embedding(t_B, dim: int = 256, max_period: float = 10000.0):
 
 
 def sincos_table_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
-    """[len(pos), D] [sin, cos](pos omega), float64 rounded to float32 (diffusers `get_1d_sincos_pos_embed_from_grid`)."""
+    """[len(pos), D] [sin, cos](pos omega) in float64 rounded to float32 (`get_1d_sincos_pos_embed_from_grid`)."""
     omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
     out = np.outer(np.asarray(pos, np.float64), 1.0 / 10000 ** omega)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1).astype(np.float32)
