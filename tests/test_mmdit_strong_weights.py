@@ -11,7 +11,12 @@ from tests.torch_reference import VARIANTS, rel_err, sd3_inputs, tiny_sd3_config
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_strong_weights_match_diffusers(variant):
-    """std 0.2 everywhere (norm scales 1 + N(0, 0.04)): the timestep embedding's rounding shows at 1e-5 if inexact."""
+    """std 0.2 everywhere (norm scales 1 + N(0, 0.04)): the timestep embedding's rounding shows at 1e-5 if inexact.
+
+    With XLA's exp table (before) sd3_medium reached 2.2e-5..5.1e-5 over 4 weight seeds, now 3.9e-6..8.3e-6. That is
+    diffusers' own floor for sd3_medium at this scale (no qk-norm: large logits): its fp32 is 2.7e-6..9.7e-6 from
+    its fp64. The SD3.5 variants (qk-norm) sit at ~1e-6. Seed 3 here: 4.7e-6 for sd3_medium.
+    """
     from swd_jax.convert.transformer import convert_state_dict
     model = tiny_sd3_transformer(variant, seed=3, std=0.2)
     cfg = MMDiTConfig.from_dict(tiny_sd3_config(variant))
