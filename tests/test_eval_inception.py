@@ -6,8 +6,7 @@ import torch
 
 from tests import torchvision_inception
 
-torchvision_inception.install()
-pfi = pytest.importorskip("pytorch_fid.inception")  # CI: pip install --no-deps pytorch-fid
+pfi, _ = torchvision_inception.import_pytorch_fid()  # CI: pip install --no-deps pytorch-fid
 
 from swd_jax.convert.inception import load_inception, main as convert_main  # noqa: E402
 

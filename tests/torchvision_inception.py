@@ -3,8 +3,8 @@
 pytorch-fid (`pytorch_fid/inception.py`, `fid_score.py`) subclasses torchvision's Inception blocks, but the
 torchvision wheels PyPI has for our torch pin are CUDA builds that fail to import against the CPU torch
 (`operator torchvision::nms does not exist`), and an installed-but-broken torchvision also breaks
-transformers' image processors. So CI installs pytorch-fid with `--no-deps`, and `install()` registers this
-module's classes as `torchvision.models.inception` before pytorch-fid is imported. The block classes below
+transformers' image processors. So CI installs pytorch-fid with `--no-deps`, and `import_pytorch_fid()` lends this
+module's classes as `torchvision.models.inception` while pytorch-fid is imported. The block classes below
 are torchvision 0.28.0's `models/inception.py` verbatim (BSD-3-Clause); `Inception3` keeps only the
 constructor pieces `fid_inception_v3()` uses (no aux head, no weight init: pytorch-fid passes
 `init_weights=False`).
@@ -259,21 +259,37 @@ def inception_v3(*, weights=None, progress: bool = True, **kwargs: Any) -> Incep
     return Inception3(**kwargs)
 
 
-def install() -> None:
-    """Register a `torchvision` with `models.inception`, `models.inception_v3` and `transforms` (unless a
-    working torchvision is importable), so `import pytorch_fid.inception` / `.fid_score` succeed."""
+def import_pytorch_fid():
+    """(`pytorch_fid.inception`, `pytorch_fid.fid_score`), imported against a working torchvision if there is
+    one, else against a stand-in `torchvision` (these classes) that is removed from `sys.modules` right after,
+    so transformers and later imports never see it. Skips the test module when pytorch-fid is absent."""
+    import importlib
+
+    import pytest
     try:
         import torchvision  # noqa: F401
-        return
-    except Exception:  # absent, or a CUDA build that cannot load here
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-    tv = types.ModuleType("torchvision")
-    tv.__version__ = "0.28.0"
-    models = types.ModuleType("torchvision.models")
-    inception = sys.modules[__name__]
-    models.inception, models.inception_v3 = inception, inception_v3
-    transforms = types.ModuleType("torchvision.transforms")
-    tv.models, tv.transforms = models, transforms
-    sys.modules.update({"torchvision": tv, "torchvision.models": models, "torchvision.models.inception": inception,
-                        "torchvision.transforms": transforms})
+        stand_in = False
+    except Exception:  # absent, or a CUDA build that cannot load against the CPU torch
+        stand_in = True
+    saved = {m: sys.modules.pop(m) for m in list(sys.modules) if m == "torchvision" or m.startswith("torchvision.")}
+    if stand_in:
+        tv = types.ModuleType("torchvision")
+        tv.__version__ = "0.28.0"
+        models = types.ModuleType("torchvision.models")
+        models.inception, models.inception_v3 = sys.modules[__name__], inception_v3
+        transforms = types.ModuleType("torchvision.transforms")
+        tv.models, tv.transforms = models, transforms
+        sys.modules.update({"torchvision": tv, "torchvision.models": models,
+                            "torchvision.models.inception": models.inception, "torchvision.transforms": transforms})
+    else:
+        sys.modules.update(saved)
+    try:
+        if importlib.util.find_spec("pytorch_fid") is None:
+            pytest.skip("pytorch-fid is not installed (pip install --no-deps pytorch-fid==0.3.0)",
+                        allow_module_level=True)
+        return importlib.import_module("pytorch_fid.inception"), importlib.import_module("pytorch_fid.fid_score")
+    finally:
+        if stand_in:
+            for m in ("torchvision", "torchvision.models", "torchvision.models.inception", "torchvision.transforms"):
+                sys.modules.pop(m, None)
+            sys.modules.update(saved)
