@@ -226,7 +226,7 @@ class Inception3(nn.Module):
     def __init__(self, num_classes: int = 1000, aux_logits: bool = True, transform_input: bool = False,
                  init_weights: Optional[bool] = None, dropout: float = 0.5) -> None:
         super().__init__()
-        assert not aux_logits and not init_weights, "pytorch-fid builds Inception3(aux_logits=False, init_weights=False)"
+        assert not aux_logits and not init_weights, "pytorch-fid: Inception3(aux_logits=False, init_weights=False)"
         conv_block = BasicConv2d
         self.aux_logits = aux_logits
         self.transform_input = transform_input
