@@ -90,7 +90,8 @@ def test_resume_check_in_the_workdir(tmp_path):
 
 
 @pytest.mark.parametrize("module", ["swd_jax.train.__main__", "swd_jax.demo.__main__", "swd_jax.convert.__main__",
-                                    "swd_jax.verify", "swd_jax.train.precompute"])
+                                    "swd_jax.verify", "swd_jax.train.precompute",
+                                    "swd_jax.evaluate"])
 def test_every_command_exits_0_on_help(module, capsys):
     import importlib
     main = importlib.import_module(module).main
