@@ -25,14 +25,20 @@ def tiny_flux_transformer(guidance_embeds: bool, seed: int = 0, **kw):
 
 
 def flux_inputs(cfg: dict, batch: int, height: int, width: int, tokens: int = 5, seed: int = 1):
-    """Random NHWC latents, per-example timesteps in [0, 1000), context, pooled and (dev) per-example guidance."""
+    """Random NHWC latents, per-example sigmas in [0, 1), context, pooled and (dev) per-example guidance scales.
+
+    Our model takes timestep = float32(sigma) * 1000, exactly what diffusers' FLUX computes from its input sigma.
+    """
     rng = np.random.default_rng(seed)
     c = cfg["in_channels"] // 4
     return (rng.standard_normal((batch, height, width, c), dtype=np.float32),
-            (rng.uniform(0, 1, (batch,)).astype(np.float32) * np.float32(1000)).astype(np.float32),
+            rng.uniform(0, 1, (batch,)).astype(np.float32),
             rng.standard_normal((batch, tokens, cfg["joint_attention_dim"]), dtype=np.float32),
             rng.standard_normal((batch, cfg["pooled_projection_dim"]), dtype=np.float32),
-            rng.uniform(1, 6, (batch,)).astype(np.float32) if cfg["guidance_embeds"] else None)
+            # Per-example guidance: FLUX-dev's default 3.5, FLUX-SwD's 4.5, 1. Larger scales lose digits on both
+            # sides: 1000 g ~ 5000 times a frequency that torch's float32 exp rounds 1 ulp off (index 12 of 128)
+            # moves diffusers' embedding by ~2e-4 (see layers.timestep_embedding).
+            rng.permutation(np.array([3.5, 4.5, 1.0] * batch, np.float32))[:batch] if cfg["guidance_embeds"] else None)
 
 
 def pack(x_BHWC: torch.Tensor) -> torch.Tensor:
@@ -57,8 +63,8 @@ def image_ids(height: int, width: int) -> torch.Tensor:
     return ids.reshape(-1, 3)
 
 
-def torch_flux_forward(model, x_BHWC, t_B, context, pooled, guidance=None, hook_blocks=()):
-    """diffusers FLUX forward as FluxPipeline calls it (timestep / 1000, packed latents, ids) -> (v NHWC, feats).
+def torch_flux_forward(model, x_BHWC, sigma_B, context, pooled, guidance=None, hook_blocks=()):
+    """diffusers FLUX forward as FluxPipeline calls it (timestep = sigma, packed latents, ids) -> (v NHWC, feats).
 
     `hook_blocks` numbers double then single blocks; each hook captures that block's image hidden states.
     """
@@ -70,7 +76,7 @@ def torch_flux_forward(model, x_BHWC, t_B, context, pooled, guidance=None, hook_
     x = torch.as_tensor(np.asarray(x_BHWC))
     H, W = x.shape[1:3]
     with torch.no_grad():
-        v = model(hidden_states=pack(x), timestep=torch.as_tensor(np.asarray(t_B)) / 1000,
+        v = model(hidden_states=pack(x), timestep=torch.as_tensor(np.asarray(sigma_B)),
                   encoder_hidden_states=torch.as_tensor(np.asarray(context)),
                   pooled_projections=torch.as_tensor(np.asarray(pooled)),
                   guidance=None if guidance is None else torch.as_tensor(np.asarray(guidance)),

@@ -15,9 +15,9 @@ TOL = 1e-5  # fp32 relative, max-abs error over max-abs value
 
 
 def run_ours(cfg, variables, inputs, **kw):
-    x, t, c, p, g = inputs
+    x, sigma, c, p, g = inputs
     return Flux(cfg, **kw.pop("model_kw", {})).apply(
-        variables, jnp.asarray(x), jnp.asarray(t), jnp.asarray(c), jnp.asarray(p),
+        variables, jnp.asarray(x), jnp.asarray(sigma * np.float32(1000)), jnp.asarray(c), jnp.asarray(p),
         None if g is None else jnp.asarray(g), **kw)
 
 
@@ -58,6 +58,7 @@ def test_features_only_stops_early_and_chunked_attention_agrees():
     v, (f_full,) = run_ours(cfg, {"params": params}, inputs, feature_blocks=(1,))
     np.testing.assert_array_equal(np.asarray(f1), np.asarray(f_full))
     x, t, c, p, g = (jnp.asarray(a) for a in inputs)
+    t = t * 1000
     fwd = lambda prm, fo: Flux(cfg).apply({"params": prm}, x, t, c, p, g, feature_blocks=(0,), features_only=fo)
     flops_feat = jax.jit(lambda prm: fwd(prm, True)).lower(params).compile().cost_analysis()["flops"]
     flops_full = jax.jit(lambda prm: fwd(prm, False)).lower(params).compile().cost_analysis()["flops"]
