@@ -4,6 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from swd_jax.convert import verify_flux
+from swd_jax.convert.verify_flux import image_ids  # noqa: F401 (re-exported for the tests)
+
 
 def tiny_flux_config(guidance_embeds: bool, num_layers: int = 2, num_single_layers: int = 2) -> dict:
     """FLUX-shaped (patch 1, 4x packed channels, 3-axis RoPE) but tiny: 4 latent channels, width 32."""
@@ -42,25 +45,13 @@ def flux_inputs(cfg: dict, batch: int, height: int, width: int, tokens: int = 5,
 
 
 def pack(x_BHWC: torch.Tensor) -> torch.Tensor:
-    """FluxPipeline._pack_latents on NCHW of our NHWC latents."""
-    x = x_BHWC.permute(0, 3, 1, 2)
-    B, C, H, W = x.shape
-    return x.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // 2) * (W // 2), C * 4)
+    """FluxPipeline._pack_latents of our NHWC latents."""
+    return verify_flux.pack(x_BHWC.permute(0, 3, 1, 2))
 
 
 def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """FluxPipeline._unpack_latents, then NHWC."""
-    B, _, K = tokens.shape
-    x = tokens.view(B, height // 2, width // 2, K // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(B, K // 4, height, width).permute(0, 2, 3, 1)
-
-
-def image_ids(height: int, width: int) -> torch.Tensor:
-    """FluxPipeline._prepare_latent_image_ids for latents of height x width: (0, row, col) per packed token."""
-    ids = torch.zeros(height // 2, width // 2, 3)
-    ids[..., 1] = torch.arange(height // 2)[:, None]
-    ids[..., 2] = torch.arange(width // 2)[None, :]
-    return ids.reshape(-1, 3)
+    return verify_flux.unpack(tokens, height, width).permute(0, 2, 3, 1)
 
 
 def torch_flux_forward(model, x_BHWC, sigma_B, context, pooled, guidance=None, hook_blocks=()):

@@ -102,3 +102,37 @@ def test_bad_inputs_name_the_problem(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(tiny_flux_config(False)))
     with pytest.raises(FileNotFoundError, match="no diffusion_pytorch_model.safetensors"):
         load_flux(str(tmp_path))
+
+
+def test_verify_and_convert_clis_on_a_flux_pipeline(tmp_path):
+    """`python -m swd_jax.verify` / `swd_jax.convert` detect FLUX from `_class_name`; per-block errors localise."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from swd_jax.convert.__main__ import load_converted, main as convert_main
+    from swd_jax.verify import verify
+    import torch
+    model = tiny_flux_transformer(True)
+    model.save_pretrained(tmp_path / "pipe" / "transformer")
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    peft_model = get_peft_model(model, PeftLoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "proj_mlp"]))
+    with torch.no_grad():
+        for name, prm in peft_model.named_parameters():
+            if "lora_B" in name:
+                prm.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    folder, fast = str(tmp_path / "pipe"), dict(sizes=(8,), batch=2, text_tokens=5, verbose=False)
+    res = verify(folder, lora=str(tmp_path / "adapter"), **fast)
+    assert res["ok"] and len(res["errors"][8]) == 1 + 4, res
+
+    def bump_single0(params):  # a change in the first single block (block 2) only
+        params = jax.tree.map(lambda a: a, params)
+        k = params["single_transformer_blocks_0"]["proj_mlp"]["kernel"]
+        params["single_transformer_blocks_0"]["proj_mlp"]["kernel"] = k * 1.01
+        return params
+    errs = verify(folder, perturb=bump_single0, **fast)["errors"][8]
+    assert max(errs["block 0"][1], errs["block 1"][1]) < TOL < min(errs["block 2"][1], errs["output"][1])
+    dst = str(tmp_path / "converted")
+    assert convert_main([folder, dst, "--dtype", "bfloat16", "--no-progress"]) == 0
+    cfg, params = load_converted(dst)
+    want_cfg, want = load_flux(str(tmp_path / "pipe" / "transformer"), dtype=jnp.bfloat16)
+    assert cfg == want_cfg
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, want)

@@ -121,7 +121,7 @@ def rope_tables(text_tokens: int, h: int, w: int, axes_dims: tuple[int, ...],
 
 
 def apply_rope(x_BLHD, cos_LD, sin_LD):
-    """Rotate interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin) in float32 (diffusers apply_rotary_emb)."""
+    """Rotate pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin) in float32 (diffusers apply_rotary_emb)."""
     x32 = x_BLHD.astype(jnp.float32)
     pairs = x32.reshape(*x32.shape[:-1], -1, 2)
     rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x32.shape)
@@ -236,19 +236,20 @@ class _MLP2(_Common):
 
 
 class _TimeTextEmbed(_Common):
-    """temb = MLP(sinusoid(t)) [+ MLP(sinusoid(1000 g))] + MLP(pooled) (diffusers CombinedTimestep[Guidance]TextProj)."""
+    """temb = MLP(sin(t)) [+ MLP(sin(1000 g))] + MLP(pooled), diffusers CombinedTimestep[Guidance]TextProj."""
     features: int = 0
 
     @nn.compact
     def __call__(self, t_B, guidance_B, pooled_BP):
         kw = dict(lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype)
-        temb = _MLP2(features=self.features, name="timestep_embedder", **kw)(timestep_embedding(t_B).astype(self.dtype))
-        temb = temb.astype(jnp.float32)
+        temb = _MLP2(features=self.features, name="timestep_embedder", **kw)(
+            timestep_embedding(t_B).astype(self.dtype)).astype(jnp.float32)
         if guidance_B is not None:
             g = guidance_B.astype(jnp.float32) * 1000.0
             temb = temb + _MLP2(features=self.features, name="guidance_embedder", **kw)(
                 timestep_embedding(g).astype(self.dtype)).astype(jnp.float32)
-        return temb + _MLP2(features=self.features, name="text_embedder", **kw)(pooled_BP.astype(self.dtype)).astype(jnp.float32)
+        text = _MLP2(features=self.features, name="text_embedder", **kw)(pooled_BP.astype(self.dtype))
+        return temb + text.astype(jnp.float32)
 
 
 def pack_latents(x_BHWC):
