@@ -18,14 +18,14 @@ import ml_collections
 import optax
 
 from configs.common import base_config
-from swd_jax import sharding
+from swd_jax.train import sharding
 from swd_jax.convert.transformer import boxed_params, example_inputs
 from swd_jax.discriminator import DiscriminatorHead
 from swd_jax.models.layers import LORA, LoraConfig
 from swd_jax.models.mmdit import SD35_LARGE, SD35_MEDIUM, MMDiT, MMDiTConfig
 from swd_jax.schedule import ScaleSchedule
-from swd_jax.train_setup import DTYPES, loss_config, make_optimizer, make_schedule
-from swd_jax.train_steps import SwDModels, init_state, make_iteration
+from swd_jax.train.setup import DTYPES, loss_config, make_optimizer, make_schedule
+from swd_jax.train.steps import SwDModels, init_state, make_iteration
 
 SD35_TEXT_TOKENS = 77 + 256  # CLIP-L/G (77) joined with T5-XXL (256) on the token axis, width 4096
 GiB = 1024 ** 3

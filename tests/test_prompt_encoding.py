@@ -134,8 +134,8 @@ def _dataset(folder, n, bad=None):
 def test_precompute_shards_resume_and_bad_images(sd3, tmp_path):
     import jax
 
-    from swd_jax.data import decode_array_record, decode_image, open_source
-    from swd_jax.precompute import precompute
+    from swd_jax.train.records import decode_array_record, decode_image, open_source
+    from swd_jax.train.precompute import precompute
 
     root, data = str(sd3[1]), _dataset(tmp_path / "data", 5)
     kw = dict(shard_size=2, latent="sample", seed=3, dtype="float32", param_dtype="float32", store_dtype="float32",

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from swd_jax.convert.__main__ import load_converted, main as convert_main
+from swd_jax.convert.__main__ import main as convert_main
+from swd_jax.convert.converted import load_converted
 from swd_jax.convert.transformer import load_transformer
 from swd_jax.verify import main as verify_main, verify
 from tests.torch_reference import tiny_sd3_transformer

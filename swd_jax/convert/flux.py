@@ -1,7 +1,7 @@
 """diffusers FluxTransformer2DModel folder (safetensors, one file or sharded, any dtype) -> our Flux params.
 
 The rule table is three lines: the RMS qk-norms' `weight` -> `scale`, every other `weight` is a Linear
-(transposed to a kernel), `bias` -> `bias`; module paths follow `convert.names`. Tensors are read one at a time
+(transposed to a kernel), `bias` -> `bias`; module paths follow `models.names`. Tensors are read one at a time
 from memory-mapped files (`SafetensorsFolder`) and cast to the target dtype, and `convert.strict.convert_tensors`
 checks every key and shape against the abstract init of our module: unknown, unplaced, missing and mis-shaped
 tensors raise, all named. With `shardings`, each tensor goes straight onto its device shards.

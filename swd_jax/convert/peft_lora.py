@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swd_jax.convert.names import diffusers_to_our, our_to_diffusers
+from swd_jax.models.names import diffusers_to_our, our_to_diffusers
 from swd_jax.convert.safetensors_reader import SafetensorsFile
 from swd_jax.convert.transformer import example_inputs
 from swd_jax.models import flux

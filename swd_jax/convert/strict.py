@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from swd_jax.convert.names import diffusers_to_our
+from swd_jax.models.names import diffusers_to_our
 from swd_jax.convert.safetensors_reader import SafetensorsFolder
 
 Path = tuple[str, ...]

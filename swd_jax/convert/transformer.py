@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swd_jax.convert.names import diffusers_to_our
+from swd_jax.models.names import diffusers_to_our
 from swd_jax.convert.safetensors_reader import SafetensorsFolder
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
 

@@ -3,7 +3,7 @@
 Same conventions as `swd_jax.models.mmdit`: NHWC latents in and velocity out (the 2x2 packing into 64-channel
 tokens happens inside), `timestep` in 0..1000 (= 1000 sigma; diffusers' FLUX takes sigma and multiplies by 1000),
 `guidance` the guidance scale per example (FLUX-dev's guidance embedding; diffusers multiplies it by 1000, so do
-we), module and parameter names as diffusers' keys (`swd_jax.convert.names`), LoRA in the `lora` collection.
+we), module and parameter names as diffusers' keys (`swd_jax.models.names`), LoRA in the `lora` collection.
 Every Linear of the model can carry LoRA (PEFT adapts whatever `target_modules` names), norms, softmax,
 modulation and RoPE run in float32.
 

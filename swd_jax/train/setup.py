@@ -12,13 +12,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from swd_jax import sharding
+from swd_jax.train import sharding
 from swd_jax.convert.transformer import boxed_params, example_inputs
 from swd_jax.discriminator import DiscriminatorHead
 from swd_jax.models.layers import ATTENTION_IMPLS, LORA, LoraConfig
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
 from swd_jax.schedule import ScaleSchedule, get_schedule
-from swd_jax.train_steps import LossConfig, SwDModels, init_state
+from swd_jax.train.steps import LossConfig, SwDModels, init_state
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -77,7 +77,7 @@ def load_base(c, mesh) -> tuple[MMDiTConfig, dict]:
         from swd_jax.convert.transformer import load_transformer
         folder = os.path.join(m.path, "transformer") if os.path.isdir(os.path.join(m.path, "transformer")) else m.path
         return load_transformer(folder, dtype=pdt, shardings=shardings)
-    from swd_jax.convert.__main__ import load_converted
+    from swd_jax.convert.converted import load_converted
     cfg, params = load_converted(m.path, shardings=shardings)
     wrong = {str(x.dtype) for x in jax.tree.leaves(params)} - {jnp.dtype(pdt).name}
     if wrong:

@@ -17,11 +17,11 @@ import time
 import jax
 import numpy as np
 
-from swd_jax import sharding
-from swd_jax.checkpoint import Checkpointer
-from swd_jax.train_data import make_source
-from swd_jax.train_setup import Run, build_run, count_params
-from swd_jax.train_steps import make_iteration
+from swd_jax.train import sharding
+from swd_jax.train.checkpoint import Checkpointer
+from swd_jax.train.sources import make_source
+from swd_jax.train.setup import Run, build_run, count_params
+from swd_jax.train.steps import make_iteration
 
 
 def compile_iterations(run: Run, source) -> dict:
@@ -158,7 +158,7 @@ def _make_validation(run: Run, source, workdir: str):
     c = run.config
     if c.train.sample_every <= 0 or jax.process_index() != 0:
         return None
-    from swd_jax.validation import StudentSampler, image_grid, save_png
+    from swd_jax.train.validation import StudentSampler, image_grid, save_png
     decode = None
     vae_dir = os.path.join(c.model.path, "vae") if c.model.path else ""
     if c.data.kind != "digits" and vae_dir and os.path.isdir(vae_dir):
@@ -186,24 +186,3 @@ def _export(run: Run, workdir: str):
     export_peft(jax.device_get(run.state["student"]), run.models.mmdit.lora, out, cfg=run.mmdit_config,
                 overwrite=True)
     print(f"student LoRA exported to {out}", file=sys.stderr)
-
-
-def main(argv=None):
-    from absl import app, flags
-    from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", None, "configs/*.py file", lock_config=True)
-    flags.DEFINE_string("workdir", None, "where checkpoints, metrics and samples go")
-    flags.mark_flags_as_required(["config", "workdir"])
-
-    def _main(_):
-        if os.environ.get("SWD_DISTRIBUTED") == "1":
-            jax.distributed.initialize()
-        cfg = flags.FLAGS.config
-        last = train(cfg, flags.FLAGS.workdir)
-        print(json.dumps({k: v for k, v in last.items()}, indent=1))
-
-    app.run(_main, argv=argv)
-
-
-if __name__ == "__main__":
-    main()

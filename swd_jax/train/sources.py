@@ -5,9 +5,8 @@ s_{k-1}, s_{k-1}, C], "context": [n, B, T, J], "pooled": [n, B, P]} and the unco
 `position` (examples consumed, global) is saved in checkpoints, so a resumed run reads exactly the batches
 an uninterrupted run would.
 
-- "digits": the built-in toy problem (swd_jax.toy_data), identity "VAE", deterministic epoch permutations;
-  sklearn's real digits, or with `data.path` an npz of (images, labels), e.g. teacher-generated digits.
-- "images": image records (swd_jax.data.build_image_dataset) encoded online by our VAE + text encoders.
+- "digits": the built-in toy problem (`swd_jax.demo.digits_source`, registered by the demo package).
+- "images": image records (swd_jax.train.records.build_image_dataset) encoded online by our VAE + text encoders.
 - "precomputed": array_record shards written by `python -m swd_jax.precompute` (keys `latents_{s}` for every
   scale s, `prompt_embeds`, `pooled_prompt_embeds`; `uncond.npz` beside them), read with the grain loader.
 """
@@ -20,71 +19,13 @@ import jax
 import numpy as np
 
 from swd_jax.schedule import ScaleSchedule
-from swd_jax.toy_data import ToyTextEncoder, area_down, digit_prompt, load_digits_images
-
-
-class DigitsSource:
-    """The toy digits problem; example j of the stream is perm_{epoch}[j mod N], perm seeded per epoch."""
-
-    def __init__(self, schedule: ScaleSchedule, joint_dim: int, pooled_dim: int, global_batch: int, seed: int,
-                 channels: int = 1, position: int = 0, path: str = ""):
-        if channels != 1:
-            raise ValueError(f"the digits source gives 1-channel latents; the model has in_channels={channels}")
-        self.schedule, self.seed, self.global_batch, self.position = schedule, seed, global_batch, position
-        if path:  # e.g. teacher-generated digits: npz with images [N, S, S, 1] and labels [N]
-            with np.load(path) as z:
-                self.images, self.labels = z["images"].astype(np.float32), z["labels"].astype(np.int32)
-            if self.images.shape[1] < max(schedule.scales):
-                raise ValueError(f"{path}: images are {self.images.shape[1]} px, the schedule needs "
-                                 f"{max(schedule.scales)}")
-            self.images = area_down(self.images, max(schedule.scales))
-        else:
-            self.images, self.labels = load_digits_images(max(schedule.scales))
-        self.encoder = ToyTextEncoder(joint_dim, pooled_dim)
-        self.class_context, self.class_pooled = self.encoder([digit_prompt(i) for i in range(10)])
-        self.n_hosts, self.host = jax.process_count(), jax.process_index()
-        if global_batch % self.n_hosts:
-            raise ValueError(f"global batch {global_batch} not divisible by {self.n_hosts} hosts")
-
-    def _indices(self, start: int, count: int) -> np.ndarray:
-        epochs, rows = np.divmod(np.arange(start, start + count), len(self.labels))
-        return np.array([self._perm(int(e))[r] for e, r in zip(epochs, rows)], np.int64)
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        cache = getattr(self, "_perm_cache", None)
-        if cache is None or cache[0] != epoch:
-            self._perm_cache = (epoch, np.random.default_rng((self.seed, epoch)).permutation(len(self.labels)))
-        return self._perm_cache[1]
-
-    def batches(self, k: int, n: int) -> dict[str, np.ndarray]:
-        per_host = self.global_batch // self.n_hosts
-        out = []
-        for _ in range(n):
-            idx = self._indices(self.position + self.host * per_host, per_host)
-            self.position += self.global_batch
-            out.append(self.examples(idx, k))
-        return {key: np.stack([b[key] for b in out]) for key in out[0]}
-
-    def examples(self, idx: np.ndarray, k: int) -> dict[str, np.ndarray]:
-        x = area_down(self.images[idx], self.schedule.scale(k))
-        return {"x": x, "x_prev": area_down(x, self.schedule.prev_scale(k)),
-                "context": self.class_context[self.labels[idx]], "pooled": self.class_pooled[self.labels[idx]]}
-
-    def uncond(self) -> dict[str, np.ndarray]:
-        context, pooled = self.encoder([""])
-        return {"context": context, "pooled": pooled}
-
-    def validation_cond(self, n: int) -> dict[str, np.ndarray]:
-        """Prompts "a handwritten digit zero", "... one", ... (cycling) for validation grids."""
-        labels = np.arange(n) % 10
-        return {"context": self.class_context[labels], "pooled": self.class_pooled[labels]}
 
 
 class PrecomputedSource:
     """array_record shards of precomputed latents (per scale) and text embeddings, via the grain loader."""
 
     def __init__(self, path: str, schedule: ScaleSchedule, global_batch: int, seed: int, position: int = 0):
-        from swd_jax.data import make_loader
+        from swd_jax.train.records import make_loader
         files = sorted(glob.glob(os.path.join(path, "*.array_record*")))
         if not files:
             raise FileNotFoundError(f"no .array_record shards in {path}; run `python -m swd_jax.precompute` first")
@@ -119,7 +60,7 @@ class PrecomputedSource:
 
     def validation_cond(self, n: int) -> dict[str, np.ndarray]:
         """The text embeddings of the first n records (fixed across runs and resumes)."""
-        from swd_jax.data import decode_array_record, open_source
+        from swd_jax.train.records import decode_array_record, open_source
         records = open_source(self.files).records
         rows = [decode_array_record(records[i]) for i in range(min(n, len(records)))]
         return {"context": np.stack([np.asarray(r["prompt_embeds"], np.float32) for r in rows]),
@@ -127,7 +68,7 @@ class PrecomputedSource:
 
 
 class OnlineSource:
-    """Image records (`swd_jax.data.build_image_dataset`) encoded on the fly by our VAE and text encoders.
+    """Image records (`swd_jax.train.records.build_image_dataset`) encoded on the fly by our VAE and text encoders.
 
     For interval k only the two scales it needs are encoded: the image at 8*max(scales) is area-downscaled to
     8*s_k and 8*s_{k-1} and VAE-encoded (a posterior sample per example, as the reference draws one per step).
@@ -139,12 +80,12 @@ class OnlineSource:
 
         import jax.numpy as jnp
 
-        from swd_jax.data import make_loader
-        from swd_jax.precompute import Precomputer
+        from swd_jax.train.records import make_loader
+        from swd_jax.train.precompute import Precomputer
         if not model_dir:
             raise ValueError("data.kind='images' encodes online: model.path must be the diffusers SD3 folder "
                              "(vae/, text_encoder*/, tokenizer*/)")
-        from swd_jax.data import open_source
+        from swd_jax.train.records import open_source
         self.records = open_source(path)  # the folder build_image_dataset(image_dir, out_dir) returned
         if self.records.kind != "images":
             raise ValueError(f"{path} holds array records, not images: use data.kind='precomputed' for those")
@@ -162,7 +103,7 @@ class OnlineSource:
         return self.loader.position * self.global_batch
 
     def _encode(self, batch, scales):
-        from swd_jax.precompute import encode_batch
+        from swd_jax.train.precompute import encode_batch
         rows = np.asarray(batch["record_index"], np.int64) + self.position * 7919  # fresh sample per visit
         inputs = jax.device_put((batch["image"], self.enc.text.tokenize(list(batch["prompt"])),
                                  (rows % (2**31 - 1)).astype(np.int32)), self.enc.data_sharding)
@@ -189,16 +130,34 @@ class OnlineSource:
         return {"context": np.asarray(embeds, np.float32), "pooled": np.asarray(pooled, np.float32)}
 
 
+# data.kind -> factory(c, schedule, mmdit_config, position, devices); packages add their own kinds (the digits demo
+# registers "digits" from swd_jax.demo.digits_source), so the trainer imports nothing above it.
+SOURCES = {}
+
+
+def register_source(kind: str, factory) -> None:
+    """Make `data.kind=kind` build its source with `factory(c, schedule, mmdit_config, position, devices)`."""
+    SOURCES[kind] = factory
+
+
+def _precomputed(c, schedule, mmdit_config, position=0, devices=None):
+    if not c.data.path:
+        raise ValueError("data.kind='precomputed' needs data.path (the output folder of swd_jax.precompute)")
+    return PrecomputedSource(c.data.path, schedule, c.train.batch_size, c.data.seed, position)
+
+
+def _images(c, schedule, mmdit_config, position=0, devices=None):
+    return OnlineSource(c.data.path, c.model.path, schedule, c.train.batch_size, c.data.seed, position,
+                        c.data.max_sequence_length, c.model.dtype, devices)
+
+
+register_source("precomputed", _precomputed)
+register_source("images", _images)
+
+
 def make_source(c, schedule: ScaleSchedule, mmdit_config, position: int = 0, devices=None):
     """The configured data source; `devices`: this host's devices of the run's mesh (online encoding)."""
-    if c.data.kind == "digits":
-        return DigitsSource(schedule, mmdit_config.joint_attention_dim, mmdit_config.pooled_projection_dim,
-                            c.train.batch_size, c.data.seed, mmdit_config.in_channels, position, c.data.path)
-    if c.data.kind == "precomputed":
-        if not c.data.path:
-            raise ValueError("data.kind='precomputed' needs data.path (the output folder of swd_jax.precompute)")
-        return PrecomputedSource(c.data.path, schedule, c.train.batch_size, c.data.seed, position)
-    if c.data.kind == "images":
-        return OnlineSource(c.data.path, c.model.path, schedule, c.train.batch_size, c.data.seed, position,
-                            c.data.max_sequence_length, c.model.dtype, devices)
-    raise ValueError(f"data.kind={c.data.kind!r}; expected 'digits', 'precomputed' or 'images'")
+    if c.data.kind not in SOURCES:
+        raise ValueError(f"data.kind={c.data.kind!r}; expected one of {sorted(SOURCES)} (other kinds register "
+                         "themselves on import: 'digits' needs `import swd_jax.demo.digits_source` in the config)")
+    return SOURCES[c.data.kind](c, schedule, mmdit_config, position, devices)
