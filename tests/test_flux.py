@@ -107,7 +107,8 @@ def test_bad_inputs_name_the_problem(tmp_path):
 def test_verify_and_convert_clis_on_a_flux_pipeline(tmp_path):
     """`python -m swd_jax.verify` / `swd_jax.convert` detect FLUX from `_class_name`; per-block errors localise."""
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
-    from swd_jax.convert.__main__ import load_converted, main as convert_main
+    from swd_jax.convert.__main__ import main as convert_main
+    from swd_jax.convert.converted import load_converted
     from swd_jax.verify import verify
     import torch
     model = tiny_flux_transformer(True)
