@@ -77,7 +77,6 @@ def convert(src: str, dst: str, dtype: str = "float32", overwrite: bool = False,
     return cfg
 
 
-<<<<<<< HEAD
 def model_kind(path: str) -> str:
     """'converted' (written by `convert`), 'pipeline' (diffusers pipeline folder) or 'transformer' (its
     transformer folder); a one-line error saying what the folder is when it is none of them."""
@@ -94,10 +93,7 @@ def model_kind(path: str) -> str:
                             "transformer folder (config.json + *.safetensors)")
 
 
-def load_converted(dst: str, shardings=None) -> tuple[MMDiTConfig, dict]:
-=======
 def load_converted(dst: str, shardings=None) -> tuple[MMDiTConfig | FluxConfig, dict]:
->>>>>>> main
     """DST written by `convert` -> (config, params), strictly checked against our abstract params.
 
     `shardings`, if given, is a pytree like the params of `jax.sharding.Sharding`s; otherwise every leaf is
