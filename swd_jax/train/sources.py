@@ -11,8 +11,9 @@ x_prev is the latent of the official cascade image: the image area-resized to 8 
 
 - "digits": the built-in toy problem (`swd_jax.demo.digits_source`, registered by the demo package).
 - "images": image records (swd_jax.train.records.build_image_dataset) encoded online by our VAE + text encoders.
-- "precomputed": array_record shards written by `python -m swd_jax.precompute` (keys `latents_{s}` for every
-  scale s, `prompt_embeds`, `pooled_prompt_embeds`; `uncond.npz` beside them), read with the grain loader.
+- "precomputed": array_record shards written by `python -m swd_jax.precompute` (posterior moments `mean_{s}`,
+  `std_{s}` for every scale s and `prev_mean_{s}`, `prev_std_{s}` of its cascaded previous-scale image,
+  `prompt_embeds`, `pooled_prompt_embeds`; `uncond.npz` beside them), read with the grain loader.
 """
 from __future__ import annotations
 
