@@ -152,7 +152,7 @@ def test_train_step_draws_the_posterior_sample_with_its_key(pdm_only_run):
     uncond = {k: jnp.asarray(v) for k, v in source.uncond().items()}
     state0 = jax.device_get(run.state)
     step_key = jax.random.fold_in(jnp.asarray(state0["key"]), state0["step"])  # the iteration's key
-    k_latents = jax.random.split(step_key)[1]
+    k_latents = jax.random.fold_in(step_key, 0 + 1)  # after the keys of 0 fake updates and the generator
     k_x, k_prev = jax.random.split(k_latents)
     drawn = {"x": host["x"] + host["x_std"] * np.asarray(jax.random.normal(k_x, host["x"].shape)),
              "x_prev": host["x_prev"] + host["x_prev_std"] * np.asarray(jax.random.normal(k_prev,

@@ -230,8 +230,8 @@ def make_iteration(m: SwDModels, k: int):
     n = fake_steps(m.loss)
 
     def iteration(state, base, batches: Batch, uncond: Batch):
-        key, k_latents = jax.random.split(jax.random.fold_in(state["key"], state["step"]))
-        batches = draw_latents(batches, k_latents)
+        key = jax.random.fold_in(state["key"], state["step"])  # fake update i: fold_in(key, i); generator: n
+        batches = draw_latents(batches, jax.random.fold_in(key, n + 1))
         gen_batch = jax.tree.map(lambda x: x[-1], batches)
         new_state, metrics = dict(state), {}
 
