@@ -250,7 +250,7 @@ def test_dmd_off_generator_loss_and_grads_equal_official(tmp_path):
               "pooled": torch.from_numpy(batch["pooled"])}
         sigmas = torch.tensor(np.asarray(schedule.sigmas, np.float32))
         official = [_official_pdm_generator_loss(peft_model, tb, sigmas, schedule.boundaries, k, 6,
-                                                 nchw(eps_student), torch.from_numpy(idx), nchw(eps_pdm), blk,
+                                                 nchw(eps_student), torch.tensor(idx), nchw(eps_pdm), blk,
                                                  loss.huber_c) for blk in mmd_blocks]
         if len(mmd_blocks) == 2:  # ours averages every listed block; the official code takes the first only
             assert rel_err(ours, (official[0].item() + official[1].item()) / 2) < 1e-5
