@@ -3,7 +3,7 @@
 `lower_iteration(shape, mesh, k)` builds exactly the program `swd_jax.train.compile_iterations` jits (the
 whole iteration of `make_iteration`, state donated, FSDP-sharded base) on abstract inputs, so
 `.compile().memory_analysis()` gives the per-device memory and `.cost_analysis()` the FLOPs, without one
-byte of weights. The models are assembled as `train_setup.build_run` does (same config fields, same
+byte of weights. The models are assembled as `train.setup.build_run` does (same config fields, same
 optimisers), the base from the MMDiT presets with the published SD3.5 shapes.
 """
 from __future__ import annotations
@@ -19,14 +19,14 @@ import optax
 
 from benchmarks.tiny import MICRO
 from configs.common import base_config
-from swd_jax import sharding
+from swd_jax.train import sharding
 from swd_jax.convert.transformer import boxed_params, example_inputs
 from swd_jax.discriminator import DiscriminatorHead
 from swd_jax.models.layers import LORA, LoraConfig
 from swd_jax.models.mmdit import SD35_LARGE, SD35_MEDIUM, MMDiT, MMDiTConfig
 from swd_jax.schedule import ScaleSchedule
-from swd_jax.train_setup import DTYPES, loss_config, make_optimizer, make_schedule
-from swd_jax.train_steps import SwDModels, init_state, make_iteration
+from swd_jax.train.setup import DTYPES, loss_config, make_optimizer, make_schedule
+from swd_jax.train.steps import SwDModels, init_state, make_iteration
 
 SD35_TEXT_TOKENS = 77 + 256  # CLIP-L/G (77) joined with T5-XXL (256) on the token axis, width 4096
 GiB = 1024 ** 3
@@ -78,7 +78,7 @@ MICRO_TRAIN = TrainShape("micro", MMDiTConfig(**MICRO.mmdit_fields()), ScaleSche
 
 
 def build_models(shape: TrainShape) -> SwDModels:
-    """The SwD models of a run with this shape, assembled as `train_setup.build_run` does."""
+    """The SwD models of a run with this shape, assembled as `train.setup.build_run` does."""
     c = shape.config()
     dtype, pdt = DTYPES[shape.dtype], DTYPES[shape.param_dtype]
     mmdit = MMDiT(shape.model, lora=LoraConfig(rank=c.lora.rank, alpha=c.lora.alpha), dtype=dtype, param_dtype=pdt,
@@ -115,7 +115,7 @@ def abstract_state(m: SwDModels, mesh, rules=sharding.DEFAULT_RULES):
 
 
 def abstract_base(shape: TrainShape, mesh, rules=sharding.DEFAULT_RULES):
-    """(abstract base weights in param_dtype, their FSDP shardings) as `train_setup.load_base` places them."""
+    """(abstract base weights in param_dtype, their FSDP shardings) as `train.setup.load_base` places them."""
     boxed = boxed_params(shape.model, DTYPES[shape.param_dtype])
     sh = sharding.boxed_shardings(boxed, mesh, rules)
     return _with_sharding(nn.unbox(boxed), sh), sh

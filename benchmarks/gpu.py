@@ -34,8 +34,8 @@ from benchmarks.tiny import synthetic_batches, synthetic_uncond
 from swd_jax.convert.transformer import abstract_params, example_inputs
 from swd_jax.models.mmdit import MMDiT
 from swd_jax.schedule import ScaleSchedule
-from swd_jax.train_setup import DTYPES
-from swd_jax.train_steps import init_state, make_iteration
+from swd_jax.train.setup import DTYPES
+from swd_jax.train.steps import init_state, make_iteration
 
 # Peak dense bf16 tensor FLOP/s by device kind (NVIDIA data sheets, SXM parts).
 PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}

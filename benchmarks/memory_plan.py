@@ -4,7 +4,7 @@
     python -m benchmarks.memory_plan --models medium,large --remat on,off --attention xla,chunked \\
         --devices 8,16,32,64 --json plan.json             # the whole table (one compile per row group)
 
-The program is `swd_jax.train_steps.make_iteration` jitted as `swd_jax.train.compile_iterations` does (state
+The program is `swd_jax.train.steps.make_iteration` jitted as `swd_jax.train.compile_iterations` does (state
 donated, base FSDP-sharded over a (1, N, 1) mesh, batch split over it), traced under the logical-axis rules,
 at the full-resolution interval (latent 128 = 1024 px: 4096 image + 333 text tokens), bf16 compute and base
 weights, f32 LoRA (rank 64) and AdamW states, per-device batch 8 (Medium) / 4 (Large) as the reference.
@@ -37,7 +37,7 @@ import jax
 from benchmarks.abstract_train import (GiB, LARGE, MEDIUM, TrainShape, argument_bytes_per_device,
                                        iteration_program, lower_iteration,
                                        memory_per_device)
-from swd_jax import sharding
+from swd_jax.train import sharding
 
 XLA_FLAGS = ("--xla_force_host_platform_device_count=64 --xla_cpu_enable_concurrency_optimized_scheduler=false"
              " --xla_backend_optimization_level=0")

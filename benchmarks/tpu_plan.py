@@ -4,8 +4,8 @@
     python -m benchmarks.tpu_plan --model medium --topology v5p:2x2x1 --batch 4,8 --blocks 2,4 \\
         --json benchmarks/tpu_plan.json      # depth and batch slopes, full depth extrapolated
 
-The program is the one `swd_jax.train.compile_iterations` jits (`benchmarks/abstract_train.py`: the whole
-iteration, state donated, base FSDP-sharded over a (1, chips, 1) mesh, batch split over it) at the
+The program is the one `swd_jax.train.loop.compile_iterations` jits (`benchmarks/abstract_train.py`: the
+whole iteration, state donated, base FSDP-sharded over a (1, chips, 1) mesh, batch split over it) at the
 full-resolution interval (1024 px), splash attention (the real Mosaic kernel), bf16 compute and base,
 f32 LoRA and AdamW states. `jax.experimental.topologies.get_topology_desc` gives the slice's abstract TPU
 devices; `.lower(abstract inputs).compile()` runs the TPU compiler, so `memory_analysis()` is the TPU
@@ -47,9 +47,9 @@ from benchmarks.abstract_train import (
     lower_iteration,
     memory_per_device,
 )
-from swd_jax import sharding
 from swd_jax.models import mmdit
-from swd_jax.train_steps import fake_loss
+from swd_jax.train import sharding
+from swd_jax.train.steps import fake_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +226,7 @@ def main(argv=None):
             plans = json.load(f)
     rows = [r for r in plans.get(key, {}).get("rows", []) if not r["extrapolated"]]  # compiled before: reused
     for r in rows:
-        if "compiler_seconds" not in r:  # a row of the first version: loop-corrected only, recounted here
+        if "loop_correction" in r and "compiler_seconds" not in r:  # a row of the first version: loop-corrected only, recounted here
             raw = (r["flops_per_chip"] / r["loop_correction"], r["seconds"] / r["loop_correction"])
             r.update(figures(cut(shape, r["blocks"], r["batch_per_chip"]), a.topology, *raw))
     for n in depths:

@@ -72,8 +72,8 @@ class JaxRunner:
     def __init__(self, shape: TinyShape, k: int):
         import jax
         import numpy as np
-        from swd_jax.train import compile_iterations, to_device
-        from swd_jax.train_setup import build_run
+        from swd_jax.train.loop import compile_iterations, to_device
+        from swd_jax.train.setup import build_run
         self.run = build_run(shape.run_config(), jax.devices()[:1])
         fn = compile_iterations(self.run, None)[k]
         self.batches = to_device(self.run, random_batches(shape, k))

@@ -13,6 +13,7 @@ and findings are in docs/demo_results.md.
 """
 import ml_collections
 
+import swd_jax.demo.digits_source  # noqa: F401  (registers data.kind="digits" with the trainer)
 from configs.common import base_config
 
 
@@ -49,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
                           attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32,
                           caption_projection_dim=64, pooled_projection_dim=32, pos_embed_max_size=8,
                           dual_attention_layers=(0, 1), qk_norm="rms_norm")
-    # Its flow-matching pretraining (swd_jax.teacher_training.TeacherTraining fields).
+    # Its flow-matching pretraining (swd_jax.demo.teacher.TeacherTraining fields).
     # Multi-resolution: the steps cycle through the latent sizes 8 10 12 16 16, so the teacher denoises well at
     # every size of the SwD schedule (SD3.5 is trained at many sizes; a 16-only teacher breaks SwD, see docs).
     c.demo.pretrain = dict(steps=800, batch_size=32, lr=3e-3, warmup=50, weight_decay=0.0, clip_norm=1.0,

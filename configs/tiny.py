@@ -7,6 +7,7 @@ per scale interval. The teacher is random, so only the losses' behaviour is mean
 """
 import ml_collections
 
+import swd_jax.demo.digits_source  # noqa: F401  (registers data.kind="digits" with the trainer)
 from configs.common import base_config
 
 

@@ -8,7 +8,8 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from swd_jax import checkpoint as ck
+from swd_jax.convert import orbax_params as params_io
+from swd_jax.train import checkpoint as ck
 
 MESH = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
 
@@ -42,19 +43,19 @@ def _assert_tree_equal(a, b):
 
 def test_interval_keep_last_k_and_exact_restore(tmp_path):
     with ck.Checkpointer(str(tmp_path / "ckpt"), save_every=2, keep=2) as c:
-        assert c.restore_latest(ck.abstract_like(_state(0))) is None
+        assert c.restore_latest(params_io.abstract_like(_state(0))) is None
         saved = [c.save(s, _state(s), {"data": {"position": 6 * s}, "config": {"lr": 5e-6}}) for s in range(7)]
         assert saved == [True, False, True, False, True, False, True]
         c.wait_until_finished()
         assert c.all_steps() == [4, 6] and c.latest_step() == 6
         assert c.save(7, _state(7), force=True)  # e.g. the final step
-        state, extra = c.restore_latest(ck.abstract_like(_state(0)))
+        state, extra = c.restore_latest(params_io.abstract_like(_state(0)))
     _assert_tree_equal(state, _state(7))
     assert extra == {}
     # a fresh manager on the same directory (a restarted job) sees the kept steps
     with ck.Checkpointer(str(tmp_path / "ckpt"), save_every=2, keep=2) as c:
         assert c.all_steps() == [6, 7]
-        state, extra = c.restore(6, ck.abstract_like(_state(0)))
+        state, extra = c.restore(6, params_io.abstract_like(_state(0)))
     _assert_tree_equal(state, _state(6))
     assert extra == {"data": {"position": 36}, "config": {"lr": 5e-6}}
     adam = state["opt_g"][1][0]  # chain -> (clip state, adamw chain -> (ScaleByAdamState, ...))
@@ -85,7 +86,7 @@ def test_async_save_is_safe_to_donate_then_restores(tmp_path):
             x.delete()
         c.wait_until_finished()
         assert not [d for d in os.listdir(c.directory) if "tmp" in d]
-        restored, extra = c.restore_latest(ck.abstract_like(_state(0)))
+        restored, extra = c.restore_latest(params_io.abstract_like(_state(0)))
     _assert_tree_equal(restored, expected)
     assert extra == {"position": 30}
 
@@ -98,7 +99,7 @@ def test_unfinished_temporary_directory_is_ignored(tmp_path):
     (d / "2.orbax-checkpoint-tmp-1234567" / "junk").write_text("partial")
     with ck.Checkpointer(str(d), save_every=1, keep=3) as c:
         assert c.latest_step() == 1
-        state, _ = c.restore_latest(ck.abstract_like(_state(0)))
+        state, _ = c.restore_latest(params_io.abstract_like(_state(0)))
         c.save(3, _state(3))  # a save first waits for the (background) removal of stale temporaries
     _assert_tree_equal(state, _state(1))
     assert sorted(os.listdir(d)) == ["1", "3"]
@@ -107,7 +108,7 @@ def test_unfinished_temporary_directory_is_ignored(tmp_path):
 def test_mismatch_raises_naming_the_keys(tmp_path):
     with ck.Checkpointer(str(tmp_path / "c"), save_every=1, keep=1) as c:
         c.save(1, _state(1))
-        good = ck.abstract_like(_state(0))
+        good = params_io.abstract_like(_state(0))
 
         shape = jax.tree.map(lambda x: x, good)
         shape["student_lora"]["to_q"]["a"] = jax.ShapeDtypeStruct((8, 5), jnp.float32)
@@ -139,13 +140,13 @@ def test_save_and_load_params(tmp_path):
                                                         "bias": jnp.zeros((4,), jnp.bfloat16)}}}],
               "pos_embed": jnp.ones((2, 4), jnp.float16)}
     path = str(tmp_path / "base")
-    ck.save_params(path, params)
+    params_io.save_params(path, params)
     with pytest.raises(FileExistsError):
-        ck.save_params(path, params)
+        params_io.save_params(path, params)
     abstract = jax.eval_shape(lambda: params)  # no shardings -> replicated over all devices
-    loaded = ck.load_params(path, abstract)
+    loaded = params_io.load_params(path, abstract)
     _assert_tree_equal(loaded, params)
     assert loaded["pos_embed"].sharding.is_fully_replicated and len(loaded["pos_embed"].sharding.device_set) == 8
     abstract["pos_embed"] = jax.ShapeDtypeStruct((2, 5), jnp.float16)
     with pytest.raises(ValueError, match=r"pos_embed: stored \(2, 4\) float16, expected \(2, 5\) float16"):
-        ck.load_params(path, abstract)
+        params_io.load_params(path, abstract)

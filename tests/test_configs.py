@@ -3,7 +3,7 @@ import importlib
 
 import pytest
 
-from swd_jax.train_setup import loss_config, make_schedule
+from swd_jax.train.setup import loss_config, make_schedule
 
 CONFIGS = ["tiny", "sd35_medium", "sd35_large", "digits_demo"]
 

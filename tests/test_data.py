@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from swd_jax import data
+from swd_jax.train import records as data
 
 N_GOOD = 12
 BAD = ("bad_garbage.png", "bad_truncated.png")

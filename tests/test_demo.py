@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import digits_demo
-from swd_jax import demo, demo_eval
+from swd_jax.demo import pipeline as demo, yardsticks as demo_eval
 
 
 def ci_config():
@@ -83,7 +83,7 @@ def test_frechet_distance_of_gaussians():
 
 
 def test_bad_teacher_training_settings_raise():
-    from swd_jax.teacher_training import TeacherTraining
+    from swd_jax.demo.teacher import TeacherTraining
     with pytest.raises(ValueError, match="sigma_sampling"):
         TeacherTraining(sigma_sampling="cosine")
     with pytest.raises(ValueError, match="p_uncond"):

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from swd_jax import sharding
+from swd_jax.train import sharding
 
 
 def test_indivisible_dimensions_are_replicated_and_place():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from swd_jax import sharding
+from swd_jax.train import sharding
 from swd_jax.convert.transformer import convert_state_dict
 from swd_jax.models import layers, splash
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from swd_jax.train import compile_iterations, to_device, train
-from swd_jax.train_data import make_source
-from swd_jax.train_setup import build_run
+from swd_jax.train.loop import compile_iterations, to_device, train
+from swd_jax.train.sources import make_source
+from swd_jax.train.setup import build_run
 
 
 def small_config(**overrides):
@@ -102,8 +102,8 @@ def test_bad_config_values_give_clear_errors():
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
-    from swd_jax.checkpoint import Checkpointer
-    from swd_jax.train import _check_finite
+    from swd_jax.train.checkpoint import Checkpointer
+    from swd_jax.train.loop import _check_finite
     ckpt = Checkpointer(str(tmp_path), save_every=1, keep=2)
     ckpt.save(1, {"w": np.ones(3, np.float32)}, {"step": 1, "data_position": 8}, force=True)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2: \{'gen/dmd': nan\}.*step 1\) is kept"):

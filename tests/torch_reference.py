@@ -20,15 +20,19 @@ def tiny_sd3_config(variant: str, num_layers: int = 3) -> dict:
                 pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16, **VARIANTS[variant])
 
 
-def tiny_sd3_transformer(variant: str, seed: int = 0, num_layers: int = 3):
-    """A diffusers SD3Transformer2DModel with random weights everywhere (incl. the zero-initialised ones)."""
+def tiny_sd3_transformer(variant: str, seed: int = 0, num_layers: int = 3, std: float | None = None):
+    """A diffusers SD3Transformer2DModel with random weights everywhere (incl. the zero-initialised ones).
+
+    std None: fan-in scale for matrices, 0.1 for vectors, as a trained model has; a number: N(0, std^2) on every
+    parameter. Norm scales (1-D weights of norm layers) are centred on 1 either way.
+    """
     from diffusers import SD3Transformer2DModel
     torch.manual_seed(seed)
     model = SD3Transformer2DModel(**tiny_sd3_config(variant, num_layers))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            std = p[0].numel() ** -0.5 if p.ndim > 1 else 0.1  # fan-in scale, as a trained model has
-            p.copy_(torch.randn_like(p) * std + (1.0 if "norm" in name and p.ndim == 1 else 0.0))
+            s = std if std is not None else p[0].numel() ** -0.5 if p.ndim > 1 else 0.1
+            p.copy_(torch.randn_like(p) * s + (1.0 if "norm" in name and p.ndim == 1 else 0.0))
     return model.eval()
 
 

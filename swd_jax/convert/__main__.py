@@ -3,89 +3,14 @@
     python -m swd_jax.convert SRC DST [--dtype bfloat16] [--overwrite]
 
 SRC is a diffusers transformer folder (config.json + safetensors) or a pipeline folder (then SRC/transformer).
-DST receives `config.json` (our MMDiTConfig, diffusers field names), `conversion.json` (dtype, source, count)
-and `params/` (orbax, via `swd_jax.checkpoint.save_params`). Training reads it with `load_converted(DST)`.
+The work is `swd_jax.convert.converted.convert`; training reads DST with `load_converted(DST)`.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import os
 import sys
-from collections.abc import Iterator, Mapping
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from swd_jax.checkpoint import load_params, save_params
-from swd_jax.convert.safetensors_reader import SafetensorsFolder
-from swd_jax.convert.transformer import abstract_params, convert_state_dict, transformer_folder
-from swd_jax.models.mmdit import MMDiTConfig
-
-CONFIG, META, PARAMS = "config.json", "conversion.json", "params"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class _WithProgress(Mapping):
-    """A SafetensorsFolder seen as a Mapping whose reads advance a tqdm bar (one tick per tensor)."""
-
-    def __init__(self, folder: SafetensorsFolder, bar):
-        self._folder, self._bar = folder, bar
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        value = self._folder.get(key)
-        self._bar.update(1)
-        self._bar.set_postfix_str(key[-48:], refresh=False)
-        return value
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._folder.keys())
-
-    def __len__(self) -> int:
-        return len(self._folder.keys())
-
-
-def convert(src: str, dst: str, dtype: str = "float32", overwrite: bool = False, progress: bool = True) -> MMDiTConfig:
-    """SRC diffusers transformer (or pipeline) folder -> DST: config.json, conversion.json, params/ (orbax)."""
-    from tqdm import tqdm
-
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} not supported; choose one of {sorted(DTYPES)}")
-    folder = transformer_folder(src)
-    if os.path.exists(os.path.join(dst, PARAMS)) and not overwrite:
-        raise FileExistsError(f"{dst} already holds converted params; pass --overwrite to replace them")
-    cfg = MMDiTConfig.from_folder(folder)
-    tensors = SafetensorsFolder(folder)
-    with tqdm(total=len(tensors.keys()), desc="tensors", unit="t", disable=not progress) as bar:
-        params = convert_state_dict(_WithProgress(tensors, bar), cfg, DTYPES[dtype])
-    os.makedirs(dst, exist_ok=True)
-    save_params(os.path.join(dst, PARAMS), params, overwrite=overwrite)
-    with open(os.path.join(dst, CONFIG), "w") as f:
-        json.dump(dict(_class_name="SD3Transformer2DModel", **dataclasses.asdict(cfg)), f, indent=2)
-    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    with open(os.path.join(dst, META), "w") as f:
-        json.dump({"dtype": dtype, "source": os.path.abspath(folder), "num_params": n}, f, indent=2)
-    return cfg
-
-
-def load_converted(dst: str, shardings=None) -> tuple[MMDiTConfig, dict]:
-    """DST written by `convert` -> (config, params), strictly checked against our abstract params.
-
-    `shardings`, if given, is a pytree like the params of `jax.sharding.Sharding`s; otherwise every leaf is
-    restored replicated over all devices (`swd_jax.checkpoint.load_params`).
-    """
-    for name in (CONFIG, META, PARAMS):
-        if not os.path.exists(os.path.join(dst, name)):
-            raise FileNotFoundError(f"{dst} has no {name}; write it with `python -m swd_jax.convert SRC {dst}`")
-    cfg = MMDiTConfig.from_folder(dst)
-    with open(os.path.join(dst, META)) as f:
-        dtype = json.load(f)["dtype"]
-    abstract = abstract_params(cfg, DTYPES[dtype])
-    if shardings is not None:
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    return cfg, load_params(os.path.join(dst, PARAMS), abstract)
+from swd_jax.convert.converted import DTYPES, convert
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {cfg.num_layers}-block MMDiT ({args.dtype}) to {args.dst}")
+    single = f" + {cfg.num_single_layers} single" if hasattr(cfg, "num_single_layers") else ""
+    print(f"wrote {type(cfg).__name__.removesuffix('Config')} with {cfg.num_layers}{single} blocks ({args.dtype}) "
+          f"to {args.dst}")
     return 0
 
 

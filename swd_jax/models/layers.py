@@ -13,6 +13,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LORA = "lora"
 
@@ -41,7 +42,7 @@ class LoraConfig:
 
 def diffusers_module_path(scope_path: tuple[str, ...]) -> str:
     """Our Linen scope path -> the diffusers module path (`transformer_blocks_3/attn/to_out_0` -> `...3.attn.to_out.0`)."""
-    from swd_jax.convert.names import our_to_diffusers  # local import: names.py is tiny and torch-free
+    from swd_jax.models.names import our_to_diffusers  # local import: names.py is tiny and torch-free
     return our_to_diffusers("/".join(scope_path))
 
 
@@ -141,28 +142,52 @@ def chunked_attention(q_BLHD, k_BSHD, v_BSHD, chunk: int | None = None):
     return o_NBCHD.transpose(1, 0, 2, 3, 4).reshape(B, n * chunk, H, D)[:, :L]
 
 
+# torch's float32 CPU exp, which diffusers' `get_timestep_embedding` uses, is not correctly rounded everywhere: for
+# the SD3/FLUX table (half 128, max_period 10000) it is one ulp above the correctly rounded value at entries 12 and
+# 106 (torch 2.13 CPU, the same under every ATEN_CPU_CAPABILITY and MKL_CBWR setting). One ulp of a frequency,
+# times a timestep near 1000, moves the embedding by 3e-5. tests/test_mmdit_strong_weights.py checks bit equality.
+_TORCH_EXP_ULPS = {(128, 10000.0): {12: 1, 106: 1}}  # (half, max_period) -> {entry: ulps above correct rounding}
+
+
+def timestep_frequencies(half: int, max_period: float = 10000.0) -> np.ndarray:
+    """[half] float32 exp(-ln(max_period) i / half), computed on the host bit-identical to diffusers' table.
+
+    The exponent with diffusers' float32 operations in their order, exp correctly rounded (float64, rounded to
+    float32), then torch's known one-ulp deviations (`_TORCH_EXP_ULPS`). XLA's own exp differs from torch's at 17
+    of the 128 entries.
+    """
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
+    bits = freqs.view(np.int32)
+    for i, ulps in _TORCH_EXP_ULPS.get((half, float(max_period)), {}).items():
+        bits[i] += ulps
+    return freqs
+
+
 def timestep_embedding(t_B, dim: int = 256, max_period: float = 10000.0):
     """Sinusoidal embedding [cos, sin] (diffusers `get_timestep_embedding`, flip_sin_to_cos=True, shift 0), float32."""
-    half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    freqs = jnp.asarray(timestep_frequencies(dim // 2, max_period))
     args_BF = t_B.astype(jnp.float32)[:, None] * freqs[None]
     return jnp.concatenate([jnp.cos(args_BF), jnp.sin(args_BF)], axis=-1)
 
 
+def sincos_table_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+    """[len(pos), D] [sin, cos](pos omega) in float64 rounded to float32 (`get_1d_sincos_pos_embed_from_grid`)."""
+    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    out = np.outer(np.asarray(pos, np.float64), 1.0 / 10000 ** omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1).astype(np.float32)
+
+
 def sincos_pos_embed_2d(embed_dim: int, grid_size: int, base_size: int) -> jnp.ndarray:
-    """[grid*grid, D] 2-D sin-cos table as diffusers' `get_2d_sincos_pos_embed` (interpolation_scale 1).
+    """[grid*grid, D] 2-D sin-cos table as diffusers' `get_2d_sincos_pos_embed` (interpolation_scale 1), float32.
 
-    float32 jnp (diffusers builds it in float64 and stores float32): used only to initialise random models,
-    converted checkpoints carry diffusers' own table. Traced, so abstract inits (`jax.eval_shape`) cost nothing.
+    Row i*grid + j is [table_1d(pos_j), table_1d(pos_i)]: the 1-D table on the host, bit-identical to diffusers'
+    (float32 positions, float64 sin/cos, rounded once), tiled with jnp so abstract inits (`jax.eval_shape`) stay
+    cheap. Used only to initialise random models: converted checkpoints carry diffusers' own table.
     """
-    pos = jnp.arange(grid_size, dtype=jnp.float32) / (grid_size / base_size)
-
-    def one_d(d, p):
-        omega = 1.0 / 10000 ** (jnp.arange(d // 2, dtype=jnp.float32) / (d / 2.0))
-        out = jnp.outer(p.reshape(-1), omega)
-        return jnp.concatenate([jnp.sin(out), jnp.cos(out)], axis=1)
-
-    grid_w, grid_h = jnp.meshgrid(pos, pos, indexing="xy")  # grid_w varies along columns
-    emb_h = one_d(embed_dim // 2, grid_w)  # diffusers feeds grid[0] (the w-major mesh) to its first half
-    emb_w = one_d(embed_dim // 2, grid_h)
-    return jnp.concatenate([emb_h, emb_w], axis=1)
+    pos = np.arange(grid_size, dtype=np.float32) / np.float32(grid_size / base_size)
+    t_GE = jnp.asarray(sincos_table_1d(embed_dim // 2, pos))
+    g, e = t_GE.shape
+    emb_w = jnp.broadcast_to(t_GE[None, :, :], (g, g, e))  # [i, j] -> pos_j: diffusers' grid[0], the w-major mesh
+    emb_h = jnp.broadcast_to(t_GE[:, None, :], (g, g, e))  # [i, j] -> pos_i
+    return jnp.concatenate([emb_w, emb_h], axis=-1).reshape(g * g, 2 * e)

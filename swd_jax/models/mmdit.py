@@ -2,7 +2,7 @@
 
 Covers SD3-Medium (plain joint blocks), SD3.5-Medium (MMDiT-X: extra self-attention in `dual_attention_layers`,
 RMS qk-norm) and SD3.5-Large (qk-norm). Latents are NHWC. Module and parameter names follow diffusers' keys
-(see `swd_jax.convert.names`), so the converter's table stays a handful of rules.
+(see `swd_jax.models.names`), so the converter's table stays a handful of rules.
 
 Usage: `MMDiT(cfg).apply({"params": base}, x, t, ctx, pooled)` is the teacher; adding `"lora": student_lora`
 gives the student, `"lora": fake_lora` the fake score model: one module, one copy of the base weights.

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from swd_jax.sharding import axes_size
+from swd_jax.models.partitioning import axes_size
 
 INTERPRET = False  # tests set this to run the Pallas kernel in interpret mode on CPU
 FP32_PRECISIONS = ("high", "highest", "float32", "tensorfloat32")  # Mosaic: fp32 contract precision

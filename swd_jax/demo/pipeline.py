@@ -28,17 +28,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from swd_jax import demo_eval
-from swd_jax.checkpoint import Checkpointer, check_matches, load_params
+from swd_jax.demo import yardsticks as demo_eval
+from swd_jax.convert.orbax_params import check_matches, load_params
+from swd_jax.train.checkpoint import Checkpointer
 from swd_jax.models.layers import LORA, LoraConfig
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
 from swd_jax.sampler import euler_sample, mmdit_velocity, scale_wise_sample
 from swd_jax.schedule import ScaleSchedule, flow_match_sigmas
-from swd_jax.teacher_training import TeacherTraining, save_teacher, teacher_exists, train_teacher
-from swd_jax.toy_data import ToyTextEncoder, digit_prompt, load_digits_images
+from swd_jax.demo.teacher import TeacherTraining, save_teacher, teacher_exists, train_teacher
+from swd_jax.demo.toy_data import ToyTextEncoder, digit_prompt, load_digits_images
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                              "digits_demo.py")
+DEFAULT_CONFIG = "digits_demo"  # configs/digits_demo.py
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,7 +122,7 @@ def stage_teacher(c, workdir: str) -> str:
 
 
 def load_teacher(folder: str) -> tuple[MMDiTConfig, dict]:
-    from swd_jax.convert.__main__ import load_converted
+    from swd_jax.convert.converted import load_converted
     cfg, params = load_converted(folder)
     return cfg, jax.device_put(params, jax.devices()[0])
 
@@ -184,7 +184,7 @@ def latest_step(ckpt_dir: str) -> int:
 def stage_distill(c, workdir: str, name: str, scales, teacher_dir: str, data_path: str,
                   stop_after: int | None) -> bool:
     """3. One SwD distillation run (resumes from its checkpoints); True when it reached train.steps."""
-    from swd_jax.train import train
+    from swd_jax.train.loop import train
     run_dir = os.path.join(workdir, name)
     if latest_step(os.path.join(run_dir, "checkpoints")) >= c.train.steps:
         print(f"{name}: done ({c.train.steps} steps) in {run_dir}", file=sys.stderr)
@@ -336,25 +336,3 @@ def run_demo(c, workdir: str, *, stop_after: int | None = None) -> dict | None:
                 + "\n".join(f"- {k}: {v}" for k, v in timings.items()) + "\n")
     print(table)
     return result
-
-
-def main(argv=None):
-    from absl import app, flags
-    from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "the demo config (configs/digits_demo.py)",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "where the teacher, data, students, grids and results go")
-    flags.mark_flags_as_required(["workdir"])
-
-    def _main(_):
-        workdir = os.path.abspath(flags.FLAGS.workdir)
-        # Compiled programs are cached on disk: a rerun (or the resumed half of an interrupted one) skips them.
-        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "xla_cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-        run_demo(flags.FLAGS.config, workdir)
-
-    app.run(_main, argv=argv)
-
-
-if __name__ == "__main__":
-    main()

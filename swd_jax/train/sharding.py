@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from swd_jax.models.partitioning import axes_size  # noqa: F401  (re-exported: part of this module's API)
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -63,12 +65,6 @@ def boxed_shardings(boxed, mesh: Mesh, rules=DEFAULT_RULES):
     """`logical_shardings` of an abstract tree boxed with logical names (`jax.eval_shape` of a Linen init),
     fitted to its shapes."""
     return logical_shardings(nn.get_partition_spec(boxed), mesh, rules, shapes=nn.unbox(boxed))
-
-
-def axes_size(mesh, axes) -> int:
-    """Devices along mesh axes given as one name, a tuple of names or None (works for abstract meshes too)."""
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return int(np.prod([mesh.shape[a] for a in names]))
 
 
 def _divisible(sh: NamedSharding, x) -> NamedSharding:

@@ -23,11 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from swd_jax.checkpoint import Checkpointer, abstract_like, save_params
+from swd_jax.convert.orbax_params import abstract_like, save_params
+from swd_jax.train.checkpoint import Checkpointer
 from swd_jax.convert.transformer import example_inputs
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
 from swd_jax.schedule import add_noise
-from swd_jax.toy_data import area_down
+from swd_jax.demo.toy_data import area_down
 
 CONFIG, META, PARAMS = "config.json", "conversion.json", "params"
 
@@ -192,7 +193,7 @@ def save_teacher(folder: str, cfg: MMDiTConfig, params, info: dict | None = None
     with open(os.path.join(folder, CONFIG), "w") as f:
         json.dump(dict(_class_name="SD3Transformer2DModel", **dataclasses.asdict(cfg)), f, indent=2)
     with open(os.path.join(folder, META), "w") as f:  # written last: its presence marks a complete folder
-        json.dump({"dtype": dtypes.pop(), "source": "swd_jax.teacher_training (flow matching on digits)",
+        json.dump({"dtype": dtypes.pop(), "source": "swd_jax.demo.teacher (flow matching on digits)",
                    "num_params": n, **(info or {})}, f, indent=2)
 
 

@@ -26,76 +26,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
-_MAX_LISTED = 20  # differences listed in a mismatch error
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# trees: abstract targets and strict comparison
-# ----------------------------------------------------------------------------------------------------------------
-def _key_str(entry) -> str:
-    """One key-path entry as text: dict key, sequence index or (namedtuple) attribute name."""
-    for attr in ("key", "idx", "name"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def _flat(tree) -> dict[str, Any]:
-    """{"a/b/0/count": leaf} for every leaf of `tree` (None leaves dropped, as orbax drops them)."""
-    return {"/".join(_key_str(k) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _check_no_prng_keys(tree, what: str) -> None:
-    keys = [k for k, v in _flat(tree).items()
-            if hasattr(v, "dtype") and jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)]
-    if keys:
-        raise TypeError(f"{what} holds typed PRNG keys at {keys}: store jax.random.key_data(key) instead")
-
-
-def abstract_like(tree) -> Any:
-    """The restore target for `tree`: a ShapeDtypeStruct per array leaf, carrying that array's sharding."""
-    def one(x):
-        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
-    return jax.tree.map(one, tree)
-
-
-def _with_shardings(abstract) -> Any:
-    """Give every leaf a sharding: its own, or replicated over all devices."""
-    replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("all",)),
-                                            jax.sharding.PartitionSpec())
-
-    def one(x):
-        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-            raise TypeError(f"abstract leaves must be jax.ShapeDtypeStruct (or arrays), got {type(x).__name__}")
-        sharding = getattr(x, "sharding", None) or replicated
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    return jax.tree.map(one, abstract)
-
-
-def check_matches(stored_metadata, abstract, where: str) -> None:
-    """Raise ValueError naming every key that is missing, unexpected, or of another shape/dtype."""
-    stored, wanted = _flat(stored_metadata), _flat(abstract)
-    missing = sorted(wanted.keys() - stored.keys())
-    unexpected = sorted(stored.keys() - wanted.keys())
-    differ = []
-    for k in sorted(wanted.keys() & stored.keys()):
-        s, w = stored[k], wanted[k]
-        if tuple(s.shape) != tuple(w.shape) or np.dtype(s.dtype) != np.dtype(w.dtype):
-            differ.append(f"{k}: stored {tuple(s.shape)} {np.dtype(s.dtype)}, "
-                          f"expected {tuple(w.shape)} {np.dtype(w.dtype)}")
-    if missing or unexpected or differ:
-        lines = [f"checkpoint {where} does not match the expected state:"]
-        for title, items in (("missing from the checkpoint", missing),
-                             ("in the checkpoint but not expected", unexpected), ("shape/dtype differ", differ)):
-            if items:
-                more = f" ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
-                lines.append(f"  {title}: " + "; ".join(items[:_MAX_LISTED]) + more)
-        raise ValueError("\n".join(lines))
+from swd_jax.convert.orbax_params import (check_no_prng_keys, with_shardings, check_matches)
 
 
 def _check_json(extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -132,7 +65,7 @@ class Checkpointer:
 
     def save(self, step: int, state, extra: Mapping[str, Any] | None = None, *, force: bool = False) -> bool:
         """Save if `step` is due (or `force`); returns whether it saved. Returns once arrays are on host."""
-        _check_no_prng_keys(state, "state")
+        check_no_prng_keys(state, "state")
         extra = _check_json(extra or {})
         return self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                              extra=ocp.args.JsonSave(extra)), force=force)
@@ -145,13 +78,13 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
         """(state, extra) of `step`, each array placed with its abstract leaf's sharding; strict."""
-        _check_no_prng_keys(abstract_state, "abstract_state")
+        check_no_prng_keys(abstract_state, "abstract_state")
         if step not in self._mngr.all_steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} "
                                     f"(have {self.all_steps()})")
         self.wait_until_finished()
         stored = self._mngr.item_metadata(step)["state"]
-        target = _with_shardings(abstract_state)
+        target = with_shardings(abstract_state)
         check_matches(stored, target, f"{self.directory}/{step}")
         out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                extra=ocp.args.JsonRestore()))
@@ -176,29 +109,3 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# one-off parameter trees (converted base weights)
-# ----------------------------------------------------------------------------------------------------------------
-def save_params(path: str, params, *, overwrite: bool = False) -> None:
-    """Write one pytree of arrays to the orbax checkpoint directory `path` (atomically); blocks until done."""
-    _check_no_prng_keys(params, "params")
-    path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path, params, force=overwrite)
-        ckptr.wait_until_finished()
-
-
-def load_params(path: str, abstract) -> Any:
-    """Read the pytree at `path` into `abstract`'s shapes, dtypes and shardings; strict like `restore`."""
-    _check_no_prng_keys(abstract, "abstract")
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no parameter checkpoint at {path}")
-    target = _with_shardings(abstract)
-    with ocp.StandardCheckpointer() as ckptr:
-        check_matches(ckptr.metadata(path).item_metadata, target, path)
-        return ckptr.restore(path, target)

@@ -20,7 +20,7 @@ import numpy as np
 
 from swd_jax import sampler as sampler_lib
 from swd_jax.schedule import NUM_TRAIN_TIMESTEPS
-from swd_jax.toy_data import load_digits_images
+from swd_jax.demo.toy_data import load_digits_images
 
 
 @dataclasses.dataclass

@@ -1,0 +1,285 @@
+"""Precompute SwD training inputs: SD3 text embeddings and VAE posterior moments at every scale, as array_record shards.
+
+    python -m swd_jax.precompute --model /ckpt/stable-diffusion-3.5-medium --data /data/sd35_medium_train_data \
+        --out /data/sd35m_pre --scales 64,80,96,128
+
+Input: an SwD dataset folder (images + `metainfo.csv`, columns found by name as `data.read_metainfo` does).
+Output, in `--out` (the `PrecomputedSource` of `train_data` reads it), format `FORMAT`:
+- `precomputed-{i:05d}-of-{n:05d}.array_record`: one record per image (`data.encode_array_record`) holding, for
+  every scale s, the VAE posterior of the image at s: `mean_{s}` and `std_{s}` [s, s, C], normalised (mean
+  `(m - shift) * scale`, std `exp(logvar / 2) * scale`, so a normalised latent is `mean + std * eps`), and for
+  every scale but the first the posterior of its previous-scale image: `prev_mean_{s}`, `prev_std_{s}`
+  [s', s', C] (s' the scale before s); `prompt_embeds` [77 + T, D_t5], `pooled_prompt_embeds` [P] (all
+  `--store_dtype`), `prompt` and `file_name` (str);
+- `uncond.npz`: `prompt_embeds` [1, 77 + T, D_t5] and `pooled_prompt_embeds` [1, P] (float32), the empty prompt;
+- `precompute.json`: the settings and the format; a rerun with other settings into the same folder raises,
+  and the trainer refuses a folder of another format, saying how to redo it.
+
+Images, as the official `sample_batch` (yandex-research/swd `src/utils/train_utils.py`) makes them: the image
+area-downscaled (torch `interpolate(mode="area")`, `resize.area_resize`) to s * 8 px, and the previous-scale
+image area-downscaled from THAT to s' * 8 px (a cascade; not from the original: where s / s' is not an
+integer the two differ by 10-20%). At the first scale the previous-scale image is the image itself (the
+official code's `previous_scales = scales`): readers use `mean_{s}` / `std_{s}` for both, and draw twice.
+The official code draws `latent_dist.sample()` afresh every time an image is used; the trainer does the
+same from the stored moments, with the step's PRNG key (`swd_jax.train.steps.draw_latents`), or takes the
+mean with `--config.data.latent=mean`.
+
+Sharding: rows are cut into shards of `--shard_size`; host h of P writes shards i with i % P == h. On a host,
+a batch of `--per_device_batch` x local devices is split over its local devices (data parallel, parameters
+replicated). Resumable: a shard is written under a `.partial` name and renamed when complete; finished
+shards are skipped on a rerun. Undecodable or missing images raise naming the file (`--skip_bad` skips
+and counts them instead). Images not of the largest scale's pixel size are center-cropped and resized by
+`data.decode_image` first (the SwD datasets are 1024 px squares: untouched).
+
+Memory: every encoder is replicated on each local device; T5-XXL alone is ~9.5 GB at
+`--param_dtype bfloat16` (~19 GB at float32). Storage per image (SD3.5-M scales 64,80,96,128, bf16): 3.6 MB
+of posterior moments + 2.7 MB of T5 embeddings at 256 tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from swd_jax.convert.vae import load_vae
+from swd_jax.train.records import ArrayRecordsWriter, decode_image, read_metainfo
+from swd_jax.models.vae import AutoencoderKL, normalize_latents
+from swd_jax.prompt_encoding import SD3PromptEncoder, TextModels, encode_tokens
+from swd_jax.resize import area_resize
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+FORMAT = 2  # 1: one posterior sample per scale, previous scale not cascaded; 2: moments, cascade
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"precomputed-{i:05d}-of-{n:05d}.array_record"
+
+
+def shard_ranges(n_rows: int, shard_size: int) -> list[tuple[int, int]]:
+    """[start, end) row ranges of consecutive shards of `shard_size` rows (the last may be shorter)."""
+    return [(a, min(a + shard_size, n_rows)) for a in range(0, n_rows, shard_size)]
+
+
+def previous_scales(scales: Sequence[int]) -> tuple[int, ...]:
+    """The scale before each of `scales` (strictly increasing); the first scale's is itself."""
+    scales = tuple(int(s) for s in scales)
+    if not scales or any(a >= b for a, b in zip(scales, scales[1:])):
+        raise ValueError(f"scales must be strictly increasing latent sizes, got {list(scales)}")
+    return scales[:1] + scales[:-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentSpec:
+    """Which posteriors are made: the image at each of `scales`, and its cascade to the paired `prev_scales`."""
+
+    scales: tuple[int, ...]
+    prev_scales: tuple[int, ...]
+    store_dtype: Any
+
+
+def cascade_images(img_BHWC: jax.Array, size: int, prev_size: int) -> tuple[jax.Array, jax.Array]:
+    """The official `sample_batch` images: area-resize to `size` px, then THAT to `prev_size` px."""
+    img = area_resize(img_BHWC, size)
+    return img, area_resize(img, prev_size)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def encode_batch(text_models: TextModels, vae: AutoencoderKL, spec: LatentSpec, params: dict, img_BHWC: jax.Array,
+                 ids: dict) -> dict[str, jax.Array]:
+    """Images in [-1, 1] at the largest scale, token ids -> {mean_s, std_s, prev_mean_s, prev_std_s, embeddings}."""
+    out = {}
+    out["prompt_embeds"], out["pooled_prompt_embeds"] = encode_tokens(text_models, params["text"], ids)
+    f = vae.config.downsample_factor
+
+    def moments(x):
+        mean, logvar = vae.apply({"params": params["vae"]}, x, method=AutoencoderKL.encode)
+        return normalize_latents(mean, vae.config), jnp.exp(0.5 * logvar) * vae.config.scaling_factor
+
+    for s, s_prev in zip(spec.scales, spec.prev_scales):
+        img, img_prev = cascade_images(img_BHWC, f * s, f * s_prev)
+        out[f"mean_{s}"], out[f"std_{s}"] = moments(img)
+        if s_prev != s:
+            out[f"prev_mean_{s}"], out[f"prev_std_{s}"] = moments(img_prev)
+    return {k: v.astype(spec.store_dtype) for k, v in out.items()}
+
+
+def check_format(path: str) -> None:
+    """Raise, saying how to redo it, if the precompute folder `path` was written in another format."""
+    settings = os.path.join(path, "precompute.json")
+    if not os.path.exists(settings):
+        return
+    with open(settings) as f:
+        old = json.load(f)
+    if old.get("format", 1) != FORMAT:
+        scales = ",".join(str(s) for s in old.get("scales", [])) or "S1,S2,..."
+        raise ValueError(
+            f"{path} was precomputed in format {old.get('format', 1)} (one fixed VAE sample per scale, previous "
+            f"scale not cascaded); the trainer needs format {FORMAT}: redo it into a new folder with "
+            f"`python -m swd_jax.precompute --model MODEL --data DATA --out NEW_DIR --scales {scales}`")
+
+
+class Precomputer:
+    """Encoders and tokenizers with parameters replicated over `devices`; batches split over them."""
+
+    def __init__(self, model_dir: str, scales: Sequence[int], *, max_sequence_length: int = 256,
+                 dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, store_dtype=jnp.bfloat16,
+                 devices: Sequence[jax.Device] | None = None):
+        self.spec = LatentSpec(tuple(int(s) for s in scales), previous_scales(scales), store_dtype)
+        self.mesh = Mesh(np.asarray(devices or jax.local_devices()), ("data",))
+        replicated = NamedSharding(self.mesh, P())
+        self.text = SD3PromptEncoder(model_dir, max_sequence_length=max_sequence_length, dtype=dtype,
+                                     param_dtype=param_dtype, sharding=replicated)
+        self.vae, vae_params = load_vae(os.path.join(model_dir, "vae"), dtype=dtype, param_dtype=param_dtype)
+        self.resolution = self.vae.config.downsample_factor * max(self.spec.scales)
+        self.params = {"text": self.text.params, "vae": jax.device_put(vae_params, replicated)}
+        self.data_sharding = NamedSharding(self.mesh, P("data"))
+
+    @property
+    def n_devices(self) -> int:
+        return self.mesh.size
+
+    def __call__(self, images_BHWC: np.ndarray, prompts: Sequence[str], spec: LatentSpec | None = None
+                 ) -> dict[str, jax.Array]:
+        """Dispatch one batch (its size a multiple of the device count); returns device arrays (async)."""
+        inputs = jax.device_put((images_BHWC, self.text.tokenize(prompts)), self.data_sharding)
+        return encode_batch(self.text.models, self.vae, spec or self.spec, self.params, *inputs)
+
+    def uncond(self) -> dict[str, np.ndarray]:
+        embeds, pooled = self.text.encode_prompt([""])
+        return {"prompt_embeds": np.asarray(embeds, np.float32), "pooled_prompt_embeds": np.asarray(pooled, np.float32)}
+
+
+def _load_image(data_dir: str, name: str, resolution: int) -> np.ndarray:
+    path = os.path.join(data_dir, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image {path} named in metainfo does not exist")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return decode_image(raw, resolution, "float32")
+    except Exception as e:  # PIL raises several types for a bad file
+        raise ValueError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
+
+
+def _check_settings(out_dir: str, settings: dict) -> None:
+    path = os.path.join(out_dir, "precompute.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        check_format(out_dir)
+        diff = {k: (old.get(k), settings[k]) for k in settings if old.get(k) != settings[k]}
+        if diff:
+            raise ValueError(f"{out_dir} holds a precompute with other settings {diff} (old, new); use a new --out")
+    elif jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump(settings, f, indent=2)
+
+
+def precompute(model_dir: str, data_dir: str, out_dir: str, scales: Sequence[int], *, metainfo: str = "metainfo.csv",
+               max_sequence_length: int = 256, shard_size: int = 512, per_device_batch: int = 1,
+               dtype: str = "bfloat16", param_dtype: str = "bfloat16",
+               store_dtype: str = "bfloat16", skip_bad: bool = False, devices=None, progress: bool = True) -> dict:
+    """Write this host's shards of `data_dir` into `out_dir`; returns counts {written, skipped_shards, bad}."""
+    for name, d in (("dtype", dtype), ("param_dtype", param_dtype), ("store_dtype", store_dtype)):
+        if d not in DTYPES:
+            raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {d!r}")
+    rows = read_metainfo(metainfo if os.path.isabs(metainfo) else os.path.join(data_dir, metainfo))
+    os.makedirs(out_dir, exist_ok=True)
+    previous_scales(scales)
+    settings = dict(format=FORMAT, scales=list(scales), max_sequence_length=max_sequence_length,
+                    store_dtype=store_dtype, dtype=dtype, n_rows=len(rows), shard_size=shard_size)
+    _check_settings(out_dir, settings)
+    enc = Precomputer(model_dir, scales, max_sequence_length=max_sequence_length, dtype=DTYPES[dtype],
+                      param_dtype=DTYPES[param_dtype], store_dtype=DTYPES[store_dtype], devices=devices)
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(out_dir, "uncond.npz")):
+        tmp = os.path.join(out_dir, "uncond.partial.npz")
+        np.savez(tmp, **enc.uncond())
+        os.replace(tmp, os.path.join(out_dir, "uncond.npz"))
+    ranges = shard_ranges(len(rows), shard_size)
+    mine = [i for i in range(len(ranges)) if i % jax.process_count() == jax.process_index()]
+    todo = [i for i in mine if not os.path.exists(os.path.join(out_dir, shard_name(i, len(ranges))))]
+    from tqdm.auto import tqdm
+    bar = tqdm(total=sum(ranges[i][1] - ranges[i][0] for i in mine), disable=not progress, desc="precompute",
+               initial=sum(ranges[i][1] - ranges[i][0] for i in mine if i not in todo))
+    batch = per_device_batch * enc.n_devices
+    counts = {"written": 0, "skipped_shards": len(mine) - len(todo), "bad": 0}
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=8)
+
+    def load(r):
+        try:
+            return _load_image(data_dir, rows[r][0], enc.resolution)
+        except (OSError, ValueError):
+            if not skip_bad:
+                raise
+            log.warning("skipping row %d (%s): unreadable image", r, rows[r][0])
+            return None
+
+    try:
+        for i in todo:
+            a, b = ranges[i]
+            final = os.path.join(out_dir, shard_name(i, len(ranges)))
+            partial = final.replace(".array_record", ".partial")
+            with ArrayRecordsWriter(partial) as w:
+                for start in range(a, b, batch):
+                    idx = list(range(start, min(start + batch, b)))
+                    imgs = list(pool.map(load, idx))
+                    keep = [(r, im) for r, im in zip(idx, imgs) if im is not None]
+                    counts["bad"] += len(idx) - len(keep)
+                    if keep:
+                        pad = batch - len(keep)
+                        rs = [r for r, _ in keep] + [keep[-1][0]] * pad
+                        x = np.stack([im for _, im in keep] + [keep[-1][1]] * pad)
+                        out = jax.device_get(enc(x, [rows[r][1] for r in rs]))
+                        for n, r in enumerate(rs[:len(keep)]):
+                            w.write({**{k: v[n] for k, v in out.items()}, "prompt": rows[r][1],
+                                     "file_name": rows[r][0]})
+                            counts["written"] += 1
+                    bar.update(len(idx))
+            os.replace(partial, final)
+    finally:
+        pool.shutdown()
+        bar.close()
+    return counts
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="diffusers SD3 folder (vae/, text_encoder*/, tokenizer*/)")
+    p.add_argument("--data", required=True, help="SwD dataset folder: images + metainfo.csv")
+    p.add_argument("--out", required=True)
+    p.add_argument("--scales", required=True, help="latent sizes, e.g. 64,80,96,128")
+    p.add_argument("--metainfo", default="metainfo.csv")
+    p.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens")
+    p.add_argument("--shard_size", type=int, default=512)
+    p.add_argument("--per_device_batch", type=int, default=1)
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype")
+    p.add_argument("--param_dtype", default="bfloat16", help="float32 if memory allows (T5 weights are fp16)")
+    p.add_argument("--store_dtype", default="bfloat16")
+    p.add_argument("--skip_bad", action="store_true", help="skip unreadable images instead of raising")
+    p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    if a.distributed:
+        jax.distributed.initialize()
+    counts = precompute(a.model, a.data, a.out, [int(s) for s in a.scales.split(",")], metainfo=a.metainfo,
+                        max_sequence_length=a.max_sequence_length, shard_size=a.shard_size,
+                        per_device_batch=a.per_device_batch, dtype=a.dtype,
+                        param_dtype=a.param_dtype, store_dtype=a.store_dtype, skip_bad=a.skip_bad)
+    print(json.dumps({"host": jax.process_index(), **counts}), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
