@@ -245,6 +245,10 @@ def main(argv=None):
                 with open(a.json, "w") as f:
                     json.dump(plans, f, indent=1)
     summary = _summary(a, shape, rows, full, hbm)
+    if a.json:  # rows recounted by a newer version land in the file too
+        plans[key] = summary
+        with open(a.json, "w") as f:
+            json.dump(plans, f, indent=1)
     _print(sorted(summary["rows"], key=lambda r: (r["blocks"], r["batch_per_chip"])))
     print(f"largest batch/chip that fits {hbm:.0f} GiB: {summary['max_batch_per_chip']} "
           f"(with {HEADROOM:.0%} headroom: {summary['max_batch_per_chip_10pct_headroom']})")
@@ -256,6 +260,7 @@ def _summary(a, shape: TrainShape, rows: list[dict], full: int, hbm: float) -> d
     return {"model": shape.name, "topology": a.topology, "hbm_gib": hbm,
             "max_batch_per_chip": largest_batch(final, hbm),
             "max_batch_per_chip_10pct_headroom": largest_batch(final, hbm, HEADROOM),
+            "max_batch_is_lower_bound": len({r["batch_per_chip"] for r in final}) < 2,  # one batch measured
             "extrapolated": any(r["extrapolated"] for r in final), "rows": rows}
 
 

@@ -5,7 +5,8 @@
 
 Reads benchmarks/tpu_plan.json (written by `python -m benchmarks.tpu_plan --json ...`); standard library only,
 so it runs on the machine that launches, with or without jax. Exit 1: the per-chip batch exceeds the largest the
-plan fits in HBM (override with --force-batch); exit 0 otherwise, also when the plan has no entry for the slice.
+plan fits in HBM (override with --force-batch); exit 0 otherwise, also when the plan has no entry for the slice
+or measured a single batch that fits (then a larger batch is unverified, not refused).
 """
 from __future__ import annotations
 
@@ -70,6 +71,9 @@ def main(argv: list[str]) -> int:
     print(f"  largest batch/chip that fits: {best}; with 10 % headroom: {safe}")
     print(f"this launch: global batch {batch} on {accel} ({chips} chips) = {per_chip:g} images/chip")
     if best is not None and per_chip <= best:
+        return 0
+    if best is not None and plan.get("max_batch_is_lower_bound"):
+        print(f"plan check: the plan compiled only {best} images/chip (it fits); {per_chip:g} is unverified, launching")
         return 0
     if force:
         print("plan check: the plan says this batch does not fit; --force-batch given, launching anyway")

@@ -75,3 +75,6 @@ def test_launch_plan_check_refuses_a_batch_that_does_not_fit(tmp_path, monkeypat
     assert plan_check.main(["v5p-32", config]) == 0
     assert plan_check.main(["v5p-16", config, "--config.train.batch_size=48"]) == 0  # 6 per chip
     assert plan_check.main(["v6e-8", config]) == 0  # no v6e plan: no check
+    plan["medium@v5p:2x2x1"]["max_batch_is_lower_bound"] = True  # only 7 compiled: 8 is unverified, not refused
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    assert plan_check.main(["v5p-16", config]) == 0
