@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from swd_jax.command_line import add_common_flags, enable_compile_cache, quiet_logs, run_main
 from swd_jax.convert.vae import load_vae
 from swd_jax.train.records import ArrayRecordsWriter, decode_image, read_metainfo
 from swd_jax.models.vae import AutoencoderKL, normalize_latents
@@ -255,8 +256,9 @@ def precompute(model_dir: str, data_dir: str, out_dir: str, scales: Sequence[int
     return counts
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="swd-precompute", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="diffusers SD3 folder (vae/, text_encoder*/, tokenizer*/)")
     p.add_argument("--data", required=True, help="SwD dataset folder: images + metainfo.csv")
     p.add_argument("--out", required=True)
@@ -270,16 +272,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--store_dtype", default="bfloat16")
     p.add_argument("--skip_bad", action="store_true", help="skip unreadable images instead of raising")
     p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    add_common_flags(p)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
+    quiet_logs(a.verbose)
     if a.distributed:
         jax.distributed.initialize()
-    counts = precompute(a.model, a.data, a.out, [int(s) for s in a.scales.split(",")], metainfo=a.metainfo,
-                        max_sequence_length=a.max_sequence_length, shard_size=a.shard_size,
-                        per_device_batch=a.per_device_batch, dtype=a.dtype,
-                        param_dtype=a.param_dtype, store_dtype=a.store_dtype, skip_bad=a.skip_bad)
-    print(json.dumps({"host": jax.process_index(), **counts}), file=sys.stderr)
+
+    def _run():
+        enable_compile_cache()
+        counts = precompute(a.model, a.data, a.out, _scales(a.scales), metainfo=a.metainfo,
+                            max_sequence_length=a.max_sequence_length, shard_size=a.shard_size,
+                            per_device_batch=a.per_device_batch, dtype=a.dtype,
+                            param_dtype=a.param_dtype, store_dtype=a.store_dtype, skip_bad=a.skip_bad)
+        print(json.dumps({"host": jax.process_index(), **counts}), file=sys.stderr)
+
+    return run_main(_run, a.debug)
+
+
+def _scales(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--scales {text!r}: expected latent sizes separated by commas, e.g. 64,80,96,128") from None
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
