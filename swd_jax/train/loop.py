@@ -180,9 +180,11 @@ def _make_validation(run: Run, source, workdir: str):
 
 
 def _export(run: Run, workdir: str):
-    """The trained student LoRA as a PEFT adapter folder (loads with peft.PeftModel.from_pretrained)."""
-    from swd_jax.convert.peft_lora import export_peft
+    """The trained student LoRA as a PEFT adapter folder plus its diffusers LoRA file (`pipe.load_lora_weights`)."""
+    from swd_jax.convert.peft_lora import export_diffusers_lora, export_peft
     out = os.path.join(workdir, "student_peft")
     export_peft(jax.device_get(run.state["student"]), run.models.mmdit.lora, out, cfg=run.mmdit_config,
                 overwrite=True)
+    export_diffusers_lora(jax.device_get(run.state["student"]), run.models.mmdit.lora, out, cfg=run.mmdit_config,
+                          overwrite=True)  # pytorch_lora_weights.safetensors: pipe.load_lora_weights(out) reads it
     print(f"student LoRA exported to {out}", file=sys.stderr)

@@ -12,8 +12,10 @@ from swd_jax.sampler import scale_wise_sample
 
 
 def image_grid(images_NHWC: np.ndarray, columns: int | None = None) -> np.ndarray:
-    """[N, H, W, C] floats in [-1, 1] -> one uint8 [rows*H, cols*W, 3] grid (1-channel images as grey)."""
-    x = np.clip((np.asarray(images_NHWC, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
+    """[N, H, W, C] floats in [-1, 1] (or uint8) -> one uint8 [rows*H, cols*W, 3] grid (1 channel as grey)."""
+    x = np.asarray(images_NHWC)
+    if x.dtype != np.uint8:
+        x = np.clip((x.astype(np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
     if x.shape[-1] == 1:
         x = np.repeat(x, 3, axis=-1)
     if x.shape[-1] != 3:
