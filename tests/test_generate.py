@@ -202,3 +202,46 @@ def test_cli_on_run_workdir(model, tmp_path):
     assert img.shape == (16, 16, 3) and (out / "grid.png").exists()
     assert not np.array_equal(img, np.asarray(Image.open(out / "00001.png")))  # own seed per image
     assert main(["--model", str(root), "--prompt", "x", "--out", str(out), "--scales", "4,8"]) == 2  # no traceback
+
+
+def _tb_images(folder) -> list[tuple[int, str, bytes]]:
+    """(step, tag, encoded image) of every image summary in the TensorBoard event files under `folder`."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    out = []
+    for path in sorted(folder.rglob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):  # TFRecord: uint64 length, uint32 crc, payload, uint32 crc
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 16 + n
+            out += [(event.step, v.tag, v.image.encoded_image_string) for v in event.summary.value
+                    if v.HasField("image")]
+    return out
+
+
+def test_validation_finds_vae_of_converted_source_and_logs_grid(tmp_path):
+    """Validation decodes with the vae/ of the pipeline a converted checkpoint came from; grids go to TensorBoard."""
+    import io
+
+    from PIL import Image
+
+    from swd_jax.train.loop import MetricsWriter
+    from swd_jax.train.validation import image_grid, source_vae_folder
+    (tmp_path / "pipe" / "transformer").mkdir(parents=True)
+    (tmp_path / "conv").mkdir()
+    (tmp_path / "conv" / "conversion.json").write_text(json.dumps({"source": str(tmp_path / "pipe" / "transformer")}))
+    assert source_vae_folder("converted", str(tmp_path / "conv")) is None  # no vae/ there yet
+    (tmp_path / "pipe" / "vae").mkdir()
+    assert source_vae_folder("converted", str(tmp_path / "conv")) == str(tmp_path / "pipe" / "vae")
+    assert source_vae_folder("diffusers", str(tmp_path / "pipe")) == str(tmp_path / "pipe" / "vae")
+    assert source_vae_folder("random", "") is None
+
+    grid = image_grid(np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 3)))
+    writer = MetricsWriter(str(tmp_path / "run"))
+    writer.image("samples", grid, 7)
+    writer.close()
+    [(step, tag, png)] = _tb_images(tmp_path / "run")
+    assert (step, tag) == (7, "samples")
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), grid)
