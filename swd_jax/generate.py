@@ -8,7 +8,7 @@
 --sampler scale_wise (default; --schedule PRESET or --scales + --sigmas), full_resolution (the schedule's
 sigmas at one size) or teacher (--steps Euler steps with CFG --guidance, the base model without the LoRA).
 Prompts: --prompt (repeatable) and/or --prompts FILE (.txt: one per line; .csv: the column --prompt-column,
-else the first of prompt/caption/captions/text). Writes OUT/00000.png ..., OUT/grid.png (the first 16) and
+else the first of caption/prompt/captions/text). Writes OUT/00000.png ..., OUT/grid.png (the first 16) and
 OUT/images.json: a list of {"file", "prompt", "seed", "index", + every setting}; prints ms/image. Batches are
 sharded over the local devices; on several hosts each takes every P-th image and writes images.<p>.json.
 """
@@ -22,7 +22,9 @@ import sys
 
 import numpy as np
 
-PROMPT_COLUMNS = ("prompt", "caption", "captions", "text")
+from swd_jax.eval.prompts import write_index
+
+PROMPT_COLUMNS = ("caption", "prompt", "captions", "text")
 GRID_IMAGES, GRID_CELL = 16, 256
 
 
@@ -129,9 +131,11 @@ def run(args) -> dict:
         grid += list(images[:max(0, GRID_IMAGES - len(grid))])
         times.append(dt)
         counts.append(len(chunk))
-    name = "images.json" if n_proc == 1 else f"images.{p}.json"
-    with open(os.path.join(args.out, name), "w") as f:
-        json.dump(records, f, indent=1)
+    if n_proc == 1:
+        write_index(args.out, records)  # images.json, as `python -m swd_jax.evaluate --images OUT` reads it
+    else:
+        with open(os.path.join(args.out, f"images.{p}.json"), "w", encoding="utf-8") as f:
+            json.dump(records, f, indent=1, ensure_ascii=False)
     if grid:
         _save_grid(os.path.join(args.out, "grid.png" if n_proc == 1 else f"grid.{p}.png"), grid)
     steady = (sum(times[1:]) / sum(counts[1:])) if len(times) > 1 else times[0] / counts[0]

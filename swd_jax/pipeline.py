@@ -31,6 +31,7 @@ import numpy as np
 from swd_jax.convert.peft_lora import import_lora
 from swd_jax.convert.transformer import abstract_params, load_transformer, transformer_folder
 from swd_jax.convert.vae import load_vae
+from swd_jax.eval.prompts import sample_seed
 from swd_jax.models.layers import LORA, LoraConfig
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
 from swd_jax.models.vae import decode_latents
@@ -306,7 +307,7 @@ class SwDPipeline:
         batch = -(-(batch_size or n_dev) // n_dev) * n_dev  # a multiple of the device count
         total = len(prompts) * num_per_prompt
         indices = list(range(total)) if indices is None else [int(i) for i in indices]
-        items = [{"index": i, "prompt": prompts[i // num_per_prompt], "seed": seed + i} for i in indices]
+        items = [{"index": i, "prompt": prompts[i // num_per_prompt], "seed": sample_seed(seed, i)} for i in indices]
         from tqdm.auto import tqdm
         with tqdm(total=len(items), unit="img", desc=sampler.kind, disable=not progress) as bar:
             for start in range(0, len(items), batch):

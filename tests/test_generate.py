@@ -65,7 +65,7 @@ def ours(model):
 
 def _torch_pipe(model, scheduler):
     from diffusers import StableDiffusion3Pipeline
-    root, text, transformer, vae, *_ = model
+    _, text, transformer, vae, *_ = model
     return StableDiffusion3Pipeline(transformer=copy.deepcopy(transformer), vae=vae, scheduler=scheduler, **text)
 
 
@@ -80,7 +80,7 @@ def test_diffusers_lora_export_changes_output_as_ours(model):
 
     from swd_jax.convert.transformer import load_transformer
     from swd_jax.models.mmdit import MMDiT
-    root, _, transformer, _, lora, factors, adapter = model
+    root, _, _, _, lora, factors, adapter = model
     pipe = _torch_pipe(model, FlowMatchEulerDiscreteScheduler(shift=3.0))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 4, 8, 8), dtype=np.float32)
@@ -165,6 +165,7 @@ def test_cli_on_run_workdir(model, tmp_path):
     from PIL import Image
 
     from configs import tiny
+    from swd_jax.eval.prompts import read_index
     from swd_jax.generate import main
     from swd_jax.models.mmdit import MMDiTConfig
     from swd_jax.pipeline import load_student
@@ -198,6 +199,7 @@ def test_cli_on_run_workdir(model, tmp_path):
                                               "the red tower"]
     assert records[0]["scales"] == [4, 8] and records[0]["sampler"] == "scale_wise"
     assert records[0]["lora"].endswith("/2/state")
+    assert len(read_index(str(out))) == 6  # what `python -m swd_jax.evaluate --images OUT` reads
     img = np.asarray(Image.open(out / "00000.png"))
     assert img.shape == (16, 16, 3) and (out / "grid.png").exists()
     assert not np.array_equal(img, np.asarray(Image.open(out / "00001.png")))  # own seed per image
