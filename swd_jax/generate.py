@@ -139,7 +139,8 @@ def run(args) -> dict:
     if grid:
         _save_grid(os.path.join(args.out, "grid.png" if n_proc == 1 else f"grid.{p}.png"), grid)
     steady = (sum(times[1:]) / sum(counts[1:])) if len(times) > 1 else times[0] / counts[0]
-    return {"images": len(records), "ms_per_image": 1e3 * steady, "first_batch_s": times[0], "sampler": sampler.kind}
+    return {"images": len(records), "ms_per_image": 1e3 * steady, "first_batch_s": times[0], "sampler": sampler.kind,
+            "batches": len(times)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{r['images']} images ({r['sampler']}) in {args.out}: {r['ms_per_image']:.1f} ms/image "
-          f"(after the first batch, which compiles: {r['first_batch_s']:.1f} s)")
+    how = (f"after the first batch, which compiles: {r['first_batch_s']:.1f} s" if r["batches"] > 1
+           else "one batch, compiling included")
+    print(f"{r['images']} images ({r['sampler']}) in {args.out}: {r['ms_per_image']:.1f} ms/image ({how})")
     return 0
 
 

@@ -165,6 +165,7 @@ def test_cli_on_run_workdir(model, tmp_path):
     from PIL import Image
 
     from configs import tiny
+    from swd_jax.convert.converted import convert
     from swd_jax.eval.prompts import read_index
     from swd_jax.generate import main
     from swd_jax.models.mmdit import MMDiTConfig
@@ -188,7 +189,9 @@ def test_cli_on_run_workdir(model, tmp_path):
 
     out = tmp_path / "out"
     (tmp_path / "p.csv").write_text('caption,x\n"a low tower",1\n"the red tower",2\n')
-    rc = main(["--model", str(root), "--lora", str(run), "--prompts", str(tmp_path / "p.csv"), "--prompt", "low",
+    convert(str(root / "transformer"), str(tmp_path / "conv"), progress=False)  # our converted params instead
+    rc = main(["--model", str(root), "--converted", str(tmp_path / "conv"), "--lora", str(run),
+               "--prompts", str(tmp_path / "p.csv"), "--prompt", "low",
                "--num-per-prompt", "2", "--batch", "4", "--seed", "5", "--out", str(out),
                "--max-sequence-length", str(T5_LEN), "--no-progress"])
     assert rc == 0
@@ -198,7 +201,7 @@ def test_cli_on_run_workdir(model, tmp_path):
     assert [r["prompt"] for r in records] == ["low", "low", "a low tower", "a low tower", "the red tower",
                                               "the red tower"]
     assert records[0]["scales"] == [4, 8] and records[0]["sampler"] == "scale_wise"
-    assert records[0]["lora"].endswith("/2/state")
+    assert records[0]["lora"].endswith("/2/state") and records[0]["transformer"] == str(tmp_path / "conv")
     assert len(read_index(str(out))) == 6  # what `python -m swd_jax.evaluate --images OUT` reads
     img = np.asarray(Image.open(out / "00000.png"))
     assert img.shape == (16, 16, 3) and (out / "grid.png").exists()
