@@ -28,7 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = dict(lr=5e-6, lr_fake=5e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, clip_norm=10.0)
     # data.kind: "digits" (built-in toy), "precomputed" (array_record of latents per scale + text embeddings,
     # from swd_jax.precompute), "images" (image records encoded online by our VAE/text encoders from model.path).
-    c.data = dict(kind="precomputed", path="", seed=0, max_sequence_length=256)
+    # data.latent: "sample" (a fresh VAE posterior draw each time an image is used, as the official code) or
+    # "mean" (the posterior mean); VAE sources only.
+    c.data = dict(kind="precomputed", path="", seed=0, max_sequence_length=256, latent="sample")
     c.train = dict(steps=3000, batch_size=64, seed=42, log_every=10, ckpt_every=250, keep=3,
                    sample_every=250, num_samples=8, export_peft=True)
     # Mesh axes (data, fsdp, tensor); -1 takes the remaining devices. Rules map logical axes to mesh axes.

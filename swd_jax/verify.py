@@ -1,9 +1,11 @@
-"""Check our converted MMDiT (+ LoRA) against diffusers/PyTorch on the same random inputs, block by block.
+"""Check our converted MMDiT or FLUX (+ LoRA) against diffusers/PyTorch on the same random inputs, block by block.
 
     python -m swd_jax.verify FOLDER [--lora ADAPTER] [--sizes 64 96 128] [--batch 2] [--dtype float32|bfloat16]
                              [--device cpu|cuda] [--tol T] [--text-tokens 77] [--components]
 
-FOLDER is a diffusers transformer folder or a pipeline folder (then FOLDER/transformer). ADAPTER is a PEFT
+FOLDER is a diffusers transformer folder or a pipeline folder (then FOLDER/transformer); its config's `_class_name`
+picks SD3 (SD3Transformer2DModel) or FLUX (FluxTransformer2DModel: `swd_jax.convert.verify_flux`, blocks numbered
+double then single, sigmas in [0, 1) and for FLUX-dev a guidance scale of 3.5 or 4.5 per example). ADAPTER is a PEFT
 adapter folder (loaded on the torch side with `PeftModel.from_pretrained`) or a diffusers LoRA file/folder
 (`load_lora_adapter`); our side uses `swd_jax.convert.peft_lora.import_lora`. At every latent size the same
 random latents, context, pooled vector and one timestep per example (uniform in [0, 1000)) go through both;
@@ -38,7 +40,7 @@ import ml_dtypes
 import numpy as np
 
 from swd_jax.convert.peft_lora import adapter_files, import_lora
-from swd_jax.convert.transformer import load_transformer, transformer_folder
+from swd_jax.convert.transformer import load_transformer, transformer_class, transformer_folder
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
 
 DEFAULT_TOL = {"float32": 1e-5, "bfloat16": 5e-2}  # see the module docstring
@@ -191,12 +193,22 @@ def verify(folder: str, lora: str | None = None, sizes: Sequence[int] = (64, 96,
         raise ValueError("need batch >= 1 and at least one latent size")
     tol = DEFAULT_TOL[dtype] if tol is None else tol
     tfolder = transformer_folder(folder)
-    cfg = MMDiTConfig.from_folder(tfolder)
+    if transformer_class(tfolder) == "FluxTransformer2DModel":
+        from swd_jax.convert import verify_flux as impl
+        from swd_jax.models.flux import Flux, FluxConfig
+        cfg = FluxConfig.from_folder(tfolder)
+        check = Flux(cfg).check_latent_size
+        runs = {s: impl.make_inputs(cfg, batch, s, text_tokens, seed, dtype) for s in sizes}
+        torch_fn, ours_fn = impl.torch_outputs, impl.our_outputs
+    else:
+        cfg = MMDiTConfig.from_folder(tfolder)
+        check = MMDiT(cfg).check_latent_size
+        runs = {s: _round(make_inputs(cfg, batch, s, text_tokens, seed), dtype) for s in sizes}
+        torch_fn, ours_fn = torch_outputs, our_outputs
     for s in sizes:
-        MMDiT(cfg).check_latent_size(s, s)
-    runs = {s: _round(make_inputs(cfg, batch, s, text_tokens, seed), dtype) for s in sizes}
-    ref = torch_outputs(tfolder, lora, runs, dtype, device)  # first, then freed: the two never share the GPU
-    ours = our_outputs(tfolder, lora, runs, dtype, device, perturb)
+        check(s, s)
+    ref = torch_fn(tfolder, lora, runs, dtype, device)  # first, then freed: the two never share the GPU
+    ours = ours_fn(tfolder, lora, runs, dtype, device, perturb)
     errors = {}
     for s in sizes:
         (v, feats), (rv, rfeats) = ours[s], ref[s]

@@ -20,8 +20,8 @@ import numpy as np
 from swd_jax.train import sharding
 from swd_jax.train.checkpoint import Checkpointer
 from swd_jax.train.sources import make_source
-from swd_jax.train.setup import Run, build_run, count_params
-from swd_jax.train.steps import make_iteration
+from swd_jax.train.setup import Run, build_run, count_params, loss_config
+from swd_jax.train.steps import batches_per_iteration, make_iteration
 
 
 def compile_iterations(run: Run, source) -> dict:
@@ -110,7 +110,7 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
               f"mesh {dict(run.mesh.shape)}", file=sys.stderr)
     writer = MetricsWriter(workdir)
     validate = _make_validation(run, source, workdir, writer)
-    n = m.loss.n_fake_steps + 1
+    n = batches_per_iteration(m.loss)
     end = c.train.steps if stop_after is None else min(c.train.steps, start + stop_after)
     from tqdm.auto import tqdm
     bar = tqdm(total=c.train.steps, initial=start, desc="SwD", disable=jax.process_index() != 0)
@@ -151,7 +151,7 @@ def _log(pending, writer, bar, ckpt, t_last, c) -> dict:
     _check_finite(step, metrics, ckpt)
     dt = time.perf_counter() - t_last
     metrics.update({"interval": k, "step_time_s": dt, "lr": c.optim.lr, "lr_fake": c.optim.lr_fake,
-                    "images_per_s": c.train.batch_size * (c.loss.n_fake_steps + 1) / max(dt, 1e-9)})
+                    "images_per_s": c.train.batch_size * batches_per_iteration(loss_config(c)) / max(dt, 1e-9)})
     bar.update(1)
     if step % c.train.log_every == 0 or step == c.train.steps:
         writer.write(step, metrics)

@@ -53,6 +53,9 @@ def loss_config(c) -> LossConfig:
         raise ValueError(f"unknown loss config fields: {unknown}")
     for k in ("cls_blocks", "mmd_blocks", "dmd_range", "pdm_range"):
         d[k] = tuple(d[k])
+    if d.get("do_gan", True) and not d.get("do_dmd", True):
+        raise ValueError("loss.do_gan=True needs loss.do_dmd=True: the discriminator head trains in the fake "
+                         "updates, which run only with DMD on (as in the official train.py); set loss.do_gan=False")
     return LossConfig(**d)
 
 
@@ -107,7 +110,10 @@ class Run:
 
 
 def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
-    """Check the config, load/shard the base weights, create student/fake LoRA, head and optimiser states."""
+    """Check the config, load/shard the base weights, create student/fake LoRA, head and optimiser states.
+
+    With DMD off there are no fake updates (official train.py): no fake LoRA, head or fake optimiser state.
+    """
     mesh = sharding.make_mesh(c.mesh.shape, devices=devices)
     sharding.check_batch(c.train.batch_size, mesh)
     schedule = make_schedule(c)
@@ -149,10 +155,11 @@ def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
         key = jax.random.key(seed)
         k_student, k_fake, k_head = jax.random.split(key, 3)
         student = nn.unbox(init_lora(k_student))
-        fake = nn.unbox(init_lora(k_fake))
         student = jax.lax.with_sharding_constraint(student, nn.unbox(lora_shardings))
-        fake = jax.lax.with_sharding_constraint(fake, nn.unbox(lora_shardings))
-        heads = jax.lax.with_sharding_constraint(nn.unbox(head_init(k_head)), nn.unbox(head_shardings))
+        fake = heads = None
+        if models.loss.do_dmd:
+            fake = jax.lax.with_sharding_constraint(nn.unbox(init_lora(k_fake)), nn.unbox(lora_shardings))
+            heads = jax.lax.with_sharding_constraint(nn.unbox(head_init(k_head)), nn.unbox(head_shardings))
         return init_state(student, fake, heads, models, jax.random.key_data(jax.random.key(c.train.seed + 1)))
 
     with jax.set_mesh(mesh):
