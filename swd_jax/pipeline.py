@@ -210,8 +210,10 @@ class SwDPipeline:
             with open(os.path.join(lora, "config.json")) as f:
                 run_config = json.load(f)
             model = run_config.get("model", {})
-            if converted is None and model.get("source") == "converted" and os.path.isdir(model.get("path", "")):
-                converted = model["path"]  # the run's own base weights
+            path = model.get("path") or ""
+            if converted is None and model.get("source") in ("converted", "auto") and os.path.exists(
+                    os.path.join(path, "conversion.json")):
+                converted = path  # the run's own base weights (a converted checkpoint)
         if converted is not None:
             from swd_jax.convert.converted import load_converted
             cfg, base = load_converted(converted)

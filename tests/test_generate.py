@@ -240,6 +240,7 @@ def test_validation_finds_vae_of_converted_source_and_logs_grid(tmp_path):
     assert source_vae_folder("converted", str(tmp_path / "conv")) is None  # no vae/ there yet
     (tmp_path / "pipe" / "vae").mkdir()
     assert source_vae_folder("converted", str(tmp_path / "conv")) == str(tmp_path / "pipe" / "vae")
+    assert source_vae_folder("auto", str(tmp_path / "conv")) == str(tmp_path / "pipe" / "vae")
     assert source_vae_folder("diffusers", str(tmp_path / "pipe")) == str(tmp_path / "pipe" / "vae")
     assert source_vae_folder("random", "") is None
 

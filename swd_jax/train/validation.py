@@ -20,7 +20,7 @@ def source_vae_folder(model_source: str, model_path: str) -> str | None:
         return None
     candidates = [os.path.join(model_path, "vae")]
     meta = os.path.join(model_path, META)
-    if model_source == "converted" and os.path.exists(meta):
+    if model_source in ("converted", "auto") and os.path.exists(meta):
         with open(meta) as f:
             src = json.load(f).get("source")
         if src:
