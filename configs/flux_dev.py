@@ -34,7 +34,7 @@ from configs.common import base_config
 
 def get_config() -> ml_collections.ConfigDict:
     c = base_config()
-    c.model.source = "converted"
+    c.model.source = "auto"  # a converted checkpoint (fastest to load) or the diffusers FLUX.1-dev folder
     c.model.kind = "flux"
     c.model.guidance = 4.5  # the student's and fake model's guidance-embedding input (published sampling value)
     c.model.attention_impl = "chunked"

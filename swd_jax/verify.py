@@ -5,7 +5,9 @@
 
 FOLDER is a diffusers transformer folder or a pipeline folder (then FOLDER/transformer); its config's `_class_name`
 picks SD3 (SD3Transformer2DModel) or FLUX (FluxTransformer2DModel: `swd_jax.convert.verify_flux`, blocks numbered
-double then single, sigmas in [0, 1) and for FLUX-dev a guidance scale of 3.5 or 4.5 per example). ADAPTER is a PEFT
+double then single, sigmas in [0, 1) and for FLUX-dev a guidance scale of 3.5 or 4.5 per example). FOLDER may also
+be a converted checkpoint written by `swd-convert` (what training reads): it is compared with the diffusers folder
+its conversion.json names, or `--reference FOLDER`. Needs the PyTorch extra (`pip install -e .[torch]`). ADAPTER is a PEFT
 adapter folder (loaded on the torch side with `PeftModel.from_pretrained`) or a diffusers LoRA file/folder
 (`load_lora_adapter`); our side uses `swd_jax.convert.peft_lora.import_lora`. At every latent size the same
 random latents, context, pooled vector and one timestep per example (uniform in [0, 1000)) go through both;
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -40,6 +43,7 @@ import ml_dtypes
 import numpy as np
 
 from swd_jax.convert.peft_lora import adapter_files, import_lora
+from swd_jax.convert.converted import load_converted, model_kind
 from swd_jax.convert.transformer import load_transformer, transformer_class, transformer_folder
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
 
@@ -125,8 +129,11 @@ def _forward(model: MMDiT, variables, x_BHWC, t_B, c_BTJ, p_BP):
 
 
 def our_outputs(folder: str, lora: str | None, runs: dict[int, tuple], dtype: str, device: str,
-                perturb: Callable[[dict], dict] | None = None) -> dict:
-    """{size: (velocity NHWC, [block image hidden states])} from our converter + MMDiT, float32 numpy."""
+                perturb: Callable[[dict], dict] | None = None, converted: str | None = None) -> dict:
+    """{size: (velocity NHWC, [block image hidden states])} from our converter + MMDiT, float32 numpy.
+
+    With `converted` (a checkpoint written by `swd-convert`) our params are read from it, exactly as training
+    reads them, and cast to `dtype` for the comparison; else `folder` is converted in memory."""
     platform = "gpu" if device == "cuda" else device
     try:
         dev = jax.devices(platform)[0]
@@ -134,7 +141,11 @@ def our_outputs(folder: str, lora: str | None, runs: dict[int, tuple], dtype: st
         raise ValueError(f"--device {device}: JAX has no {platform} backend here ({e})") from e
     jdt = _JNP_DTYPES[dtype]
     with jax.default_device(dev):
-        cfg, params = load_transformer(folder, dtype=jdt)
+        if converted is not None:
+            cfg, params = load_converted(converted)
+            params = jax.tree.map(lambda a: jnp.asarray(a, jdt), params)
+        else:
+            cfg, params = load_transformer(folder, dtype=jdt)
         if perturb is not None:
             params = perturb(params)
         variables = {"params": params}
@@ -158,6 +169,15 @@ def our_outputs(folder: str, lora: str | None, runs: dict[int, tuple], dtype: st
 # ----------------------------------------------------------------------------------------------------------------
 # the comparison
 # ----------------------------------------------------------------------------------------------------------------
+def _conversion_source(converted: str) -> str:
+    with open(os.path.join(converted, "conversion.json")) as f:
+        source = json.load(f).get("source", "")
+    if not source or not os.path.isdir(source):
+        raise FileNotFoundError(f"{converted}: its diffusers source {source!r} (conversion.json) is not here; "
+                                "pass --reference FOLDER")
+    return source
+
+
 def _errors(ours, ref) -> tuple[float, float]:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     max_abs = float(np.abs(ours - ref).max())
@@ -180,9 +200,11 @@ def _components(folder: str, device: str, tol: float) -> tuple[dict[str, float],
 def verify(folder: str, lora: str | None = None, sizes: Sequence[int] = (64, 96, 128), batch: int = 2,
            dtype: str = "float32", device: str = "cpu", tol: float | None = None, text_tokens: int = 77,
            seed: int = 0, perturb: Callable[[dict], dict] | None = None, components: bool = False,
-           components_tol: float = DEFAULT_COMPONENTS_TOL, verbose: bool = True) -> dict:
+           components_tol: float = DEFAULT_COMPONENTS_TOL, verbose: bool = True, reference: str | None = None) -> dict:
     """Compare ours vs diffusers -> {"ok", "tol", "errors": {size: {"output"|"block i": (max_abs, rel)}}, ...}.
 
+    `folder` is a diffusers folder (converted in memory) or a converted checkpoint (`swd-convert`'s output; then
+    `reference`, default the source recorded in its conversion.json, is the diffusers folder to compare with).
     `perturb(params) -> params` edits our converted base params before the run (to test that checks bite).
     """
     if dtype not in DEFAULT_TOL:
@@ -192,6 +214,11 @@ def verify(folder: str, lora: str | None = None, sizes: Sequence[int] = (64, 96,
     if batch < 1 or not sizes:
         raise ValueError("need batch >= 1 and at least one latent size")
     tol = DEFAULT_TOL[dtype] if tol is None else tol
+    converted = None
+    if model_kind(folder) == "converted":  # check the checkpoint training reads, against its diffusers source
+        converted, folder = folder, reference or _conversion_source(folder)
+    elif reference is not None:
+        raise ValueError(f"--reference is for a converted checkpoint; {folder} is a diffusers folder")
     tfolder = transformer_folder(folder)
     if transformer_class(tfolder) == "FluxTransformer2DModel":
         from swd_jax.convert import verify_flux as impl
@@ -205,10 +232,12 @@ def verify(folder: str, lora: str | None = None, sizes: Sequence[int] = (64, 96,
         check = MMDiT(cfg).check_latent_size
         runs = {s: _round(make_inputs(cfg, batch, s, text_tokens, seed), dtype) for s in sizes}
         torch_fn, ours_fn = torch_outputs, our_outputs
+    if converted is not None and type(cfg).from_folder(converted) != cfg:
+        raise ValueError(f"{converted} was not converted from {folder}: their transformer configs differ")
     for s in sizes:
         check(s, s)
     ref = torch_fn(tfolder, lora, runs, dtype, device)  # first, then freed: the two never share the GPU
-    ours = ours_fn(tfolder, lora, runs, dtype, device, perturb)
+    ours = ours_fn(tfolder, lora, runs, dtype, device, perturb, converted)
     errors = {}
     for s in sizes:
         (v, feats), (rv, rfeats) = ours[s], ref[s]
@@ -240,7 +269,9 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m swd_jax.verify", description=__doc__.split("\n\n")[0])
-    parser.add_argument("folder", help="diffusers transformer folder, or a pipeline folder with transformer/")
+    parser.add_argument("folder", help="diffusers transformer or pipeline folder, or a converted checkpoint (swd-convert)")
+    parser.add_argument("--reference", help="for a converted checkpoint: the diffusers folder it came from "
+                        "(default: the source recorded in its conversion.json)")
     parser.add_argument("--lora", help="PEFT adapter folder or diffusers LoRA .safetensors (file or folder)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 96, 128], help="latent sizes (pixels / 8)")
     parser.add_argument("--batch", type=int, default=2)
@@ -255,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for torch's turn
     try:
         result = verify(args.folder, args.lora, args.sizes, args.batch, args.dtype, args.device, args.tol,
-                        args.text_tokens, args.seed, components=args.components, components_tol=args.components_tol)
+                        args.text_tokens, args.seed, components=args.components, components_tol=args.components_tol,
+                        reference=args.reference)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

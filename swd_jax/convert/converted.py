@@ -77,6 +77,22 @@ def convert(src: str, dst: str, dtype: str = "float32", overwrite: bool = False,
     return cfg
 
 
+def model_kind(path: str) -> str:
+    """'converted' (written by `convert`), 'pipeline' (diffusers pipeline folder) or 'transformer' (its
+    transformer folder); a one-line error saying what the folder is when it is none of them."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model.path {path!r} is not a folder")
+    if os.path.exists(os.path.join(path, META)) and os.path.isdir(os.path.join(path, PARAMS)):
+        return "converted"
+    if os.path.exists(os.path.join(path, "model_index.json")):
+        return "pipeline"
+    if os.path.exists(os.path.join(path, CONFIG)) and any(f.endswith(".safetensors") for f in os.listdir(path)):
+        return "transformer"
+    raise FileNotFoundError(f"{path} is neither a converted checkpoint (conversion.json + params/, from "
+                            "`swd-convert`), a diffusers pipeline folder (model_index.json) nor a diffusers "
+                            "transformer folder (config.json + *.safetensors)")
+
+
 def load_converted(dst: str, shardings=None) -> tuple[MMDiTConfig | FluxConfig, dict]:
     """DST written by `convert` -> (config, params), strictly checked against our abstract params.
 

@@ -108,8 +108,10 @@ def _forward(model: Flux, variables, x_BHWC, t_B, c_BTJ, p_BP, g_B):
 
 
 def our_outputs(folder: str, lora: str | None, runs: dict[int, tuple], dtype: str, device: str,
-                perturb=None) -> dict:
-    """{size: (velocity NHWC, [block image tokens])} from our converter + Flux (+ imported LoRA), float32 numpy."""
+                perturb=None, converted: str | None = None) -> dict:
+    """{size: (velocity NHWC, [block image tokens])} from our converter + Flux (+ imported LoRA), float32 numpy.
+
+    With `converted` (a checkpoint written by `swd-convert`) our params are read from it, cast to `dtype`."""
     platform = "gpu" if device == "cuda" else device
     try:
         dev = jax.devices(platform)[0]
@@ -117,7 +119,12 @@ def our_outputs(folder: str, lora: str | None, runs: dict[int, tuple], dtype: st
         raise ValueError(f"--device {device}: JAX has no {platform} backend here ({e})") from e
     jdt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     with jax.default_device(dev):
-        cfg, params = load_flux(folder, dtype=jdt)
+        if converted is not None:
+            from swd_jax.convert.converted import load_converted
+            cfg, params = load_converted(converted)
+            params = jax.tree.map(lambda a: jnp.asarray(a, jdt), params)
+        else:
+            cfg, params = load_flux(folder, dtype=jdt)
         if perturb is not None:
             params = perturb(params)
         variables, lora_cfg = {"params": params}, None

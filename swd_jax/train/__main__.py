@@ -1,30 +1,73 @@
-"""`python -m swd_jax.train --config configs/tiny.py --workdir DIR [--config.FIELD=VALUE ...]`: the SwD trainer."""
+"""`swd-train --config NAME|PATH --workdir DIR [--config.FIELD=VALUE ...]`: SwD distillation, resumable.
+
+NAME is a shipped config (tiny, sd35_medium, sd35_large, digits_demo) or a path to a .py file with get_config().
+Rerunning the same command resumes from the latest checkpoint in DIR. `--help` (with or without --config) lists
+every field with its value.
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 
-import jax
+from swd_jax.command_line import add_common_flags, enable_compile_cache, quiet_logs, run_main
+from swd_jax.train.config_loading import apply_overrides, config_names, describe_fields, load_config
 
-from swd_jax.train.loop import train
+EPILOG = """examples:
+  swd-train --config tiny --workdir runs/tiny                       # random tiny model, seconds per step on CPU
+  swd-train --config sd35_medium --workdir /runs/sd35m --config.model.path=/ckpt/sd35m \\
+      --config.data.path=/data/sd35m_pre
+outputs in DIR: config.json, metrics.jsonl, tb/ (TensorBoard), samples/step_N.png, checkpoints/, student_peft/
+compiled programs are cached in $SWD_COMPILE_CACHE (default ~/.cache/swd_jax/xla; 'off' disables)"""
 
 
-def main(argv=None):
-    from absl import app, flags
-    from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", None, "configs/*.py file", lock_config=True)
-    flags.DEFINE_string("workdir", None, "where checkpoints, metrics and samples go")
-    flags.mark_flags_as_required(["config", "workdir"])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="swd-train", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False,
+                                allow_abbrev=False)
+    p.add_argument("--config", help=f"config name ({', '.join(config_names())}) or path to a .py file")
+    p.add_argument("--workdir", help="where checkpoints, metrics, samples and the exported student go")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume although fields that change what the run trains differ from the recorded config")
+    p.add_argument("-h", "--help", action="store_true", help="show this help and every config field, then exit")
+    add_common_flags(p)
+    return p
 
-    def _main(_):
+
+def print_help(parser: argparse.ArgumentParser, config_spec: str | None) -> None:
+    parser.print_help()
+    c = load_config(config_spec or "tiny")
+    print(f"\nconfig fields of {config_spec or 'tiny'} (set any with --config.FIELD=VALUE; tuples as 8,12,16):")
+    print(describe_fields(c))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.help:
+        return run_main(lambda: print_help(parser, args.config), args.debug)
+    if not args.config or not args.workdir:
+        parser.print_usage(sys.stderr)
+        print("error: --config and --workdir are required (see --help)", file=sys.stderr)
+        return 2
+    quiet_logs(args.verbose)
+
+    def _run():
+        c = apply_overrides(load_config(args.config), rest)
+        import jax
         if os.environ.get("SWD_DISTRIBUTED") == "1":
             jax.distributed.initialize()
-        cfg = flags.FLAGS.config
-        last = train(cfg, flags.FLAGS.workdir)
-        print(json.dumps({k: v for k, v in last.items()}, indent=1))
+        cache = enable_compile_cache()
+        if cache and jax.process_index() == 0:
+            print(f"compile cache: {cache}", file=sys.stderr)
+        from swd_jax.train.loop import train
+        last = train(c, args.workdir, allow_config_change=args.allow_config_change)
+        if jax.process_index() == 0 and last:
+            print(json.dumps({k: v for k, v in last.items() if k in ("gen/loss", "fake/loss", "step_time_s")}))
 
-    app.run(_main, argv=argv)
+    return run_main(_run, args.debug)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
