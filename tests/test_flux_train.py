@@ -36,22 +36,23 @@ def flux_config(**overrides):
 
 
 def test_flux_training_runs_resumes_and_exports(tmp_path):
-    c = flux_config(**{"train.steps": 4, "train.ckpt_every": 2, "train.log_every": 1, "train.export_peft": True,
-                       "train.sample_every": 4, "train.num_samples": 2})
+    c = flux_config(**{"train.steps": 2, "train.ckpt_every": 1, "train.log_every": 1, "train.export_peft": True,
+                       "train.sample_every": 2, "train.num_samples": 2})
     one = jax.devices()[:1]
     train(c, str(tmp_path / "full"), devices=one)
     rows = [json.loads(l) for l in open(tmp_path / "full" / "metrics.jsonl")]
     keys = ("fake/loss", "fake/mse", "fake/gan_d", "gen/loss", "gen/dmd", "gen/gan_g", "gen/pdm", "gen/grad_norm")
-    assert len(rows) == 4 and all(np.isfinite(r[k]) for r in rows for k in keys)
+    assert len(rows) == 2 and all(np.isfinite(r[k]) for r in rows for k in keys)
     assert rows[-1]["gen/grad_norm"] > 0  # the student learns through the FLUX passes
-    assert os.path.exists(tmp_path / "full" / "samples" / "step_000004.png")
+    assert os.path.exists(tmp_path / "full" / "samples" / "step_000002.png")
     adapter = json.load(open(tmp_path / "full" / "student_peft" / "adapter_config.json"))
     assert set(adapter["target_modules"]) >= {"to_q", "proj_mlp"}
 
-    train(c, str(tmp_path / "resumed"), stop_after=2, devices=one)
+    train(c, str(tmp_path / "resumed"), stop_after=1, devices=one)  # interval 0, then resumed at interval 1
     train(c, str(tmp_path / "resumed"), devices=one)
     rows2 = [json.loads(l) for l in open(tmp_path / "resumed" / "metrics.jsonl")]
-    for a, b in zip(rows[2:], rows2[2:]):
+    assert len(rows2) == 2
+    for a, b in zip(rows, rows2):
         for k in keys:
             np.testing.assert_allclose(b[k], a[k], rtol=1e-5, err_msg=(a["step"], k))
 
