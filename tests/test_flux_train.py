@@ -47,6 +47,7 @@ def test_flux_training_runs_resumes_and_exports(tmp_path):
     assert os.path.exists(tmp_path / "full" / "samples" / "step_000002.png")
     adapter = json.load(open(tmp_path / "full" / "student_peft" / "adapter_config.json"))
     assert set(adapter["target_modules"]) >= {"to_q", "proj_mlp"}
+    assert os.path.exists(tmp_path / "full" / "student_peft" / "pytorch_lora_weights.safetensors")
 
     train(c, str(tmp_path / "resumed"), stop_after=1, devices=one)  # interval 0, then resumed at interval 1
     train(c, str(tmp_path / "resumed"), devices=one)
