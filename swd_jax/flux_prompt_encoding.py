@@ -21,7 +21,7 @@ import numpy as np
 from swd_jax.convert.strict import read_config
 from swd_jax.convert.text import load_clip, load_t5
 from swd_jax.models.text import CLIPTextModel, T5EncoderModel
-from swd_jax.prompt_encoding import check_components
+from swd_jax.prompt_encoding import SD3PromptEncoder, TextModels, check_components, encode_tokens
 
 COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
@@ -95,6 +95,27 @@ class FluxPromptEncoder:
     def encode_prompt(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
         """Prompts -> (prompt_embeds, pooled), equal to the pipeline's `encode_prompt(p)[0], [1]`."""
         return self.encode_ids(self.tokenize(prompts))
+
+
+def is_flux_folder(folder: str) -> bool:
+    """Whether a diffusers pipeline folder is FLUX's: its model_index.json (or transformer config) class says so."""
+    for sub, name in (("", "model_index.json"), ("transformer", "config.json")):
+        path = os.path.join(folder, sub, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                return str(json.load(f).get("_class_name", "")).startswith("Flux")
+    return False
+
+
+def load_prompt_encoder(folder: str, **kwargs) -> SD3PromptEncoder | FluxPromptEncoder:
+    """The prompt encoder of a diffusers pipeline folder: FLUX's or SD3's (kwargs: max_sequence_length, dtypes,
+    sharding)."""
+    return (FluxPromptEncoder if is_flux_folder(folder) else SD3PromptEncoder)(folder, **kwargs)
+
+
+def encode_any_tokens(models: FluxTextModels | TextModels, params: dict, ids: dict) -> tuple[jax.Array, jax.Array]:
+    """`encode_flux_tokens` or SD3's `encode_tokens`, by the encoders' kind (traceable: use inside jit)."""
+    return (encode_flux_tokens if isinstance(models, FluxTextModels) else encode_tokens)(models, params, ids)
 
 
 def check_flux_widths(clip_width: int, t5_width: int, transformer_config: dict) -> None:

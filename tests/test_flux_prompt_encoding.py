@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from diffusers import FluxPipeline
+from diffusers import AutoencoderKL, FluxPipeline
 
 from swd_jax.flux_prompt_encoding import FluxPromptEncoder
 from swd_jax.prompt_encoding import SD3PromptEncoder
-from tests.test_prompt_encoding import CLIP_MERGES, CLIP_VOCAB, T5_PIECES, _save, rel_err
+from tests.test_flux_vae import TINY_FLUX
+from tests.test_prompt_encoding import CLIP_MERGES, CLIP_VOCAB, T5_PIECES, _dataset, _save, rel_err
 
 # the last prompt is past CLIP's 77 tokens and T5's 512 (truncated in both)
 PROMPTS = ["a low tower", "", "the red lower tower, lowest and newer " * 40]
@@ -35,6 +36,8 @@ def flux(tmp_path_factory):
         tokenizer_2=transformers.T5TokenizerFast(vocab=T5_PIECES, extra_ids=0))
     for name in ("tokenizer", "tokenizer_2"):
         comps[name].save_pretrained(root / name)
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    _save(AutoencoderKL(**{k: v for k, v in TINY_FLUX.items() if not k.startswith("_")}), root / "vae")
     (root / "transformer").mkdir()
     (root / "transformer" / "config.json").write_text(json.dumps(
         {"_class_name": "FluxTransformer2DModel", "joint_attention_dim": 32, "pooled_projection_dim": 16}))
@@ -82,3 +85,31 @@ def test_bad_folders(flux, tmp_path):
         {**cfg, "architectures": ["CLIPTextModelWithProjection"]}))
     with pytest.raises(ValueError, match="FLUX's is a CLIPTextModel"):
         FluxPromptEncoder(str(partial))
+
+
+def test_precompute_a_flux_folder(flux, tmp_path):
+    """swd_jax.precompute on a FLUX pipeline folder: FLUX's prompt embeddings and FLUX-normalised VAE moments."""
+    import jax
+
+    from swd_jax.train.precompute import precompute
+    from swd_jax.train.records import decode_array_record, decode_image, open_source
+
+    pipe, root = flux
+    data, out = _dataset(tmp_path / "data", 3), tmp_path / "out"
+    kw = dict(shard_size=4, dtype="float32", param_dtype="float32", store_dtype="float32", devices=jax.devices()[:1],
+              progress=False, max_sequence_length=512)
+    assert precompute(str(root), str(data), str(out), (4, 8), **kw) == {"written": 3, "skipped_shards": 0, "bad": 0}
+    records = [decode_array_record(open_source(str(out)).records[i]) for i in range(3)]
+    with torch.no_grad():
+        embeds, pooled, _ = pipe.encode_prompt([r["prompt"] for r in records], max_sequence_length=512)
+        uncond, _, _ = pipe.encode_prompt([""], max_sequence_length=512)
+        ref_vae = AutoencoderKL.from_pretrained(str(root / "vae"))
+        img = torch.stack([torch.from_numpy(decode_image((data / f"{i}.png").read_bytes(), None, "float32"))
+                           for i in range(3)]).permute(0, 3, 1, 2)
+        mean = ref_vae.encode(torch.nn.functional.interpolate(img, size=8, mode="area")).latent_dist.mean
+    assert rel_err(np.stack([r["prompt_embeds"] for r in records]), embeds) < 1e-5
+    assert rel_err(np.stack([r["pooled_prompt_embeds"] for r in records]), pooled) < 1e-5
+    with np.load(out / "uncond.npz") as z:
+        assert z["prompt_embeds"].shape == (1, 512, 32) and rel_err(z["prompt_embeds"], uncond) < 1e-5
+    want = (mean.permute(0, 2, 3, 1).numpy() - 0.1159) * 0.3611  # FLUX's shift and scaling factors
+    assert rel_err(np.stack([r["mean_4"] for r in records]), want) < 1e-5
