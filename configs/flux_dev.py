@@ -19,9 +19,9 @@ The published FLUX-SwD student (yandex-research/swd README): scales 64-80-96-128
   the final output layer).
 
 1. Convert once:     python -m swd_jax.convert /path/to/FLUX.1-dev /ckpt/flux_dev --dtype bfloat16
-2. Data: latents of FLUX's VAE (swd_jax.models.vae.FLUX_VAE) at every scale and FLUX prompt embeddings
-   (swd_jax.flux_prompt_encoding.FluxPromptEncoder, T5 512 tokens), as array records with the keys of
-   swd_jax.train.sources.PrecomputedSource.
+2. Precompute data:  python -m swd_jax.precompute --model /path/to/FLUX.1-dev --data /data/train_data \
+                         --out /data/flux_pre --scales 64,80,96,128 --max_sequence_length 512
+   (FLUX's VAE and prompt encoder, chosen by the folder's model_index.json; or data.kind="images" online)
 3. Train:             python -m swd_jax.train --config configs/flux_dev.py --workdir /runs/flux_dev \
                          --config.model.path=/ckpt/flux_dev --config.data.path=/data/flux_pre
 Cost: not yet measured (12B parameters: about 2.4x SD3.5 Large's 8B per pass).

@@ -260,12 +260,12 @@ def precompute(model_dir: str, data_dir: str, out_dir: str, scales: Sequence[int
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="diffusers SD3 folder (vae/, text_encoder*/, tokenizer*/)")
+    p.add_argument("--model", required=True, help="diffusers SD3 or FLUX pipeline folder (vae/, text_encoder*/, tokenizer*/)")
     p.add_argument("--data", required=True, help="SwD dataset folder: images + metainfo.csv")
     p.add_argument("--out", required=True)
     p.add_argument("--scales", required=True, help="latent sizes, e.g. 64,80,96,128")
     p.add_argument("--metainfo", default="metainfo.csv")
-    p.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens")
+    p.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens (FLUX-SwD: 512)")
     p.add_argument("--shard_size", type=int, default=512)
     p.add_argument("--per_device_batch", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16", help="compute dtype")
