@@ -92,6 +92,8 @@ def test_flux_config_errors():
         build_run(flux_config(**{"loss.cfg_teacher": 7.0}), one)
     with pytest.raises(ValueError, match="model.guidance=0.0: this FLUX model has a guidance embedding"):
         build_run(flux_config(**{"model.guidance": 0.0}), one)
+    with pytest.raises(ValueError, match="loss.guidance_teacher=0.0: the FLUX-dev teacher"):
+        build_run(flux_config(**{"loss.guidance_teacher": 0.0}), one)
     with pytest.raises(ValueError, match=r"model.random has fields \['axes_dims_rope'.*MMDiTConfig"):
         build_run(flux_config(**{"model.kind": "mmdit"}), one)
     with pytest.raises(ValueError, match=r"loss.cls_blocks \[2\] outside the model's blocks 0..1"):

@@ -76,7 +76,8 @@ def check_kind(kind: str, cfg: Any, path: str) -> Backbone:
     return b
 
 
-def model_guidance(cfg: Any, model_guidance_value: float | None, cfg_teacher: float) -> float | None:
+def model_guidance(cfg: Any, model_guidance_value: float | None, cfg_teacher: float,
+                   guidance_teacher: float) -> float | None:
     """The guidance-embedding input of the student and fake passes: `model.guidance` for FLUX-dev, else None.
 
     FLUX-dev is guidance-distilled: its teacher takes the scale through the embedding (`loss.guidance_teacher`),
@@ -90,4 +91,7 @@ def model_guidance(cfg: Any, model_guidance_value: float | None, cfg_teacher: fl
     if cfg_teacher != 1.0:
         raise ValueError(f"loss.cfg_teacher={cfg_teacher}: FLUX-dev is guidance-distilled, its teacher takes "
                          "loss.guidance_teacher through the guidance embedding; set loss.cfg_teacher=1.0")
+    if not guidance_teacher > 0:
+        raise ValueError(f"loss.guidance_teacher={guidance_teacher!r}: the FLUX-dev teacher's embedded guidance "
+                         "scale must be positive (4.5 as the published FLUX-SwD samples)")
     return float(model_guidance_value)

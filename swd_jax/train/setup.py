@@ -175,7 +175,7 @@ def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
             bb.module_cls(cfg).check_latent_size(s, s)
         except ValueError as e:
             raise ValueError(f"schedule scale {s} does not fit the model: {e}") from None
-    guidance = model_guidance(cfg, c.model.get("guidance", None), loss.cfg_teacher)
+    guidance = model_guidance(cfg, c.model.get("guidance", None), loss.cfg_teacher, loss.guidance_teacher)
     if c.model.attention_impl not in ATTENTION_IMPLS:
         raise ValueError(f"model.attention_impl={c.model.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
     if c.model.attention_chunk < 8:
