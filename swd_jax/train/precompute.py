@@ -100,8 +100,8 @@ def cascade_images(img_BHWC: jax.Array, size: int, prev_size: int) -> tuple[jax.
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def encode_batch(text_models: TextModels | FluxTextModels, vae: AutoencoderKL, spec: LatentSpec, params: dict, img_BHWC: jax.Array,
-                 ids: dict) -> dict[str, jax.Array]:
+def encode_batch(text_models: TextModels | FluxTextModels, vae: AutoencoderKL, spec: LatentSpec, params: dict,
+                 img_BHWC: jax.Array, ids: dict) -> dict[str, jax.Array]:
     """Images in [-1, 1] at the largest scale, token ids -> {mean_s, std_s, prev_mean_s, prev_std_s, embeddings}."""
     out = {}
     out["prompt_embeds"], out["pooled_prompt_embeds"] = encode_any_tokens(text_models, params["text"], ids)
@@ -260,7 +260,8 @@ def precompute(model_dir: str, data_dir: str, out_dir: str, scales: Sequence[int
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="diffusers SD3 or FLUX pipeline folder (vae/, text_encoder*/, tokenizer*/)")
+    p.add_argument("--model", required=True,
+                   help="diffusers SD3 or FLUX pipeline folder (vae/, text_encoder*/, tokenizer*/)")
     p.add_argument("--data", required=True, help="SwD dataset folder: images + metainfo.csv")
     p.add_argument("--out", required=True)
     p.add_argument("--scales", required=True, help="latent sizes, e.g. 64,80,96,128")
