@@ -225,7 +225,8 @@ def _make_validation(run: Run, source, workdir: str, writer: MetricsWriter):
         print("validation grids show latent channels 0-2: no vae/ in model.path nor beside the converted "
               "checkpoint's source transformer", file=sys.stderr)
         decode = lambda x: x[..., :3] / 3.0
-    sampler = StudentSampler(run.models.mmdit, run.models.schedule, run.mmdit_config.in_channels, decode)
+    sampler = StudentSampler(run.models.mmdit, run.models.schedule, run.mmdit_config.latent_channels, decode,
+                             guidance=run.models.guidance)
     cond = {k: jax.device_put(v) for k, v in source.validation_cond(c.train.num_samples).items()}
 
     def validate(step: int, state):

@@ -61,13 +61,16 @@ def save_png(path: str, grid_HW3: np.ndarray, min_size: int = 256):
 class StudentSampler:
     """Scale-wise samples of base + LoRA for fixed conditioning; one velocity function, so no recompiles."""
 
-    def __init__(self, mmdit, schedule, channels: int, decode: Callable[[jnp.ndarray], jnp.ndarray] | None = None):
+    def __init__(self, mmdit, schedule, channels: int, decode: Callable[[jnp.ndarray], jnp.ndarray] | None = None,
+                 guidance: float | None = None):
+        """`mmdit`: the transformer (MMDiT or Flux); `guidance`: FLUX-dev's embedded guidance scale, else None."""
         self.schedule, self.channels = schedule, channels
         self.decode = decode or (lambda x: x)
 
         def velocity(params, x_BHWC, t_B, cond):
+            extra = {} if guidance is None else {"guidance_B": jnp.full(t_B.shape, guidance, jnp.float32)}
             return mmdit.apply({"params": params["base"], "lora": params["lora"]}, x_BHWC, t_B,
-                               cond["context"], cond["pooled"])
+                               cond["context"], cond["pooled"], **extra)
 
         self.velocity = velocity
 
