@@ -120,6 +120,7 @@ def _latest_checkpoint(ckpt_dir: str) -> str | None:
 
 def load_student(path: str, cfg: MMDiTConfig, dtype=jnp.float32) -> Student:
     """A run workdir (latest checkpointed student, else its student_peft/), a PEFT folder or a diffusers LoRA file."""
+    path = os.path.abspath(path)  # orbax reads no metadata through a relative path
     if not _is_run(path):
         lora, params = import_lora(path, cfg, dtype)
         return Student(lora, params, os.path.abspath(path))
