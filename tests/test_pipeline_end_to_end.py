@@ -46,6 +46,7 @@ def test_precompute_train_export(sd3, tmp_path):  # noqa: F811
     adapter = work / "student_peft"
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == c.lora.rank
     PeftModel.from_pretrained(SD3Transformer2DModel.from_pretrained(root / "transformer"), str(adapter))
+    assert (adapter / "pytorch_lora_weights.safetensors").exists()  # pipe.load_lora_weights(adapter) reads it
 
 
 def test_online_encoding_source_matches_precompute_layout(sd3, tmp_path):  # noqa: F811
