@@ -170,6 +170,10 @@ def extrapolate(rows: list[dict], full_blocks: int) -> list[dict]:
         if len(at) < 2 or at[-1]["blocks"] == full_blocks:
             continue
         r0, r1 = at[0], at[-1]
+        if r1["peak_gib"] < r0["peak_gib"]:  # seen at 4 images/chip: 1 -> 2 blocks, 6.5 -> 6.2 GiB; no line
+            print(f"no depth extrapolation at {b} images/chip: the peak falls with depth "
+                  f"({r0['peak_gib']:.1f} GiB at {r0['blocks']} blocks, {r1['peak_gib']:.1f} at {r1['blocks']})")
+            continue
         row = {**r1, "blocks": full_blocks, "extrapolated": True, "compile_s": None,
                "model": r1["model"].split("[")[0]}
         for k in (k for k in LINEAR if k in r0 and k in r1):
