@@ -73,7 +73,8 @@ def main(argv: list[str]) -> int:
     if best is not None and per_chip <= best:
         return 0
     if best is not None and plan.get("max_batch_is_lower_bound"):
-        print(f"plan check: the plan compiled only {best} images/chip (it fits); {per_chip:g} is unverified, launching")
+        print(f"plan check: the plan covers only {best} images/chip at full depth (it fits); {per_chip:g} is unverified, "
+              "launching")
         return 0
     if force:
         print("plan check: the plan says this batch does not fit; --force-batch given, launching anyway")
