@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from swd_jax.models.flux import FluxConfig
-from tests.flux_reference import tiny_flux_config
+from tests.flux_reference import tiny_flux_transformer
 from tests.test_flux_lora import LORA, torch_scale_wise
 from tests.test_flux_prompt_encoding import flux  # noqa: F401  (module-scoped fixture: the FLUX folder)
 from tests.torch_reference import rel_err
@@ -31,17 +31,11 @@ TINY = {"in_channels": 64, "joint_attention_dim": 32, "pooled_projection_dim": 1
 def model(flux, tmp_path_factory):  # noqa: F811
     """(root, diffusers FluxPipeline text side, torch transformer, our LoRA factors, PEFT adapter folder)."""
     import jax.numpy as jnp
-    from diffusers import FluxTransformer2DModel
 
     from swd_jax.convert.peft_lora import export_peft, init_lora
     pipe, root = flux
-    torch.manual_seed(2)
-    transformer = FluxTransformer2DModel(**tiny_flux_config(True, **TINY))
-    with torch.no_grad():  # random everywhere, as tests/flux_reference.tiny_flux_transformer
-        for name, p in transformer.named_parameters():
-            p.copy_(torch.randn_like(p) * (p[0].numel() ** -0.5 if p.ndim > 1 else 0.1)
-                    + (1.0 if "norm" in name and p.ndim == 1 else 0.0))
-    transformer.eval().save_pretrained(str(root / "transformer"), safe_serialization=True)
+    transformer = tiny_flux_transformer(True, seed=2, **TINY)  # FLUX-dev: a guidance embedding
+    transformer.save_pretrained(str(root / "transformer"), safe_serialization=True)
     cfg = FluxConfig.from_folder(str(root / "transformer"))
     rng = np.random.default_rng(1)
     factors = jax.tree_util.tree_map_with_path(
