@@ -1,12 +1,16 @@
-"""Generate images with an SD3/SD3.5 model and an optional SwD student, in JAX.
+"""Generate images with an SD3/SD3.5 or FLUX.1 model and an optional SwD student, in JAX.
 
     python -m swd_jax.generate --model /models/stable-diffusion-3.5-medium --lora /runs/sd35m \
         --prompt "a cat reading a newspaper" --out samples/
+    python -m swd_jax.generate --model /models/FLUX.1-dev --lora /models/FLUX-SwD-adapter \
+        --prompt "a cat reading a newspaper" --out samples/     # flux_4, guidance 4.5 embedded, 512 T5 tokens
 
 --lora: a run's workdir (its latest student and its schedule), a PEFT adapter folder or a diffusers LoRA file.
 --converted: our converted params (python -m swd_jax.convert) instead of MODEL/transformer.
 --sampler scale_wise (default; --schedule PRESET or --scales + --sigmas), full_resolution (the schedule's
-sigmas at one size) or teacher (--steps Euler steps with CFG --guidance, the base model without the LoRA).
+sigmas at one size) or teacher (--steps Euler steps with CFG --guidance, the base model without the LoRA; SD3).
+FLUX (the transformer's _class_name says): --guidance is FLUX-dev's embedded guidance (default 4.5; schnell:
+none), the default schedule flux_4 and 512 T5 tokens.
 Prompts: --prompt (repeatable) and/or --prompts FILE (.txt: one per line; .csv: the column --prompt-column,
 else the first of caption/prompt/captions/text). Writes OUT/00000.png ..., OUT/grid.png (the first 16) and
 OUT/images.json: a list of {"file", "prompt", "seed", "index", + every setting}; prints ms/image. Batches are
@@ -56,15 +60,17 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(prog="python -m swd_jax.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="diffusers SD3/SD3.5 pipeline folder")
+    p.add_argument("--model", required=True, help="diffusers SD3/SD3.5 or FLUX.1 pipeline folder")
     p.add_argument("--converted", help="our converted transformer params (instead of MODEL/transformer)")
     p.add_argument("--lora", help="run workdir, PEFT adapter folder or diffusers LoRA .safetensors")
     p.add_argument("--sampler", choices=("scale_wise", "full_resolution", "teacher"), default="scale_wise")
-    p.add_argument("--schedule", help="preset: sd35_medium_6 (default), sd35_medium_4, sd35_large_4")
+    p.add_argument("--schedule", help="preset: sd35_medium_6 (SD3 default), sd35_medium_4, sd35_large_4, "
+                   "flux_4 (FLUX default)")
     p.add_argument("--scales", type=_ints, help="explicit latent sizes, e.g. 32,48,64,80,96,128")
     p.add_argument("--sigmas", type=_floats, help="explicit sigmas (one more than scales, last 0)")
     p.add_argument("--steps", type=int, default=28, help="teacher Euler steps")
-    p.add_argument("--guidance", type=float, help="CFG scale (default: 1 student, 7 teacher)")
+    p.add_argument("--guidance", type=float, help="CFG scale (default: 1 student, 7 teacher); FLUX-dev: the "
+                   "embedded guidance (default 4.5)")
     p.add_argument("--size", type=int, help="latent size of full_resolution / teacher (default: last scale)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a .txt (one per line) or .csv prompt file")
@@ -75,7 +81,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--num-per-prompt", type=int, default=1)
     p.add_argument("--batch", type=int, help="images per batch (rounded up to a multiple of the device count)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens")
+    p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: SD3 256, FLUX 512)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 

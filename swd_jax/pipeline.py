@@ -1,9 +1,12 @@
-"""SwDPipeline: prompts -> images from a diffusers SD3/SD3.5 folder and an optional SwD LoRA, all in JAX.
+"""SwDPipeline: prompts -> images from a diffusers SD3/SD3.5 or FLUX.1 folder and an optional SwD LoRA, in JAX.
 
     pipe = SwDPipeline.from_pretrained("/models/stable-diffusion-3.5-medium", lora="/runs/sd35m")
     images = pipe.generate(["a cat reading a newspaper"], seed=0)      # uint8 [N, 1024, 1024, 3]
 
 `folder` holds transformer/, vae/, text_encoder{,_2,_3}/ and tokenizer{,_2,_3}/ (a diffusers pipeline folder);
+the transformer's `_class_name` picks the family (`swd_jax.train.backbone`): FLUX.1 (FluxTransformer2DModel) gets
+FLUX's CLIP-L + T5 encoder (512 T5 tokens by default), the `flux_4` preset and, for FLUX-dev, the guidance scale
+through the guidance embedding (default 4.5, as the published FLUX-SwD samples; schnell has none; no CFG);
 `converted=` replaces its transformer by our converted params (`python -m swd_jax.convert`). `lora=` is a run's
 workdir (its latest checkpointed student, with the run's LoRA config and scale schedule from its config.json),
 a PEFT adapter folder (the published SwD adapters; with or without the text-stream targets) or a diffusers LoRA
@@ -29,34 +32,40 @@ import jax.numpy as jnp
 import numpy as np
 
 from swd_jax.convert.peft_lora import import_lora
-from swd_jax.convert.transformer import abstract_params, load_transformer, transformer_folder
+from swd_jax.convert.transformer import transformer_class, transformer_folder
 from swd_jax.convert.vae import load_vae
 from swd_jax.eval.prompts import sample_seed
+from swd_jax.flux_prompt_encoding import FluxPromptEncoder, load_prompt_encoder
+from swd_jax.models.flux import FluxConfig
 from swd_jax.models.layers import LORA, LoraConfig
-from swd_jax.models.mmdit import MMDiT, MMDiTConfig
+from swd_jax.models.mmdit import MMDiTConfig
 from swd_jax.models.vae import decode_latents
 from swd_jax.prompt_encoding import SD3PromptEncoder
 from swd_jax.sampler import SamplerNoise, euler_sample, scale_wise_sample
 from swd_jax.schedule import ScaleSchedule, flow_match_sigmas, get_schedule
+from swd_jax.train.backbone import backbone_of, backbone_of_class
 
 SAMPLERS = ("scale_wise", "full_resolution", "teacher")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DEFAULT_PRESET = "sd35_medium_6"  # the published SwD-Medium default
 TEACHER_GUIDANCE = 7.0  # the reference's SD3.5-Medium CFG (Large: 4.5)
+FLUX_GUIDANCE = 4.5  # the published FLUX-SwD's embedded guidance scale (FLUX-dev)
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
-    """What `generate` runs: `kind`, K latent sizes, K+1 sigmas (last 0), CFG scale (1 = none)."""
+    """What `generate` runs: `kind`, K latent sizes, K+1 sigmas (last 0), CFG scale (1 = none) and FLUX-dev's
+    embedded guidance scale (None: the model has no guidance embedding)."""
 
     kind: str
     scales: tuple[int, ...]
     sigmas: tuple[float, ...]
     guidance_scale: float
+    embedded_guidance: float | None = None
 
     def to_json(self) -> dict:
         return {"sampler": self.kind, "scales": list(self.scales), "sigmas": [round(s, 6) for s in self.sigmas],
-                "guidance_scale": self.guidance_scale}
+                "guidance_scale": self.guidance_scale, "embedded_guidance": self.embedded_guidance}
 
 
 def make_sampler(kind: str = "scale_wise", schedule: str | ScaleSchedule | tuple | None = None, *, steps: int = 28,
@@ -118,7 +127,7 @@ def _latest_checkpoint(ckpt_dir: str) -> str | None:
     return os.path.join(ckpt_dir, str(max(steps)), "state") if steps else None
 
 
-def load_student(path: str, cfg: MMDiTConfig, dtype=jnp.float32) -> Student:
+def load_student(path: str, cfg: MMDiTConfig | FluxConfig, dtype=jnp.float32) -> Student:
     """A run workdir (latest checkpointed student, else its student_peft/), a PEFT folder or a diffusers LoRA file."""
     path = os.path.abspath(path)  # orbax reads no metadata through a relative path
     if not _is_run(path):
@@ -168,9 +177,10 @@ def _decode_uint8(vae, params, x_BHWC):
 
 
 class SwDPipeline:
-    """Text encoders, MMDiT (+ LoRA) and VAE decoder, loaded once; `generate(prompts, ...)` -> uint8 images."""
+    """Text encoders, MMDiT or Flux (+ LoRA) and VAE decoder, loaded once; `generate(prompts, ...)` -> images."""
 
-    def __init__(self, cfg: MMDiTConfig, base: dict, encoder: SD3PromptEncoder, vae, vae_params: dict, *,
+    def __init__(self, cfg: MMDiTConfig | FluxConfig, base: dict, encoder: SD3PromptEncoder | FluxPromptEncoder,
+                 vae, vae_params: dict, *,
                  student: Student | None = None, dtype: str = "float32", mesh: jax.sharding.Mesh,
                  model_folder: str = "", transformer_source: str = ""):
         self.cfg, self.encoder, self.vae, self.student, self.dtype, self.mesh = cfg, encoder, vae, student, dtype, mesh
@@ -180,24 +190,29 @@ class SwDPipeline:
         self.vae_params = jax.device_put(vae_params, self.replicated)
         self.lora = None if student is None else jax.device_put(student.params, self.replicated)
         self.model_folder, self.transformer_source = model_folder, transformer_source
-        model = MMDiT(cfg, lora=None if student is None else student.lora, dtype=DTYPES[dtype],
-                      param_dtype=DTYPES[dtype])
+        self.backbone = backbone_of(cfg)
+        model = self.backbone.module_cls(cfg, lora=None if student is None else student.lora, dtype=DTYPES[dtype],
+                                         param_dtype=DTYPES[dtype])
+
+        def apply(variables, x_BHWC, t_B, cond):  # FLUX-dev: + the embedded guidance scale per example
+            extra = (cond["guidance"],) if "guidance" in cond else ()
+            return model.apply(variables, x_BHWC, t_B, cond["context"], cond["pooled"], *extra)
 
         def teacher(params, x_BHWC, t_B, cond):  # the base model (a LoraDense without factors is its Dense)
-            return model.apply({"params": params["base"]}, x_BHWC, t_B, cond["context"], cond["pooled"])
+            return apply({"params": params["base"]}, x_BHWC, t_B, cond)
 
         def student_fn(params, x_BHWC, t_B, cond):
-            return model.apply({"params": params["base"], LORA: params["lora"]}, x_BHWC, t_B, cond["context"],
-                               cond["pooled"])
+            return apply({"params": params["base"], LORA: params["lora"]}, x_BHWC, t_B, cond)
 
         # made once: the sampler's jitted steps are cached per velocity function object
         self._teacher, self._student = teacher, (student_fn if student is not None else teacher)
 
     @classmethod
     def from_pretrained(cls, folder: str, *, lora: str | None = None, converted: str | None = None,
-                        dtype: str = "float32", max_sequence_length: int = 256,
+                        dtype: str = "float32", max_sequence_length: int | None = None,
                         devices: Sequence[jax.Device] | None = None) -> SwDPipeline:
-        """Load a diffusers SD3/SD3.5 pipeline folder (or `converted` params + that folder) and an optional LoRA."""
+        """Load a diffusers SD3/SD3.5 or FLUX.1 pipeline folder (or `converted` params + that folder) and an
+        optional LoRA. `max_sequence_length`: T5 tokens, default the family's (SD3 256, FLUX 512)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}; choose one of {sorted(DTYPES)}")
         if not os.path.isdir(folder):
@@ -221,19 +236,24 @@ class SwDPipeline:
             base = jax.tree.map(lambda x: x.astype(pdt), base)
             source = os.path.abspath(converted)
         else:
+            import flax.linen as nn
             sub = os.path.join(folder, "transformer")
             tfolder = sub if os.path.isdir(sub) else transformer_folder(folder)
-            cfg = MMDiTConfig.from_folder(tfolder)
-            shardings = jax.tree.map(lambda _: rep, abstract_params(cfg, pdt))
-            _, base = load_transformer(tfolder, dtype=pdt, shardings=shardings)
+            family = backbone_of_class(transformer_class(tfolder))
+            cfg = family.config_cls.from_folder(tfolder)
+            shardings = jax.tree.map(lambda _: rep, nn.unbox(family.boxed_params(cfg, pdt)))
+            _, base = family.load_diffusers(tfolder, dtype=pdt, shardings=shardings)
             source = os.path.abspath(tfolder)
         student = None if lora is None else load_student(lora, cfg)
         vae_dir = os.path.join(folder, "vae")
         if not os.path.isdir(vae_dir):
             raise FileNotFoundError(f"model folder {folder} has no vae/ to decode images with")
         vae, vae_params = load_vae(vae_dir, pdt, pdt)
-        encoder = SD3PromptEncoder(folder, max_sequence_length=max_sequence_length, dtype=pdt, param_dtype=pdt,
-                                   sharding=rep)
+        length = max_sequence_length or backbone_of(cfg).max_sequence_length
+        encoder = load_prompt_encoder(folder, max_sequence_length=length, dtype=pdt, param_dtype=pdt, sharding=rep)
+        if isinstance(encoder, FluxPromptEncoder) != isinstance(cfg, FluxConfig):
+            raise ValueError(f"model folder {folder} holds {type(encoder).__name__}'s text encoders but the "
+                             f"transformer ({source}) is a {backbone_of(cfg).diffusers_class}")
         return cls(cfg, base, encoder, vae, vae_params, student=student, dtype=dtype, mesh=mesh,
                    model_folder=os.path.abspath(folder), transformer_source=source)
 
@@ -245,16 +265,41 @@ class SwDPipeline:
     def vae_factor(self) -> int:
         return self.vae.config.downsample_factor
 
-    def sampler(self, kind: str = "scale_wise", schedule=None, **kwargs) -> SamplerSettings:
-        """`make_sampler` with this pipeline's defaults: the run's schedule when the LoRA is a run's student."""
+    def sampler(self, kind: str = "scale_wise", schedule=None, *, guidance_scale: float | None = None,
+                **kwargs) -> SamplerSettings:
+        """`make_sampler` with this pipeline's defaults: the run's schedule when the LoRA is a run's student, else
+        the family's preset (SD3: sd35_medium_6, FLUX: flux_4). FLUX: `guidance_scale` is the embedded one."""
         if schedule is None and self.student is not None and self.student.schedule is not None:
             schedule = self.student.schedule
-        s = make_sampler(kind, schedule, patch_size=self.cfg.patch_size, **kwargs)
+        schedule = self.backbone.sample_preset if schedule is None else schedule
+        embedded = None
+        if isinstance(self.cfg, FluxConfig):
+            if kind == "teacher":
+                raise ValueError("the teacher sampler is SD3's (Euler + CFG); for FLUX use scale_wise or "
+                                 "full_resolution")
+            embedded, guidance_scale = self.embedded_guidance(guidance_scale), None
+        s = make_sampler(kind, schedule, patch_size=self.backbone.latent_multiple(self.cfg),
+                         guidance_scale=guidance_scale, **kwargs)
+        s = dataclasses.replace(s, embedded_guidance=embedded)
         for size in s.scales:
-            if size > self.cfg.max_latent_size:
+            if size > getattr(self.cfg, "max_latent_size", size):
                 raise ValueError(f"latent size {size} exceeds the model's largest, {self.cfg.max_latent_size} "
                                  f"(pos_embed_max_size x patch size)")
         return s
+
+    def embedded_guidance(self, given: float | None) -> float | None:
+        """FLUX-dev's guidance-embedding input: `given`, else the run's model.guidance, else 4.5; schnell: None."""
+        if not getattr(self.cfg, "guidance_embeds", False):
+            if given is not None:
+                raise ValueError(f"guidance {given}: this FLUX model has no guidance embedding (FLUX-schnell) and "
+                                 "no CFG here; leave the guidance unset")
+            return None
+        if given is None and self.student is not None and self.student.run_config:
+            given = self.student.run_config.get("model", {}).get("guidance")
+        g = FLUX_GUIDANCE if given is None else float(given)
+        if not g > 0:
+            raise ValueError(f"guidance {g}: FLUX-dev's embedded guidance scale must be positive (e.g. 4.5)")
+        return g
 
     def settings(self, sampler: SamplerSettings) -> dict:
         """Every setting an image depends on (besides its prompt and seed), for images.json."""
@@ -277,11 +322,14 @@ class SwDPipeline:
     def sample_latents(self, cond: dict, seeds: Sequence[int], sampler: SamplerSettings,
                        noise: SamplerNoise | None = None) -> jax.Array:
         """Final latents [B, s, s, C] for conditioning `cond`; noise from the per-image `seeds` unless given."""
-        b, c = len(seeds), self.cfg.in_channels
+        b, c = len(seeds), self.cfg.latent_channels
         if noise is None:
             shapes = tuple((s, s, c) for s in sampler.scales)
             drawn = _draw_noise(jax.device_put(np.asarray(seeds, np.uint32), self.batch_sharding), shapes)
             noise = SamplerNoise(drawn[0], tuple(drawn[1:]))
+        if sampler.embedded_guidance is not None:
+            cond = {**cond, "guidance": jax.device_put(np.full((b,), sampler.embedded_guidance, np.float32),
+                                                       self.batch_sharding)}
         guided = sampler.guidance_scale > 1.0
         uncond = self._uncond(b) if guided else None
         if sampler.kind == "teacher":

@@ -28,6 +28,12 @@ class Backbone:
     boxed_params: Callable[..., dict]  # (cfg, param_dtype) -> boxed abstract params
     example_inputs: Callable[..., tuple]  # (cfg, batch) -> positional init inputs
     load_diffusers: Callable[..., tuple]  # (folder, dtype=, shardings=) -> (cfg, params)
+    sample_preset: str  # swd_jax.schedule preset the published SwD student of this family samples with
+    max_sequence_length: int  # T5 tokens the published student samples with
+
+    def latent_multiple(self, cfg) -> int:
+        """What every latent size must be a multiple of: MMDiT's patch; FLUX's 2x2 packing."""
+        return 2 if isinstance(cfg, FluxConfig) else cfg.patch_size
 
     def num_blocks(self, cfg) -> int:
         """Blocks a feature index may name: MMDiT's joint blocks; FLUX's double then single blocks."""
@@ -36,9 +42,9 @@ class Backbone:
 
 BACKBONES = {
     "mmdit": Backbone("mmdit", "SD3Transformer2DModel", MMDiTConfig, MMDiT, mmdit_convert.boxed_params,
-                      mmdit_convert.example_inputs, mmdit_convert.load_transformer),
+                      mmdit_convert.example_inputs, mmdit_convert.load_transformer, "sd35_medium_6", 256),
     "flux": Backbone("flux", "FluxTransformer2DModel", FluxConfig, Flux, flux_convert.boxed_params,
-                     flux_example_inputs, flux_convert.load_flux),
+                     flux_example_inputs, flux_convert.load_flux, "flux_4", 512),
 }
 
 
@@ -48,6 +54,15 @@ def backbone_of(cfg: Any) -> Backbone:
         if isinstance(cfg, b.config_cls):
             return b
     raise TypeError(f"no backbone for config {type(cfg).__name__}")
+
+
+def backbone_of_class(diffusers_class: str) -> Backbone:
+    """The family of a diffusers transformer `_class_name` (SD3Transformer2DModel, FluxTransformer2DModel)."""
+    for b in BACKBONES.values():
+        if b.diffusers_class == diffusers_class:
+            return b
+    raise ValueError(f"transformer class {diffusers_class!r}; expected one of "
+                     f"{sorted(b.diffusers_class for b in BACKBONES.values())}")
 
 
 def backbone_kind(kind: str) -> Backbone:

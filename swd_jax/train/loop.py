@@ -118,6 +118,10 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None,
               f"mesh {dict(run.mesh.shape)}", file=sys.stderr)
     writer = MetricsWriter(workdir)
     validate = _make_validation(run, source, workdir, writer)
+    evaluate = None
+    if c.eval.every > 0:
+        from swd_jax.train.evaluation import TrainingEvaluator
+        evaluate = TrainingEvaluator(run)
     n = batches_per_iteration(m.loss)
     end = c.train.steps if stop_after is None else min(c.train.steps, start + stop_after)
     from tqdm.auto import tqdm
@@ -143,6 +147,8 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None,
                 ckpt.save(step + 1, state, {"step": step + 1, "data_position": source.position}, force=True)
             if validate and ((step + 1) % c.train.sample_every == 0 or step + 1 == c.train.steps):
                 validate(step + 1, state)
+            if evaluate is not None and evaluate.due(step + 1):
+                writer.write(step + 1, evaluate(step + 1, state))
         if pending is not None:
             last = _log(pending, writer, bar, ckpt, t_last, c)
     finally:
