@@ -4,13 +4,22 @@ The loop dispatches iteration N before it reads iteration N-1's metrics (the hos
 compiles one program per scale interval ahead of use, checkpoints asynchronously (student, fake, head, both
 optimiser states, step, PRNG key, data position; never the frozen base), resumes from the latest checkpoint
 automatically, stops with a clear error on a non-finite loss, and exports the student LoRA as a PEFT adapter.
-On a multi-host TPU slice, `jax.distributed.initialize()` runs first (set SWD_DISTRIBUTED=1 or let the
-launcher's environment say so).
+Several processes (a TPU slice, or `launch/local_multiprocess.sh`) run the same loop, each feeding its own
+share of every global batch; `swd_jax.train.distributed` connects them first.
+
+Robustness: the workdir is locked (`<workdir>/.lock`, process 0; a second run stops naming the first one's pid
+and host); a state is saved only if every array is finite, and a checkpoint whose next iteration gives a
+non-finite loss is moved aside (`<step>.nonfinite`), so a rerun never resumes from poisoned weights;
+`metrics.jsonl` holds each step once (a resume drops the rows after its checkpoint; a deleted file is
+recreated). After a kill (any moment: compile, mid-step, inside a save) a rerun resumes from the latest
+complete checkpoint and ends bitwise equal to an uninterrupted run.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import sys
 import time
 
@@ -43,21 +52,77 @@ def to_device(run: Run, host_batches: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(s, np.asarray(v, np.float32)) for k, v in host_batches.items()}
 
 
-class MetricsWriter:
-    """Every metric to TensorBoard (tensorboardX) and to `metrics.jsonl`, from process 0 only."""
+class WorkdirLock:
+    """An exclusive `flock` on `<workdir>/.lock` held by process 0 for the run (released by the OS on a kill)."""
 
     def __init__(self, workdir: str):
+        self.file = None
+        if jax.process_index() != 0:
+            return
+        path = os.path.join(workdir, ".lock")
+        self.file = open(path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "another process"
+            self.file.close()
+            raise RuntimeError(f"{workdir} is in use by {owner}; stop that run or use another --workdir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})")
+        self.file.flush()
+
+    def release(self):
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+
+class MetricsWriter:
+    """Every metric to TensorBoard (tensorboardX) and to `metrics.jsonl` (one row per step), from process 0 only.
+
+    Opening it for a run resumed at `start` drops the rows of later steps (written before a kill, replayed now);
+    a `metrics.jsonl` deleted during the run is recreated with a warning.
+    """
+
+    def __init__(self, workdir: str, start: int = 0):
         self.active = jax.process_index() == 0
         if self.active:
             from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start + 1 if start else None)
+            self.path = os.path.join(workdir, "metrics.jsonl")
+            self._keep_rows_up_to(start)
+            self.jsonl = open(self.path, "a")
+
+    def _keep_rows_up_to(self, start: int):
+        if not os.path.exists(self.path):
+            return
+        kept = []
+        with open(self.path) as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill: only the last can be
+                    print(f"{self.path} line {n}: not JSON (cut by a kill?); dropped", file=sys.stderr)
+                    continue
+                if row.get("step", 0) <= start:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
 
     def write(self, step: int, metrics: dict):
         if not self.active:
             return
         for k, v in metrics.items():
             self.tb.add_scalar(k, v, step)
+        if not os.path.exists(self.path):
+            print(f"{self.path} was deleted during the run; recreated from step {step}", file=sys.stderr)
+            self.jsonl.close()
+            self.jsonl = open(self.path, "a")
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
 
@@ -68,12 +133,14 @@ class MetricsWriter:
 
 
 def _check_finite(step: int, metrics: dict, ckpt: Checkpointer):
+    """Stop on a non-finite loss; the checkpoint it was computed from (step - 1), if any, is moved aside."""
     bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
     if bad:
         ckpt.wait_until_finished()
-        raise FloatingPointError(
-            f"non-finite loss at step {step}: {bad}. Stopped; the last good checkpoint (step "
-            f"{ckpt.latest_step()}) is kept in {ckpt.directory}. Lower the learning rate or check the data.")
+        moved = ckpt.quarantine(step - 1, f"iteration {step} from this state gave non-finite losses {bad}")
+        note = f" Checkpoint {step - 1}, which gave it, was moved to {moved}." if moved else ""
+        raise FloatingPointError(f"non-finite loss at step {step}: {bad}. Stopped.{note} "
+                                 f"{ckpt.last_good_message()} Lower the learning rate or check the data.")
 
 
 def train(config, workdir: str, *, stop_after: int | None = None, devices=None) -> dict:
@@ -82,6 +149,14 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
     `stop_after` ends the loop after that many iterations in this call (used to test resumption).
     """
     os.makedirs(workdir, exist_ok=True)
+    lock = WorkdirLock(workdir)
+    try:
+        return _train_locked(config, workdir, stop_after, devices)
+    finally:
+        lock.release()
+
+
+def _train_locked(config, workdir: str, stop_after: int | None, devices) -> dict:
     run = build_run(config, devices)
     c, m = config, run.models
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=c.train.ckpt_every, keep=c.train.keep)
@@ -91,7 +166,11 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
     if restored is not None:
         run.state, extra = restored
         position, start = extra["data_position"], int(extra["step"])
-        print(f"resumed from step {start} in {ckpt.directory}", file=sys.stderr)
+        saved_on = extra.get("process_count", jax.process_count())
+        note = "" if saved_on == jax.process_count() else (
+            f" (saved by {saved_on} processes, resumed by {jax.process_count()}: every source's global batch "
+            "is a function of (seed, step) alone, so the data order is unchanged)")
+        print(f"resumed from step {start} in {ckpt.directory}{note}", file=sys.stderr)
     local = [d for d in run.mesh.devices.flat if d.process_index == jax.process_index()]
     source = make_source(c, m.schedule, run.mmdit_config, position, devices=local)
     uncond = {k: jax.device_put(np.asarray(v, np.float32), sharding.replicated(run.mesh))
@@ -101,8 +180,8 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(c.to_json_best_effort(indent=2))
         print(f"base params {count_params(run.base):,}; trainable student LoRA {count_params(run.state['student']):,}; "
-              f"mesh {dict(run.mesh.shape)}", file=sys.stderr)
-    writer = MetricsWriter(workdir)
+              f"mesh {dict(run.mesh.shape)}; {jax.process_count()} processes", file=sys.stderr)
+    writer = MetricsWriter(workdir, start)
     validate = _make_validation(run, source, workdir)
     n = m.loss.n_fake_steps + 1
     end = c.train.steps if stop_after is None else min(c.train.steps, start + stop_after)
@@ -119,12 +198,13 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
             if pending is not None:  # read step-1's metrics while `step` runs
                 last = _log(pending, writer, bar, ckpt, t_last, c)
                 t_last = time.perf_counter()
-            pending = (step + 1, metrics, k)
+            pending = (step + 1, metrics, k, source.position)
             if (step + 1) % c.train.ckpt_every == 0 or step + 1 == end:
                 if pending is not None:  # never save a state whose losses were not checked
                     last = _log(pending, writer, bar, ckpt, t_last, c)
                     t_last, pending = time.perf_counter(), None
-                ckpt.save(step + 1, state, {"step": step + 1, "data_position": source.position}, force=True)
+                ckpt.save(step + 1, state, {"step": step + 1, "data_position": source.position,
+                                            "process_count": jax.process_count()}, force=True)
             if validate and ((step + 1) % c.train.sample_every == 0 or step + 1 == c.train.steps):
                 validate(step + 1, state)
         if pending is not None:
@@ -134,17 +214,17 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
         writer.close()
         ckpt.close()
     run.state = state
-    if c.train.export_peft and end == c.train.steps and jax.process_index() == 0:
+    if c.train.export_peft and end == c.train.steps:
         _export(run, workdir)
     return last
 
 
 def _log(pending, writer, bar, ckpt, t_last, c) -> dict:
-    step, metrics, k = pending
+    step, metrics, k, position = pending
     metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
     _check_finite(step, metrics, ckpt)
     dt = time.perf_counter() - t_last
-    metrics.update({"interval": k, "step_time_s": dt, "lr": c.optim.lr, "lr_fake": c.optim.lr_fake,
+    metrics.update({"interval": k, "data_position": position, "step_time_s": dt, "lr": c.optim.lr, "lr_fake": c.optim.lr_fake,
                     "images_per_s": c.train.batch_size * (c.loss.n_fake_steps + 1) / max(dt, 1e-9)})
     bar.update(1)
     if step % c.train.log_every == 0 or step == c.train.steps:
@@ -180,9 +260,17 @@ def _make_validation(run: Run, source, workdir: str):
 
 
 def _export(run: Run, workdir: str):
-    """The trained student LoRA as a PEFT adapter folder (loads with peft.PeftModel.from_pretrained)."""
+    """The trained student LoRA as a PEFT adapter folder (loads with peft.PeftModel.from_pretrained).
+
+    Every process takes part in gathering the (possibly cross-process sharded) LoRA; process 0 writes it.
+    """
     from swd_jax.convert.peft_lora import export_peft
+    student = run.state["student"]
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        student = multihost_utils.process_allgather(student, tiled=True)
+    if jax.process_index() != 0:
+        return
     out = os.path.join(workdir, "student_peft")
-    export_peft(jax.device_get(run.state["student"]), run.models.mmdit.lora, out, cfg=run.mmdit_config,
-                overwrite=True)
+    export_peft(jax.device_get(student), run.models.mmdit.lora, out, cfg=run.mmdit_config, overwrite=True)
     print(f"student LoRA exported to {out}", file=sys.stderr)
