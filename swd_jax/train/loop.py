@@ -52,6 +52,10 @@ def to_device(run: Run, host_batches: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(s, np.asarray(v, np.float32)) for k, v in host_batches.items()}
 
 
+class WorkdirInUse(RuntimeError):
+    """Another run holds the workdir."""
+
+
 class WorkdirLock:
     """An exclusive `flock` on `<workdir>/.lock` held by process 0 for the run (released by the OS on a kill)."""
 
@@ -67,7 +71,7 @@ class WorkdirLock:
             self.file.seek(0)
             owner = self.file.read().strip() or "another process"
             self.file.close()
-            raise RuntimeError(f"{workdir} is in use by {owner}; stop that run or use another --workdir") from None
+            raise WorkdirInUse(f"{workdir} is in use by {owner}; stop that run or use another --workdir") from None
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"pid {os.getpid()} on {socket.gethostname()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})")

@@ -19,8 +19,9 @@ by (seed, row, scale)). The reference derives the previous scale's image from th
 
 Sharding: rows are cut into shards of `--shard_size`; host h of P writes shards i with i % P == h. On a host,
 a batch of `--per_device_batch` x local devices is split over its local devices (data parallel, parameters
-replicated). Resumable: a shard is written under a `.partial` name and renamed when complete; finished
-shards are skipped on a rerun. Undecodable or missing images raise naming the file (`--skip_bad` skips
+replicated). Resumable: a shard is written under a `.partial` name and renamed when complete (beside it
+`<shard>.json` records its row count, checked by the trainer at start-up); finished shards are skipped on a
+rerun. Undecodable or missing images raise naming the file (`--skip_bad` skips
 and counts them instead). Images not of the largest scale's pixel size are center-cropped and resized by
 `data.decode_image` first (the SwD datasets are 1024 px squares: untouched).
 
@@ -196,6 +197,7 @@ def precompute(model_dir: str, data_dir: str, out_dir: str, scales: Sequence[int
             a, b = ranges[i]
             final = os.path.join(out_dir, shard_name(i, len(ranges)))
             partial = final.replace(".array_record", ".partial")
+            bad_before = counts["bad"]
             with ArrayRecordsWriter(partial) as w:
                 for start in range(a, b, batch):
                     idx = list(range(start, min(start + batch, b)))
@@ -212,6 +214,8 @@ def precompute(model_dir: str, data_dir: str, out_dir: str, scales: Sequence[int
                                      "file_name": rows[r][0]})
                             counts["written"] += 1
                     bar.update(len(idx))
+            with open(final + ".json", "w") as f:  # what the trainer's start-up check expects of the shard
+                json.dump({"rows": w.count, "skipped_bad": counts["bad"] - bad_before}, f)
             os.replace(partial, final)
     finally:
         pool.shutdown()

@@ -240,7 +240,7 @@ def open_source(path: str | Sequence[str]) -> RecordSource:
         return RecordSource(tfds.builder_from_directory(path).as_data_source(split="train"), "images")
     if isinstance(path, str):
         if os.path.isdir(path):
-            files = sorted(glob.glob(os.path.join(path, "*.array_record*")))
+            files = sorted(f for f in glob.glob(os.path.join(path, "*.array_record*")) if not f.endswith(".json"))
         else:
             files = sorted(glob.glob(path))
     else:
