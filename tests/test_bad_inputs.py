@@ -167,3 +167,79 @@ def test_incomplete_precomputed_data_is_named_at_start_up(tmp_path):
     open(os.path.join(d, "precompute.json"), "w").write("{")
     with pytest.raises(IncompleteData, match=r"precompute.json: invalid JSON at line 1"):
         check_precomputed(d, files)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# verify's exit codes, convert on NaN weights
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from tests.torch_reference import tiny_sd3_transformer
+    root = tmp_path_factory.mktemp("tiny_sd3")
+    tiny_sd3_transformer("sd35_medium", num_layers=2).save_pretrained(root / "transformer")
+    return root / "transformer"
+
+
+def _rewrite_safetensors(src, dst, edit):
+    from safetensors.numpy import load_file, save_file
+    shutil_copy = __import__("shutil").copytree
+    shutil_copy(src, dst)
+    f = os.path.join(dst, "diffusion_pytorch_model.safetensors")
+    tensors = load_file(f)
+    edit(tensors)
+    save_file(tensors, f)
+    return str(dst)
+
+
+def test_verify_tells_could_not_run_from_tolerance_exceeded(tiny_folder, tmp_path, capsys):
+    from swd_jax.verify import EXIT_COULD_NOT_RUN, main as verify_main
+    missing = _rewrite_safetensors(tiny_folder, tmp_path / "missing", lambda t: t.pop(sorted(t)[0]))
+    assert verify_main([missing, "--sizes", "8", "--text-tokens", "7"]) == EXIT_COULD_NOT_RUN == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: could not run the comparison:") and len(err.splitlines()) == 1, err
+    truncated = tmp_path / "truncated"
+    __import__("shutil").copytree(tiny_folder, truncated)
+    f = truncated / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[:2000])
+    assert verify_main([str(truncated), "--sizes", "8", "--text-tokens", "7"]) == EXIT_COULD_NOT_RUN
+
+
+def test_convert_refuses_nan_weights(tiny_folder, tmp_path, capsys):
+    from swd_jax.convert.__main__ import main as convert_main
+
+    def poison(t):
+        key = next(k for k in sorted(t) if k.endswith("to_q.weight"))
+        t[key] = t[key].copy()
+        t[key][0, 0] = np.nan
+
+    bad = _rewrite_safetensors(tiny_folder, tmp_path / "nan", poison)
+    assert convert_main([bad, str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "weights hold NaN or infinite values, e.g. [\"['transformer_blocks_0']['attn']['to_q']" in \
+        capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out" / "params")
+
+
+def test_bad_files_are_named_with_their_line(tmp_path):
+    from swd_jax.convert.safetensors_reader import SafetensorsFile
+    from swd_jax.models.mmdit import MMDiTConfig
+    from swd_jax.train.records import read_metainfo
+    (tmp_path / "config.json").write_text('{\n  "num_layers": 2,\n  oops\n}')
+    with pytest.raises(ValueError, match=r"config.json: invalid JSON at line 3 column 3"):
+        MMDiTConfig.from_folder(str(tmp_path))
+    (tmp_path / "metainfo.csv").write_bytes(b"file_name,prompt\n0.png,a cat\n1.png,caf\xe9 au lait\n")
+    with pytest.raises(ValueError, match=r"metainfo.csv line 3: not UTF-8 text"):
+        read_metainfo(str(tmp_path / "metainfo.csv"))
+    for name, data in (("huge.safetensors", (10**15).to_bytes(8, "little") + b"{}"),
+                       ("garbled.safetensors", (4).to_bytes(8, "little") + b"\xff\xfe{]"),
+                       ("short.safetensors", b"\x01")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=rf"{name}: (not a safetensors file|garbled safetensors header)"):
+            SafetensorsFile(str(tmp_path / name))
+
+
+def test_bad_adapter_config_is_named(tmp_path):
+    from swd_jax.convert import peft_lora
+    (tmp_path / peft_lora.ADAPTER_CONFIG).write_text("{'r': 4}")
+    (tmp_path / peft_lora.ADAPTER_WEIGHTS).write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"{peft_lora.ADAPTER_CONFIG}: invalid JSON at line 1 column 2"):
+        peft_lora.adapter_files(str(tmp_path))

@@ -213,6 +213,16 @@ class Checkpointer:
                                         f"{wrong[:4]}{' ...' if len(wrong) > 4 else ''}")
         return out["state"], extra
 
+    def read(self, step: int) -> tuple[Any, dict[str, Any]]:
+        """`restore` of `step` into host numpy arrays, shapes and dtypes as stored (inspection, tests)."""
+        import jax.sharding as jsh
+        one = jsh.SingleDeviceSharding(jax.local_devices()[0])
+        meta = self._mngr.item_metadata(step)["state"]
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta,
+                                is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+        state, extra = self.restore(step, abstract)
+        return jax.device_get(state), extra
+
     def restore_latest(self, abstract_state) -> tuple[Any, dict[str, Any]] | None:
         """`restore` of the latest step that reads back intact, or None when there is no step at all.
 

@@ -52,3 +52,19 @@ def _int_env(name: str) -> int:
         return int(os.environ[name])
     except ValueError:
         raise ValueError(f"{name}={os.environ[name]!r} is not an integer") from None
+
+
+_barriers = [0]
+
+
+def barrier(what: str, timeout_s: int = 3600) -> None:
+    """Wait until every process gets here (coordination service; no device collective, so no 30 s gloo timeout).
+
+    Used after compiling: processes finish compiling minutes apart under load, and the first collective of a
+    program gives up after 30 s (gloo's context set-up) when the others are still compiling.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed
+    _barriers[0] += 1
+    jax_distributed.global_state.client.wait_at_barrier(f"swd:{_barriers[0]}:{what}", timeout_in_ms=timeout_s * 1000)

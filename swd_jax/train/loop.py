@@ -26,7 +26,7 @@ import time
 import jax
 import numpy as np
 
-from swd_jax.train import sharding
+from swd_jax.train import distributed, sharding
 from swd_jax.train.checkpoint import Checkpointer
 from swd_jax.train.sources import make_source
 from swd_jax.train.setup import Run, build_run, count_params
@@ -191,14 +191,17 @@ def _train_locked(config, workdir: str, stop_after: int | None, devices) -> dict
     end = c.train.steps if stop_after is None else min(c.train.steps, start + stop_after)
     from tqdm.auto import tqdm
     bar = tqdm(total=c.train.steps, initial=start, desc="SwD", disable=jax.process_index() != 0)
-    pending, last, t_last = None, {}, time.perf_counter()
+    pending, last, t_last, compiled = None, {}, time.perf_counter(), {}
     state = run.state
     try:
         for step in range(start, end):
             k = m.schedule.interval(step)
             batches = to_device(run, source.batches(k, n))
             with jax.set_mesh(run.mesh):
-                state, metrics = fns[k](state, run.base, batches, uncond)
+                if k not in compiled:  # compile ahead, then wait for every process to have compiled too
+                    compiled[k] = fns[k].lower(state, run.base, batches, uncond).compile()
+                    distributed.barrier(f"compiled interval {k}")
+                state, metrics = compiled[k](state, run.base, batches, uncond)
             if pending is not None:  # read step-1's metrics while `step` runs
                 last = _log(pending, writer, bar, ckpt, t_last, c)
                 t_last = time.perf_counter()

@@ -17,7 +17,9 @@ the reference draws `latent_dist.sample()`, afresh at every step; here one draw 
 by (seed, row, scale)). The reference derives the previous scale's image from the current scale's
 (area of area); we area-downscale the original for every scale (equal when the ratios are integers).
 
-Sharding: rows are cut into shards of `--shard_size`; host h of P writes shards i with i % P == h. On a host,
+Sharding: rows are cut into shards of `--shard_size`; host h of P writes shards i with i % P == h (disjoint,
+together all of them). With `--distributed` each process of a slice (or of `launch/local_multiprocess.sh`)
+runs this command; the layout comes as for the trainer (`swd_jax.train.distributed`). On a host,
 a batch of `--per_device_batch` x local devices is split over its local devices (data parallel, parameters
 replicated). Resumable: a shard is written under a `.partial` name and renamed when complete (beside it
 `<shard>.json` records its row count, checked by the trainer at start-up); finished shards are skipped on a
@@ -239,11 +241,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--param_dtype", default="bfloat16", help="float32 if memory allows (T5 weights are fp16)")
     p.add_argument("--store_dtype", default="bfloat16")
     p.add_argument("--skip_bad", action="store_true", help="skip unreadable images instead of raising")
-    p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    p.add_argument("--distributed", action="store_true",
+                   help="several processes: layout from --coordinator/--num_processes/--process_id, else the "
+                        "SWD_COORDINATOR/SWD_NUM_PROCESSES/SWD_PROCESS_ID variables, else auto (TPU VMs)")
+    p.add_argument("--coordinator", help="host:port of process 0 (with --distributed)")
+    p.add_argument("--num_processes", type=int)
+    p.add_argument("--process_id", type=int)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     if a.distributed:
-        jax.distributed.initialize()
+        from swd_jax.train import distributed
+        if not (a.coordinator or os.environ.get("SWD_COORDINATOR")):
+            os.environ.setdefault("SWD_DISTRIBUTED", "1")  # no explicit layout: let jax find the slice's
+        distributed.initialize(a.coordinator, a.num_processes, a.process_id)
     counts = precompute(a.model, a.data, a.out, [int(s) for s in a.scales.split(",")], metainfo=a.metainfo,
                         max_sequence_length=a.max_sequence_length, shard_size=a.shard_size,
                         per_device_batch=a.per_device_batch, latent=a.latent, seed=a.seed, dtype=a.dtype,

@@ -76,7 +76,15 @@ def _pick_column(found: Sequence[str], wanted: str | None, candidates: Sequence[
 def read_metainfo(csv_path: str, *, image_column: str | None = None,
                   prompt_column: str | None = None) -> list[tuple[str, str]]:
     """Read (file name, prompt) pairs from a metainfo.csv, choosing its columns by name."""
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    with open(csv_path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{csv_path} line {line}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at offset "
+                         f"{e.start}); save the csv as UTF-8") from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         found = list(reader.fieldnames or [])
         image_col = _pick_column(found, image_column, IMAGE_COLUMNS, "image file", csv_path)
