@@ -4,9 +4,10 @@ import ml_collections
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    # Where the frozen base (teacher) weights come from: "random" (tiny tests), "diffusers" (a transformer
-    # folder, converted on load), "converted" (the output of `python -m swd_jax.convert`).
-    c.model = dict(source="diffusers", path="", dtype="bfloat16", param_dtype="bfloat16", remat=True,
+    # Where the frozen base (teacher) weights come from: "auto" (model.path is recognised: a converted checkpoint,
+    # a diffusers pipeline or transformer folder), "random" (tiny tests), "diffusers" (a pipeline or transformer
+    # folder, converted on load), "converted" (the output of `swd-convert`).
+    c.model = dict(source="auto", path="", dtype="bfloat16", param_dtype="bfloat16", remat=True,
                    # "xla" | "chunked" (any backend, flash-like memory) | "splash" (TPU) | "cudnn" (GPU);
                    # attention_chunk: query rows per chunk of "chunked".
                    attention_impl="xla", attention_chunk=512,
@@ -21,14 +22,18 @@ def base_config() -> ml_collections.ConfigDict:
                   targets=("to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2"))
     c.head = dict(num_layers=4)
     c.schedule = dict(preset="sd35_medium_4", scales=(), boundaries=(), num_train_steps=28, shift=3.0)
+    # cls_blocks / mmd_blocks: feature blocks of the discriminator and PDM; () = from the depth (11 of 24 as the
+    # reference's Medium, 20 of 38 as Large, else 11/24 of the depth).
     c.loss = dict(n_fake_steps=5, dmd_weight=1.0, gan_g_weight=5e-3, gan_d_weight=1e-2, pdm_weight=1.0,
-                  cfg_teacher=7.0, cls_blocks=(11,), mmd_blocks=(11,), dmd_range=(12, 28), pdm_range=(18, 28),
+                  cfg_teacher=7.0, cls_blocks=(), mmd_blocks=(), dmd_range=(12, 28), pdm_range=(18, 28),
                   pdm_kernel="linear", pdm_per_sample=True, huber_c=1e-3, rbf_bandwidth=100.0,
                   do_dmd=True, do_gan=True, do_pdm=True)
     c.optim = dict(lr=5e-6, lr_fake=5e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, clip_norm=10.0)
     # data.kind: "digits" (built-in toy), "precomputed" (array_record of latents per scale + text embeddings,
     # from swd_jax.precompute), "images" (image records encoded online by our VAE/text encoders from model.path).
-    c.data = dict(kind="precomputed", path="", seed=0, max_sequence_length=256)
+    # data.latent: "sample" (a fresh VAE posterior draw each time an image is used, as the official code) or
+    # "mean" (the posterior mean); VAE sources only.
+    c.data = dict(kind="precomputed", path="", seed=0, max_sequence_length=256, latent="sample")
     c.train = dict(steps=3000, batch_size=64, seed=42, log_every=10, ckpt_every=250, keep=3,
                    sample_every=250, num_samples=8, export_peft=True)
     # Mesh axes (data, fsdp, tensor); -1 takes the remaining devices. Rules map logical axes to mesh axes.

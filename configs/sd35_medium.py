@@ -22,7 +22,7 @@ from configs.common import base_config
 
 def get_config() -> ml_collections.ConfigDict:
     c = base_config()
-    c.model.source = "converted"
+    c.model.source = "auto"  # a converted checkpoint (fastest to load) or the diffusers pipeline folder
     c.model.attention_impl = "chunked"  # 1024 px needs flash-like memory; launch/tpu_pod.sh picks "splash"
     c.schedule.preset = "sd35_medium_4"
     c.loss.cfg_teacher = 7.0

@@ -69,6 +69,28 @@ def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     return m
 
 
+@functools.lru_cache(maxsize=None)
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] float32 bilinear weights (torch `mode="bilinear"`, align_corners=False, no antialias).
+
+    torch's CPU kernel: src = max(in/out * (i + 0.5) - 0.5, 0) in float32, rows floor(src) and the next one
+    (clamped at the last row), weights 1 - frac and frac. pytorch-fid resizes Inception inputs this way.
+    """
+    _check_sizes(in_size, out_size)
+    f32 = np.float32
+    m = np.zeros((out_size, in_size), np.float32)
+    scale = f32(in_size) / f32(out_size)
+    for i in range(out_size):
+        src = max(f32(np.float64(scale) * (i + 0.5) - 0.5), f32(0))
+        i0 = int(np.floor(src))
+        i1 = i0 + (1 if i0 < in_size - 1 else 0)
+        frac = f32(src - f32(i0))
+        m[i, i0] += f32(1) - frac
+        m[i, i1] += frac
+    m.setflags(write=False)
+    return m
+
+
 def _check_sizes(in_size: int, out_size: int):
     if in_size < 1 or out_size < 1:
         raise ValueError(f"resize sizes must be positive, got {in_size} -> {out_size}")
@@ -109,6 +131,11 @@ def area_resize(x: jnp.ndarray, size: int | tuple[int, int], layout: str = "NHWC
 def bicubic_resize(x: jnp.ndarray, size: int | tuple[int, int], layout: str = "NHWC") -> jnp.ndarray:
     """Bicubic-resize x to `size` (torch `interpolate(mode="bicubic", align_corners=False)`, a = -0.75)."""
     return _apply(x, size, layout, bicubic_matrix)
+
+
+def bilinear_resize(x: jnp.ndarray, size: int | tuple[int, int], layout: str = "NHWC") -> jnp.ndarray:
+    """Bilinear-resize x to `size` (torch `interpolate(mode="bilinear", align_corners=False)`, no antialias)."""
+    return _apply(x, size, layout, bilinear_matrix)
 
 
 def resize(x: jnp.ndarray, size: int | tuple[int, int], layout: str = "NHWC") -> jnp.ndarray:

@@ -43,6 +43,19 @@ def mmdit_velocity(model) -> VelocityFn:
     return velocity
 
 
+def flux_velocity(model) -> VelocityFn:
+    """The velocity function of a FLUX module (`swd_jax.models.flux.Flux`).
+
+    params = its variables, `{"params": base}` or with `"lora": student` for the distilled student; cond =
+    {context, pooled} plus, for FLUX-dev, `guidance` [B] (the embedded guidance scale, e.g. 4.5 for FLUX-SwD).
+    Make it once per model and reuse the object: the sampler compiles per velocity function.
+    """
+    def velocity(params, x_BHWC, t_B, cond):
+        return model.apply(params, x_BHWC, t_B, cond["context"], cond["pooled"], cond.get("guidance"))
+
+    return velocity
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerNoise:
     """Explicit noise: `init_BHWC` at scales[0], and `steps[i]` [B, s_{i+1}, s_{i+1}, C] for i = 0..K-2."""

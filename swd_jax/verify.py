@@ -1,9 +1,13 @@
-"""Check our converted MMDiT (+ LoRA) against diffusers/PyTorch on the same random inputs, block by block.
+"""Check our converted MMDiT or FLUX (+ LoRA) against diffusers/PyTorch on the same random inputs, block by block.
 
     python -m swd_jax.verify FOLDER [--lora ADAPTER] [--sizes 64 96 128] [--batch 2] [--dtype float32|bfloat16]
                              [--device cpu|cuda] [--tol T] [--text-tokens 77] [--components]
 
-FOLDER is a diffusers transformer folder or a pipeline folder (then FOLDER/transformer). ADAPTER is a PEFT
+FOLDER is a diffusers transformer folder or a pipeline folder (then FOLDER/transformer); its config's `_class_name`
+picks SD3 (SD3Transformer2DModel) or FLUX (FluxTransformer2DModel: `swd_jax.convert.verify_flux`, blocks numbered
+double then single, sigmas in [0, 1) and for FLUX-dev a guidance scale of 3.5 or 4.5 per example). FOLDER may also
+be a converted checkpoint written by `swd-convert` (what training reads): it is compared with the diffusers folder
+its conversion.json names, or `--reference FOLDER`. Needs the PyTorch extra (`pip install -e .[torch]`). ADAPTER is a PEFT
 adapter folder (loaded on the torch side with `PeftModel.from_pretrained`) or a diffusers LoRA file/folder
 (`load_lora_adapter`); our side uses `swd_jax.convert.peft_lora.import_lora`. At every latent size the same
 random latents, context, pooled vector and one timestep per example (uniform in [0, 1000)) go through both;
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -39,7 +44,8 @@ import ml_dtypes
 import numpy as np
 
 from swd_jax.convert.peft_lora import adapter_files, import_lora
-from swd_jax.convert.transformer import load_transformer, transformer_folder
+from swd_jax.convert.converted import load_converted, model_kind
+from swd_jax.convert.transformer import load_transformer, transformer_class, transformer_folder
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
 
 DEFAULT_TOL = {"float32": 1e-5, "bfloat16": 5e-2}  # see the module docstring
@@ -124,8 +130,11 @@ def _forward(model: MMDiT, variables, x_BHWC, t_B, c_BTJ, p_BP):
 
 
 def our_outputs(folder: str, lora: str | None, runs: dict[int, tuple], dtype: str, device: str,
-                perturb: Callable[[dict], dict] | None = None) -> dict:
-    """{size: (velocity NHWC, [block image hidden states])} from our converter + MMDiT, float32 numpy."""
+                perturb: Callable[[dict], dict] | None = None, converted: str | None = None) -> dict:
+    """{size: (velocity NHWC, [block image hidden states])} from our converter + MMDiT, float32 numpy.
+
+    With `converted` (a checkpoint written by `swd-convert`) our params are read from it, exactly as training
+    reads them, and cast to `dtype` for the comparison; else `folder` is converted in memory."""
     platform = "gpu" if device == "cuda" else device
     try:
         dev = jax.devices(platform)[0]
@@ -133,7 +142,11 @@ def our_outputs(folder: str, lora: str | None, runs: dict[int, tuple], dtype: st
         raise ValueError(f"--device {device}: JAX has no {platform} backend here ({e})") from e
     jdt = _JNP_DTYPES[dtype]
     with jax.default_device(dev):
-        cfg, params = load_transformer(folder, dtype=jdt)
+        if converted is not None:
+            cfg, params = load_converted(converted)
+            params = jax.tree.map(lambda a: jnp.asarray(a, jdt), params)
+        else:
+            cfg, params = load_transformer(folder, dtype=jdt)
         if perturb is not None:
             params = perturb(params)
         variables = {"params": params}
@@ -157,6 +170,15 @@ def our_outputs(folder: str, lora: str | None, runs: dict[int, tuple], dtype: st
 # ----------------------------------------------------------------------------------------------------------------
 # the comparison
 # ----------------------------------------------------------------------------------------------------------------
+def _conversion_source(converted: str) -> str:
+    with open(os.path.join(converted, "conversion.json")) as f:
+        source = json.load(f).get("source", "")
+    if not source or not os.path.isdir(source):
+        raise FileNotFoundError(f"{converted}: its diffusers source {source!r} (conversion.json) is not here; "
+                                "pass --reference FOLDER")
+    return source
+
+
 def _errors(ours, ref) -> tuple[float, float]:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     max_abs = float(np.abs(ours - ref).max())
@@ -179,9 +201,11 @@ def _components(folder: str, device: str, tol: float) -> tuple[dict[str, float],
 def verify(folder: str, lora: str | None = None, sizes: Sequence[int] = (64, 96, 128), batch: int = 2,
            dtype: str = "float32", device: str = "cpu", tol: float | None = None, text_tokens: int = 77,
            seed: int = 0, perturb: Callable[[dict], dict] | None = None, components: bool = False,
-           components_tol: float = DEFAULT_COMPONENTS_TOL, verbose: bool = True) -> dict:
+           components_tol: float = DEFAULT_COMPONENTS_TOL, verbose: bool = True, reference: str | None = None) -> dict:
     """Compare ours vs diffusers -> {"ok", "tol", "errors": {size: {"output"|"block i": (max_abs, rel)}}, ...}.
 
+    `folder` is a diffusers folder (converted in memory) or a converted checkpoint (`swd-convert`'s output; then
+    `reference`, default the source recorded in its conversion.json, is the diffusers folder to compare with).
     `perturb(params) -> params` edits our converted base params before the run (to test that checks bite).
     """
     if dtype not in DEFAULT_TOL:
@@ -191,13 +215,30 @@ def verify(folder: str, lora: str | None = None, sizes: Sequence[int] = (64, 96,
     if batch < 1 or not sizes:
         raise ValueError("need batch >= 1 and at least one latent size")
     tol = DEFAULT_TOL[dtype] if tol is None else tol
+    converted = None
+    if model_kind(folder) == "converted":  # check the checkpoint training reads, against its diffusers source
+        converted, folder = folder, reference or _conversion_source(folder)
+    elif reference is not None:
+        raise ValueError(f"--reference is for a converted checkpoint; {folder} is a diffusers folder")
     tfolder = transformer_folder(folder)
-    cfg = MMDiTConfig.from_folder(tfolder)
+    if transformer_class(tfolder) == "FluxTransformer2DModel":
+        from swd_jax.convert import verify_flux as impl
+        from swd_jax.models.flux import Flux, FluxConfig
+        cfg = FluxConfig.from_folder(tfolder)
+        check = Flux(cfg).check_latent_size
+        runs = {s: impl.make_inputs(cfg, batch, s, text_tokens, seed, dtype) for s in sizes}
+        torch_fn, ours_fn = impl.torch_outputs, impl.our_outputs
+    else:
+        cfg = MMDiTConfig.from_folder(tfolder)
+        check = MMDiT(cfg).check_latent_size
+        runs = {s: _round(make_inputs(cfg, batch, s, text_tokens, seed), dtype) for s in sizes}
+        torch_fn, ours_fn = torch_outputs, our_outputs
+    if converted is not None and type(cfg).from_folder(converted) != cfg:
+        raise ValueError(f"{converted} was not converted from {folder}: their transformer configs differ")
     for s in sizes:
-        MMDiT(cfg).check_latent_size(s, s)
-    runs = {s: _round(make_inputs(cfg, batch, s, text_tokens, seed), dtype) for s in sizes}
-    ref = torch_outputs(tfolder, lora, runs, dtype, device)  # first, then freed: the two never share the GPU
-    ours = our_outputs(tfolder, lora, runs, dtype, device, perturb)
+        check(s, s)
+    ref = torch_fn(tfolder, lora, runs, dtype, device)  # first, then freed: the two never share the GPU
+    ours = ours_fn(tfolder, lora, runs, dtype, device, perturb, converted)
     errors = {}
     for s in sizes:
         (v, feats), (rv, rfeats) = ours[s], ref[s]
@@ -232,7 +273,9 @@ EXIT_TOLERANCE_EXCEEDED, EXIT_COULD_NOT_RUN = 1, 2
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m swd_jax.verify", description=__doc__.split("\n\n")[0])
-    parser.add_argument("folder", help="diffusers transformer folder, or a pipeline folder with transformer/")
+    parser.add_argument("folder", help="diffusers transformer or pipeline folder, or a converted checkpoint (swd-convert)")
+    parser.add_argument("--reference", help="for a converted checkpoint: the diffusers folder it came from "
+                        "(default: the source recorded in its conversion.json)")
     parser.add_argument("--lora", help="PEFT adapter folder or diffusers LoRA .safetensors (file or folder)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 96, 128], help="latent sizes (pixels / 8)")
     parser.add_argument("--batch", type=int, default=2)
@@ -247,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for torch's turn
     try:
         result = verify(args.folder, args.lora, args.sizes, args.batch, args.dtype, args.device, args.tol,
-                        args.text_tokens, args.seed, components=args.components, components_tol=args.components_tol)
+                        args.text_tokens, args.seed, components=args.components, components_tol=args.components_tol,
+                        reference=args.reference)
     except Exception as e:  # noqa: BLE001  any failure to compare is "could not run", never "mismatch"
         first = (str(e).strip().splitlines() or [""])[0]
         print(f"error: could not run the comparison: {type(e).__name__}: {first}", file=sys.stderr)

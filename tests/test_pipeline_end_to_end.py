@@ -62,7 +62,8 @@ def test_online_encoding_source_matches_precompute_layout(sd3, tmp_path):  # noq
     src = OnlineSource(records, str(sd3[1]), schedule, global_batch=2, seed=0, max_sequence_length=T5_LEN,
                        devices=jax.devices()[:2])
     b = src.batches(1, 2)
-    assert b["x"].shape == (2, 2, 8, 8, 4) and b["x_prev"].shape == (2, 2, 4, 4, 4)
+    assert b["x"].shape == b["x_std"].shape == (2, 2, 8, 8, 4)
+    assert b["x_prev"].shape == b["x_prev_std"].shape == (2, 2, 4, 4, 4) and (b["x_std"] > 0).all()
     assert b["context"].shape == (2, 2, 77 + T5_LEN, 64) and b["pooled"].shape == (2, 2, 40)
     assert src.position == 4 and all(np.isfinite(v).all() for v in b.values())
     assert src.uncond()["context"].shape == (1, 77 + T5_LEN, 64)

@@ -138,7 +138,7 @@ def test_precompute_shards_resume_and_bad_images(sd3, tmp_path):
     from swd_jax.train.precompute import precompute
 
     root, data = str(sd3[1]), _dataset(tmp_path / "data", 5)
-    kw = dict(shard_size=2, latent="sample", seed=3, dtype="float32", param_dtype="float32", store_dtype="float32",
+    kw = dict(shard_size=2, dtype="float32", param_dtype="float32", store_dtype="float32",
               devices=jax.devices()[:2], progress=False, max_sequence_length=T5_LEN)
     out = tmp_path / "out"
     assert precompute(root, str(data), str(out), (4, 6, 8), **kw) == {"written": 5, "skipped_shards": 0, "bad": 0}
@@ -152,19 +152,27 @@ def test_precompute_shards_resume_and_bad_images(sd3, tmp_path):
         ref_vae = AutoencoderKL.from_pretrained(os.path.join(root, "vae"))
         img = torch.stack([torch.from_numpy(decode_image((data / f"{i}.png").read_bytes(), None, "float32"))
                            for i in range(5)]).permute(0, 3, 1, 2)
-        posteriors = [ref_vae.encode(torch.nn.functional.interpolate(img, size=2 * s, mode="area")).latent_dist
-                      for s in (4, 6, 8)]
+        # the official sample_batch: area to 8 s, then THAT to 8 s' (the scale before s; s itself at the first)
+        down = {s: torch.nn.functional.interpolate(img, size=2 * s, mode="area") for s in (4, 6, 8)}
+        posteriors = {f"{s}": ref_vae.encode(down[s]).latent_dist for s in (4, 6, 8)}
+        posteriors.update({f"prev_{s}": ref_vae.encode(torch.nn.functional.interpolate(
+            down[s], size=2 * p, mode="area")).latent_dist for s, p in ((6, 4), (8, 6))})
     assert rel_err(np.stack([r["prompt_embeds"] for r in records]), embeds) < 1e-5
     assert rel_err(np.stack([r["pooled_prompt_embeds"] for r in records]), pooled) < 1e-5
     with np.load(out / "uncond.npz") as z:
         assert rel_err(z["prompt_embeds"], uncond[:1]) < 1e-5 and z["pooled_prompt_embeds"].shape == (1, 40)
-    # latents: area-downscaled image -> VAE posterior -> one sample keyed by (seed, row, scale) -> normalised
-    for j, (s, post) in enumerate(zip((4, 6, 8), posteriors)):
+    # posterior moments, normalised: mean (m - shift) * scale, std * scale; no prev_ at the first scale
+    assert {k for k in records[0] if "_" in k and k[-1].isdigit()} == {f"{a}_{s}" for a in ("mean", "std")
+                                                                       for s in (4, 6, 8)} | {
+        f"prev_{a}_{s}" for a in ("mean", "std") for s in (6, 8)}
+    for name, post in posteriors.items():
         mean, std = (t.permute(0, 2, 3, 1).numpy() for t in (post.mean, post.std))
-        eps = np.stack([jax.random.normal(jax.random.fold_in(jax.random.fold_in(jax.random.key(3), r), j),
-                                          (1,) + mean.shape[1:])[0] for r in range(5)])
-        want = (mean + std * eps - TINY_VAE["shift_factor"]) * TINY_VAE["scaling_factor"]
-        assert rel_err(np.stack([r[f"latents_{s}"] for r in records]), want) < 1e-5
+        prefix = "prev_" if name.startswith("prev_") else ""
+        s = name.removeprefix("prev_")
+        want_mean = (mean - TINY_VAE["shift_factor"]) * TINY_VAE["scaling_factor"]
+        assert rel_err(np.stack([r[f"{prefix}mean_{s}"] for r in records]), want_mean) < 1e-5, name
+        assert rel_err(np.stack([r[f"{prefix}std_{s}"] for r in records]), std * TINY_VAE["scaling_factor"]) < 1e-5
+    assert json.loads((out / "precompute.json").read_text())["format"] == 2
     # resume: only the missing shard is redone; other settings into the same folder raise
     shards[1].unlink()
     assert precompute(root, str(data), str(out), (4, 6, 8), **kw) == {"written": 2, "skipped_shards": 2, "bad": 0}

@@ -90,3 +90,18 @@ def test_convert_cli_round_trip(pipeline, tmp_path):
     assert convert_main([str(tmp_path / "nothing"), str(tmp_path / "x"), "--no-progress"]) == 2
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         load_converted(str(tmp_path / "x"))
+
+
+def test_verify_a_converted_checkpoint_against_its_source(pipeline, tmp_path):
+    """What training reads: the converted checkpoint, compared with the diffusers folder conversion.json names."""
+    folder, peft_dir, _ = pipeline
+    dst = str(tmp_path / "conv")
+    assert convert_main([folder, dst, "--no-progress"]) == 0
+    good = verify(dst, lora=peft_dir, **FAST)
+    assert good["ok"] and set(good["errors"][8]) == {"output", "block 0", "block 1"}
+    _, params = load_converted(dst)  # a checkpoint whose weights differ from its source must fail
+    from swd_jax.convert.orbax_params import save_params
+    save_params(os.path.join(dst, "params"), _bump_block1(params), overwrite=True)
+    assert not verify(dst, **FAST)["ok"]
+    with pytest.raises(ValueError, match="--reference is for a converted checkpoint"):
+        verify(folder, reference=folder, **FAST)

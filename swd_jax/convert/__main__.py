@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {cfg.num_layers}-block MMDiT ({args.dtype}) to {args.dst}")
+    single = f" + {cfg.num_single_layers} single" if hasattr(cfg, "num_single_layers") else ""
+    print(f"wrote {type(cfg).__name__.removesuffix('Config')} with {cfg.num_layers}{single} blocks ({args.dtype}) "
+          f"to {args.dst}")
     return 0
 
 

@@ -8,6 +8,8 @@ PEFT folders, loaded with `PeftModel.from_pretrained(pipe.transformer, path)`. d
 files (`pytorch_lora_weights.safetensors`, keys `transformer.<module>.lora_A.weight`, the config, if any, in the
 safetensors metadata) are read too. Anything we cannot reproduce exactly (DoRA, rsLoRA, per-module ranks, LoRA
 on a layer our MMDiT does not adapt, extra or missing tensors) raises with the offending names.
+The model class follows the config: an `MMDiTConfig` (SD3/SD3.5, LoRA on the blocks' attention and MLP
+Linears) or a `FluxConfig` (FLUX.1, LoRA on any Linear, as PEFT's `target_modules` name them).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import numpy as np
 from swd_jax.models.names import diffusers_to_our, our_to_diffusers
 from swd_jax.convert.safetensors_reader import SafetensorsFile
 from swd_jax.convert.transformer import example_inputs
+from swd_jax.models import flux
 from swd_jax.models.layers import LORA, LoraConfig
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
 
@@ -36,6 +39,7 @@ DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 PEFT_PREFIX = "base_model.model."
 DIFFUSERS_PREFIX = "transformer."
+TransformerConfig = MMDiTConfig | flux.FluxConfig
 _FACTOR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
 
 # adapter_config.json fields we read, or that cannot change the adapted forward pass; every other field must be
@@ -59,15 +63,29 @@ _NAMED_UNSUPPORTED = {
 # ----------------------------------------------------------------------------------------------------------------
 # our side: init, shapes, which modules are adapted
 # ----------------------------------------------------------------------------------------------------------------
+def _model_and_inputs(cfg: TransformerConfig, lora: LoraConfig | None):
+    """Our module for `cfg` (MMDiT or Flux, by the config's class) and zero inputs to trace it with."""
+    if isinstance(cfg, flux.FluxConfig):
+        return flux.Flux(cfg, lora=lora), flux.example_inputs(cfg, 1)
+    if isinstance(cfg, MMDiTConfig):
+        return MMDiT(cfg, lora=lora), example_inputs(cfg, 1)
+    raise TypeError(f"expected an MMDiTConfig or FluxConfig, got {type(cfg).__name__}")
+
+
+def diffusers_class(cfg: TransformerConfig) -> str:
+    """The diffusers class name of the transformer `cfg` describes."""
+    return "FluxTransformer2DModel" if isinstance(cfg, flux.FluxConfig) else "SD3Transformer2DModel"
+
+
 @functools.lru_cache(maxsize=8)
-def _abstract_variables(cfg: MMDiTConfig, lora: LoraConfig | None) -> dict:
-    """Shapes of MMDiT(cfg, lora).init: {"params": ..., "lora": ...} (one trace per config, cached, read-only)."""
-    model = MMDiT(cfg, lora=lora)
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *example_inputs(cfg, 1)))
+def _abstract_variables(cfg: TransformerConfig, lora: LoraConfig | None) -> dict:
+    """Shapes of Model(cfg, lora).init: {"params": ..., "lora": ...} (one trace per config, cached, read-only)."""
+    model, inputs = _model_and_inputs(cfg, lora)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))
     return {"params": nn.unbox(variables["params"]), LORA: nn.unbox(variables.get(LORA, {}))}
 
 
-def abstract_lora(cfg: MMDiTConfig, lora: LoraConfig, param_dtype=jnp.float32) -> dict:
+def abstract_lora(cfg: TransformerConfig, lora: LoraConfig, param_dtype=jnp.float32) -> dict:
     """Shapes/dtypes (jax.ShapeDtypeStruct) of the LoRA collection for `cfg` and `lora`; no memory allocated."""
     check_targets(cfg, lora)
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype), _abstract_variables(cfg, lora)[LORA])
@@ -79,7 +97,7 @@ def _draw_a(key, module_id, shape: tuple[int, ...], rank: int, dtype):
     return (jax.random.normal(jax.random.fold_in(key, module_id), shape, jnp.float32) / rank).astype(dtype)
 
 
-def init_lora(cfg: MMDiTConfig, lora: LoraConfig, key: jax.Array, param_dtype=jnp.float32,
+def init_lora(cfg: TransformerConfig, lora: LoraConfig, key: jax.Array, param_dtype=jnp.float32,
               shardings: Any = None) -> dict:
     """A fresh LoRA collection: A ~ N(0, (1/r)^2), B = 0 (PEFT "gaussian"), so the student starts as the teacher.
 
@@ -102,21 +120,21 @@ def init_lora(cfg: MMDiTConfig, lora: LoraConfig, key: jax.Array, param_dtype=jn
     return lora_params if shardings is None else jax.device_put(lora_params, shardings)
 
 
-def _linear_modules(cfg: MMDiTConfig, lora: LoraConfig | None = None) -> dict[str, tuple[int, int]]:
+def _linear_modules(cfg: TransformerConfig, lora: LoraConfig | None = None) -> dict[str, tuple[int, int]]:
     """diffusers module path -> (in, out) of every Dense-like layer of the MMDiT (2-D kernels; any `lora`)."""
     flat = flax.traverse_util.flatten_dict(_abstract_variables(cfg, lora)["params"])
     return {our_to_diffusers("/".join(p[:-1])): tuple(v.shape) for p, v in flat.items()
             if p[-1] == "kernel" and len(v.shape) == 2}
 
 
-def lora_modules(cfg: MMDiTConfig, lora: LoraConfig) -> dict[str, tuple[int, int]]:
+def lora_modules(cfg: TransformerConfig, lora: LoraConfig) -> dict[str, tuple[int, int]]:
     """diffusers module path -> (in, out) of every layer that carries LoRA factors for this config."""
     flat = flax.traverse_util.flatten_dict(_abstract_variables(cfg, lora)[LORA])
     return {our_to_diffusers("/".join(p[:-1])): (v.shape[0], flat[p[:-1] + ("lora_B",)].shape[1])
             for p, v in flat.items() if p[-1] == "lora_A"}
 
 
-def check_targets(cfg: MMDiTConfig, lora: LoraConfig) -> None:
+def check_targets(cfg: TransformerConfig, lora: LoraConfig) -> None:
     """Raise if `lora.targets` match no layer, or a layer PEFT would adapt but our MMDiT does not."""
     matched = {m for m in _linear_modules(cfg, lora) if lora.matches(m)}
     adapted = set(lora_modules(cfg, lora))
@@ -125,7 +143,7 @@ def check_targets(cfg: MMDiTConfig, lora: LoraConfig) -> None:
         raise ValueError(f"LoRA targets {list(lora.targets)} match layers our MMDiT does not adapt (only the "
                          f"attention and feed-forward Linears of the blocks are): {unsupported}")
     if not adapted:
-        raise ValueError(f"LoRA targets {list(lora.targets)} match no layer of this MMDiT")
+        raise ValueError(f"LoRA targets {list(lora.targets)} match no layer of this model")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,7 +159,8 @@ def _factors_by_module(lora_params: dict) -> dict[str, dict[str, Any]]:
     return out
 
 
-def peft_config_dict(lora: LoraConfig, base_model_name_or_path: str | None = None) -> dict[str, Any]:
+def peft_config_dict(lora: LoraConfig, base_model_name_or_path: str | None = None,
+                     base_model_class: str = "SD3Transformer2DModel") -> dict[str, Any]:
     """The adapter_config.json PEFT needs for our LoRA (plain LoRA: no DoRA, no rsLoRA, one rank)."""
     alpha = float(lora.alpha)
     return {
@@ -151,12 +170,16 @@ def peft_config_dict(lora: LoraConfig, base_model_name_or_path: str | None = Non
         "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none",
         "lora_bias": False, "fan_in_fan_out": False, "modules_to_save": None, "inference_mode": True,
         "base_model_name_or_path": base_model_name_or_path,
-        "auto_mapping": {"base_model_class": "SD3Transformer2DModel",
-                         "parent_library": "diffusers.models.transformers.transformer_sd3"},
+        "auto_mapping": {"base_model_class": base_model_class,
+                         "parent_library": _PARENT_LIBRARY[base_model_class]},
     }
 
 
-def export_peft(lora_params: dict, lora: LoraConfig, folder: str, *, cfg: MMDiTConfig | None = None,
+_PARENT_LIBRARY = {"SD3Transformer2DModel": "diffusers.models.transformers.transformer_sd3",
+                   "FluxTransformer2DModel": "diffusers.models.transformers.transformer_flux"}
+
+
+def export_peft(lora_params: dict, lora: LoraConfig, folder: str, *, cfg: TransformerConfig | None = None,
                 dtype=None, base_model_name_or_path: str | None = None, overwrite: bool = False) -> None:
     """Write our LoRA pytree as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
 
@@ -178,7 +201,7 @@ def export_peft(lora_params: dict, lora: LoraConfig, folder: str, *, cfg: MMDiTC
     if cfg is not None:
         want = lora_modules(cfg, lora)
         problems += [f"{m}: missing" for m in sorted(set(want) - set(factors))]
-        problems += [f"{m}: not a LoRA layer of this MMDiT" for m in sorted(set(factors) - set(want))]
+        problems += [f"{m}: not a LoRA layer of this model" for m in sorted(set(factors) - set(want))]
     if problems:
         raise ValueError("cannot export the LoRA pytree:\n  " + "\n  ".join(problems))
     paths = [os.path.join(folder, n) for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)]
@@ -193,10 +216,11 @@ def export_peft(lora_params: dict, lora: LoraConfig, folder: str, *, cfg: MMDiTC
     for module, f in factors.items():
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = cast(f["A"])  # [r, in]
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = cast(f["B"])  # [out, r]
+    base_class = diffusers_class(cfg) if cfg is not None else "SD3Transformer2DModel"
     os.makedirs(folder, exist_ok=True)
     save_file(tensors, paths[1], metadata={"format": "pt"})
     with open(paths[0], "w") as fh:
-        json.dump(peft_config_dict(lora, base_model_name_or_path), fh, indent=2, sort_keys=True)
+        json.dump(peft_config_dict(lora, base_model_name_or_path, base_class), fh, indent=2, sort_keys=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,7 +262,7 @@ def _diffusers_metadata(weights: str) -> dict[str, Any] | None:
     return cfg or None
 
 
-def _lora_config(cfg_dict: dict[str, Any], cfg: MMDiTConfig, source: str) -> LoraConfig:
+def _lora_config(cfg_dict: dict[str, Any], cfg: TransformerConfig, source: str) -> LoraConfig:
     """PEFT LoraConfig fields -> our LoraConfig; anything that changes the math and we do not do raises."""
     bad = []
     for field, value in sorted(cfg_dict.items()):
@@ -262,7 +286,7 @@ def _lora_config(cfg_dict: dict[str, Any], cfg: MMDiTConfig, source: str) -> Lor
     return LoraConfig(rank=int(cfg_dict["r"]), alpha=float(cfg_dict["lora_alpha"]), targets=tuple(sorted(targets)))
 
 
-def import_lora(path: str, cfg: MMDiTConfig, dtype=jnp.float32) -> tuple[LoraConfig, dict]:
+def import_lora(path: str, cfg: TransformerConfig, dtype=jnp.float32) -> tuple[LoraConfig, dict]:
     """A PEFT adapter folder or diffusers LoRA file -> (our LoraConfig, our LoRA pytree), strictly checked.
 
     Tensors are read one at a time from the memory-mapped safetensors file. A diffusers file without stored
@@ -293,7 +317,7 @@ def import_lora(path: str, cfg: MMDiTConfig, dtype=jnp.float32) -> tuple[LoraCon
     check_targets(cfg, lora)
     want = lora_modules(cfg, lora)
     r, problems = lora.rank, []
-    problems += [f"{m}: not a LoRA layer of this MMDiT with targets {list(lora.targets)}"
+    problems += [f"{m}: not a LoRA layer of this model with targets {list(lora.targets)}"
                  for m in sorted(set(shapes) - set(want))]
     problems += [f"{m}: missing (lora_A and lora_B)" for m in sorted(set(want) - set(shapes))]
     out = {}
@@ -310,5 +334,5 @@ def import_lora(path: str, cfg: MMDiTConfig, dtype=jnp.float32) -> tuple[LoraCon
         out[scope + ("lora_A",)] = jnp.asarray(np.asarray(st.get(f["A"][0]), dtype).T)
         out[scope + ("lora_B",)] = jnp.asarray(np.asarray(st.get(f["B"][0]), dtype).T)
     if problems:
-        raise ValueError(f"{weights}: LoRA adapter does not match the MMDiT config:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{weights}: LoRA adapter does not match the transformer config:\n  " + "\n  ".join(problems))
     return lora, flax.traverse_util.unflatten_dict(out)

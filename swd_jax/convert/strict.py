@@ -78,12 +78,14 @@ def _fmt(items: list, limit: int = 12) -> str:
 
 
 def convert_tensors(st: SafetensorsFolder, rename: Rename, abstract_params: Any, *, where: str,
-                    prefix: Path = (), buffers: Mapping[str, Callable[[np.ndarray], bool]] | None = None) -> dict:
+                    prefix: Path = (), buffers: Mapping[str, Callable[[np.ndarray], bool]] | None = None,
+                    place: Callable[[Path, np.ndarray], Any] | None = None) -> dict:
     """Every tensor of `st` renamed, transformed, shape-checked and cast to the abstract leaf's dtype.
 
     `abstract_params` is the model's parameter tree (e.g. `jax.eval_shape(model.init, ...)["params"]`);
     `prefix` is prepended to every renamed path; `buffers` names non-parameter tensors an older checkpoint
-    may hold, each skipped only if its check passes. Returns a nested dict of numpy arrays.
+    may hold, each skipped only if its check passes. Returns a nested dict of numpy arrays, or of whatever
+    `place(path, array)` returns (e.g. `jax.device_put` onto its shards, so the host holds one tensor at a time).
     """
     flat_abstract = {k: v for k, v in traverse_util.flatten_dict(abstract_params).items()}
     filled: dict[Path, np.ndarray] = {}
@@ -112,10 +114,10 @@ def convert_tensors(st: SafetensorsFolder, rename: Rename, abstract_params: Any,
             continue
         arr = np.asarray(arr, dtype=want.dtype)
         if path in filled:
-            if not np.array_equal(filled[path], arr):
+            if not np.array_equal(np.asarray(filled[path]), arr):
                 tie_mismatch.append(f"{key} and {source[path]} (both -> {'/'.join(path)})")
             continue
-        filled[path], source[path] = arr, key
+        filled[path], source[path] = (arr if place is None else place(path, arr)), key
     missing = ["/".join(p) for p in flat_abstract if p not in filled]
     errors = []
     if unknown:

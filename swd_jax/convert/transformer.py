@@ -134,3 +134,17 @@ def transformer_folder(path: str) -> str:
         raise FileNotFoundError(f"{path} is neither a diffusers transformer folder (config.json + safetensors) "
                                 "nor a pipeline folder (model_index.json + transformer/)")
     return path
+
+
+TRANSFORMER_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel")
+
+
+def transformer_class(folder: str) -> str:
+    """`_class_name` of a transformer folder's config.json (SD3Transformer2DModel when absent); others raise."""
+    import json
+    with open(os.path.join(folder, "config.json")) as f:
+        name = json.load(f).get("_class_name", "SD3Transformer2DModel")
+    if name not in TRANSFORMER_CLASSES:
+        raise ValueError(f"{folder}: transformer class {name!r} is not supported; expected one of "
+                         f"{TRANSFORMER_CLASSES}")
+    return name

@@ -38,8 +38,7 @@ from swd_jax.schedule import ScaleSchedule, flow_match_sigmas
 from swd_jax.demo.teacher import TeacherTraining, save_teacher, teacher_exists, train_teacher
 from swd_jax.demo.toy_data import ToyTextEncoder, digit_prompt, load_digits_images
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
-                              "digits_demo.py")
+DEFAULT_CONFIG = "digits_demo"  # configs/digits_demo.py
 
 
 # ----------------------------------------------------------------------------------------------------------------

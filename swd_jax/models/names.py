@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 
 # diffusers containers that are ModuleLists/Sequentials (index follows the name after a dot).
-LIST_CONTAINERS = ("transformer_blocks", "to_out", "net", "down_blocks", "up_blocks", "resnets", "attentions",
-                   "upsamplers", "downsamplers", "layers", "layer", "block")
+LIST_CONTAINERS = ("transformer_blocks", "single_transformer_blocks", "to_out", "net", "down_blocks", "up_blocks",
+                   "resnets", "attentions", "upsamplers", "downsamplers", "layers", "layer", "block")
 
 _TO_OURS = re.compile(r"(^|\.)(" + "|".join(LIST_CONTAINERS) + r")\.(\d+)(?=\.|$)")
 _TO_DIFFUSERS = re.compile(r"(^|/)(" + "|".join(LIST_CONTAINERS) + r")_(\d+)(?=/|$)")

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 CHECKSUMS = "_checksums"  # reserved key of `extra`: {leaf path: checksum}
 
 
-class CorruptCheckpoint(RuntimeError):
+class CorruptCheckpoint(ValueError):
     """A checkpoint step whose files cannot be read or whose arrays do not match their saved checksums."""
 
 

@@ -28,9 +28,10 @@ import numpy as np
 
 from swd_jax.train import distributed, sharding
 from swd_jax.train.checkpoint import Checkpointer
+from swd_jax.train.config_checks import check_values, resume_changes
 from swd_jax.train.sources import make_source
-from swd_jax.train.setup import Run, build_run, count_params
-from swd_jax.train.steps import make_iteration
+from swd_jax.train.setup import Run, build_run, count_params, loss_config
+from swd_jax.train.steps import batches_per_iteration, make_iteration
 
 
 def compile_iterations(run: Run, source) -> dict:
@@ -52,7 +53,7 @@ def to_device(run: Run, host_batches: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(s, np.asarray(v, np.float32)) for k, v in host_batches.items()}
 
 
-class WorkdirInUse(RuntimeError):
+class WorkdirInUse(FileExistsError):
     """Another run holds the workdir."""
 
 
@@ -147,20 +148,25 @@ def _check_finite(step: int, metrics: dict, ckpt: Checkpointer):
                                  f"{ckpt.last_good_message()} Lower the learning rate or check the data.")
 
 
-def train(config, workdir: str, *, stop_after: int | None = None, devices=None) -> dict:
+def train(config, workdir: str, *, stop_after: int | None = None, devices=None,
+          allow_config_change: bool = False) -> dict:
     """Run (or resume) the SwD distillation described by `config`; returns the last logged metrics.
 
-    `stop_after` ends the loop after that many iterations in this call (used to test resumption).
+    `stop_after` ends the loop after that many iterations in this call (used to test resumption). A resume
+    compares `config` with the run's recorded config.json: changes that alter what the run trains are refused
+    unless `allow_config_change` (see `config_checks.resume_changes`); the others are recorded.
     """
+    check_values(config)
     os.makedirs(workdir, exist_ok=True)
+    recorded_changes = _check_resume_config(config, workdir, allow_config_change)
     lock = WorkdirLock(workdir)
     try:
-        return _train_locked(config, workdir, stop_after, devices)
+        return _train_locked(config, workdir, stop_after, devices, recorded_changes)
     finally:
         lock.release()
 
 
-def _train_locked(config, workdir: str, stop_after: int | None, devices) -> dict:
+def _train_locked(config, workdir: str, stop_after: int | None, devices, recorded_changes: list[str]) -> dict:
     run = build_run(config, devices)
     c, m = config, run.models
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=c.train.ckpt_every, keep=c.train.keep)
@@ -170,6 +176,9 @@ def _train_locked(config, workdir: str, stop_after: int | None, devices) -> dict
     if restored is not None:
         run.state, extra = restored
         position, start = extra["data_position"], int(extra["step"])
+        if start > c.train.steps:
+            raise ValueError(f"{ckpt.directory} holds step {start}, beyond train.steps={c.train.steps}: the run "
+                             f"already went further (nothing trained or exported); raise train.steps to go on")
         saved_on = extra.get("process_count", jax.process_count())
         note = "" if saved_on == jax.process_count() else (
             f" (saved by {saved_on} processes, resumed by {jax.process_count()}: every source's global batch "
@@ -181,26 +190,25 @@ def _train_locked(config, workdir: str, stop_after: int | None, devices) -> dict
               for k, v in source.uncond().items()}
     fns = compile_iterations(run, source)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(c.to_json_best_effort(indent=2))
+        _record_config(c, workdir, start, recorded_changes)
         print(f"base params {count_params(run.base):,}; trainable student LoRA {count_params(run.state['student']):,}; "
               f"mesh {dict(run.mesh.shape)}; {jax.process_count()} processes", file=sys.stderr)
     writer = MetricsWriter(workdir, start)
     validate = _make_validation(run, source, workdir)
-    n = m.loss.n_fake_steps + 1
+    n = batches_per_iteration(m.loss)
     end = c.train.steps if stop_after is None else min(c.train.steps, start + stop_after)
     from tqdm.auto import tqdm
     bar = tqdm(total=c.train.steps, initial=start, desc="SwD", disable=jax.process_index() != 0)
-    pending, last, t_last, compiled = None, {}, time.perf_counter(), {}
-    state = run.state
+    pending, last, t_last = None, {}, time.perf_counter()
+    state, compiled = run.state, {}
     try:
         for step in range(start, end):
             k = m.schedule.interval(step)
             batches = to_device(run, source.batches(k, n))
             with jax.set_mesh(run.mesh):
-                if k not in compiled:  # compile ahead, then wait for every process to have compiled too
-                    compiled[k] = fns[k].lower(state, run.base, batches, uncond).compile()
-                    distributed.barrier(f"compiled interval {k}")
+                if k not in compiled:  # ahead of its first use, with a line saying so (cached across runs)
+                    compiled[k] = _compile(fns[k], k, m.schedule, (state, run.base, batches, uncond), bar)
+                    distributed.barrier(f"compiled interval {k}")  # every process compiled: no collective waits
                 state, metrics = compiled[k](state, run.base, batches, uncond)
             if pending is not None:  # read step-1's metrics while `step` runs
                 last = _log(pending, writer, bar, ckpt, t_last, c)
@@ -226,13 +234,53 @@ def _train_locked(config, workdir: str, stop_after: int | None, devices) -> dict
     return last
 
 
+def _compile(fn, k: int, schedule, args, bar):
+    """fn lowered and compiled for these arguments, announced on the progress bar's line with its time."""
+    t0 = time.perf_counter()
+    bar.write(f"compiling scale interval {k} (latent {schedule.scale(k)}; first time only, cached on disk)...",
+              file=sys.stderr)
+    out = fn.lower(*args).compile()
+    bar.write(f"compiled scale interval {k} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return out
+
+
+def _check_resume_config(c, workdir: str, allow: bool) -> list[str]:
+    """Refuse a resume whose config changes what the run trains (unless allowed); the harmless changes."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable recorded config ({e}); move it away to start a new run there") from None
+    refused, allowed = resume_changes(recorded, c)
+    if refused and not allow:
+        raise ValueError(f"{workdir} holds a run with another config; these changes alter what it trains: "
+                         f"{'; '.join(refused)}. Use a new --workdir, or pass --allow-config-change to resume anyway")
+    return refused + allowed
+
+
+def _record_config(c, workdir: str, start: int, changes: list[str]) -> None:
+    """config.json = the config in force; config_history.jsonl keeps every change made on a resume."""
+    if changes:
+        with open(os.path.join(workdir, "config_history.jsonl"), "a") as f:
+            f.write(json.dumps({"resumed_at_step": start, "changes": changes}) + "\n")
+        print(f"resuming with config changes: {'; '.join(changes)}", file=sys.stderr)
+    tmp = os.path.join(workdir, "config.json.tmp")
+    with open(tmp, "w") as f:
+        f.write(c.to_json_best_effort(indent=2))
+    os.replace(tmp, os.path.join(workdir, "config.json"))
+
+
 def _log(pending, writer, bar, ckpt, t_last, c) -> dict:
     step, metrics, k, position = pending
     metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
     _check_finite(step, metrics, ckpt)
     dt = time.perf_counter() - t_last
-    metrics.update({"interval": k, "data_position": position, "step_time_s": dt, "lr": c.optim.lr, "lr_fake": c.optim.lr_fake,
-                    "images_per_s": c.train.batch_size * (c.loss.n_fake_steps + 1) / max(dt, 1e-9)})
+    metrics.update({"interval": k, "data_position": position, "step_time_s": dt, "lr": c.optim.lr,
+                    "lr_fake": c.optim.lr_fake,
+                    "images_per_s": c.train.batch_size * batches_per_iteration(loss_config(c)) / max(dt, 1e-9)})
     bar.update(1)
     if step % c.train.log_every == 0 or step == c.train.steps:
         writer.write(step, metrics)

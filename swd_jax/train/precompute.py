@@ -1,21 +1,28 @@
-"""Precompute SwD training inputs: SD3 text embeddings and VAE latents at every scale, as array_record shards.
+"""Precompute SwD training inputs: SD3 text embeddings and VAE posterior moments at every scale, as array_record shards.
 
     python -m swd_jax.precompute --model /ckpt/stable-diffusion-3.5-medium --data /data/sd35_medium_train_data \
         --out /data/sd35m_pre --scales 64,80,96,128
 
 Input: an SwD dataset folder (images + `metainfo.csv`, columns found by name as `data.read_metainfo` does).
-Output, in `--out` (the `PrecomputedSource` of `train_data` reads it):
-- `precomputed-{i:05d}-of-{n:05d}.array_record`: one record per image (`data.encode_array_record`) with
-  `latents_{s}` [s, s, C] for every scale s (normalised: `(z - shift) * scale`), `prompt_embeds`
-  [77 + T, D_t5], `pooled_prompt_embeds` [P] (all `--store_dtype`), `prompt` and `file_name` (str);
+Output, in `--out` (the `PrecomputedSource` of `train_data` reads it), format `FORMAT`:
+- `precomputed-{i:05d}-of-{n:05d}.array_record`: one record per image (`data.encode_array_record`) holding, for
+  every scale s, the VAE posterior of the image at s: `mean_{s}` and `std_{s}` [s, s, C], normalised (mean
+  `(m - shift) * scale`, std `exp(logvar / 2) * scale`, so a normalised latent is `mean + std * eps`), and for
+  every scale but the first the posterior of its previous-scale image: `prev_mean_{s}`, `prev_std_{s}`
+  [s', s', C] (s' the scale before s); `prompt_embeds` [77 + T, D_t5], `pooled_prompt_embeds` [P] (all
+  `--store_dtype`), `prompt` and `file_name` (str);
 - `uncond.npz`: `prompt_embeds` [1, 77 + T, D_t5] and `pooled_prompt_embeds` [1, P] (float32), the empty prompt;
-- `precompute.json`: the settings; a rerun with other settings into the same folder raises.
+- `precompute.json`: the settings and the format; a rerun with other settings into the same folder raises,
+  and the trainer refuses a folder of another format, saying how to redo it.
 
-Latent at scale s: the image area-downscaled (torch `interpolate(mode="area")`, `resize.area_resize`) to
-s * 8 px, VAE-encoded, and either the posterior mean or one posterior sample (`--latent sample`, the default:
-the reference draws `latent_dist.sample()`, afresh at every step; here one draw per image and scale, seeded
-by (seed, row, scale)). The reference derives the previous scale's image from the current scale's
-(area of area); we area-downscale the original for every scale (equal when the ratios are integers).
+Images, as the official `sample_batch` (yandex-research/swd `src/utils/train_utils.py`) makes them: the image
+area-downscaled (torch `interpolate(mode="area")`, `resize.area_resize`) to s * 8 px, and the previous-scale
+image area-downscaled from THAT to s' * 8 px (a cascade; not from the original: where s / s' is not an
+integer the two differ by 10-20%). At the first scale the previous-scale image is the image itself (the
+official code's `previous_scales = scales`): readers use `mean_{s}` / `std_{s}` for both, and draw twice.
+The official code draws `latent_dist.sample()` afresh every time an image is used; the trainer does the
+same from the stored moments, with the step's PRNG key (`swd_jax.train.steps.draw_latents`), or takes the
+mean with `--config.data.latent=mean`.
 
 Sharding: rows are cut into shards of `--shard_size`; host h of P writes shards i with i % P == h (disjoint,
 together all of them). With `--distributed` each process of a slice (or of `launch/local_multiprocess.sh`)
@@ -28,7 +35,8 @@ and counts them instead). Images not of the largest scale's pixel size are cente
 `data.decode_image` first (the SwD datasets are 1024 px squares: untouched).
 
 Memory: every encoder is replicated on each local device; T5-XXL alone is ~9.5 GB at
-`--param_dtype bfloat16` (~19 GB at float32).
+`--param_dtype bfloat16` (~19 GB at float32). Storage per image (SD3.5-M scales 64,80,96,128, bf16): 3.6 MB
+of posterior moments + 2.7 MB of T5 embeddings at 256 tokens.
 """
 from __future__ import annotations
 
@@ -50,13 +58,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from swd_jax.convert.vae import load_vae
 from swd_jax.train.records import ArrayRecordsWriter, decode_image, read_metainfo
-from swd_jax.models.vae import AutoencoderKL, normalize_latents, sample_latent
+from swd_jax.models.vae import AutoencoderKL, normalize_latents
 from swd_jax.prompt_encoding import SD3PromptEncoder, TextModels, encode_tokens
 from swd_jax.resize import area_resize
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-SETTINGS = ("scales", "max_sequence_length", "latent", "seed", "store_dtype", "dtype", "n_rows", "shard_size")
+FORMAT = 2  # 1: one posterior sample per scale, previous scale not cascaded; 2: moments, cascade
 
 
 def shard_name(i: int, n: int) -> str:
@@ -68,44 +76,71 @@ def shard_ranges(n_rows: int, shard_size: int) -> list[tuple[int, int]]:
     return [(a, min(a + shard_size, n_rows)) for a in range(0, n_rows, shard_size)]
 
 
+def previous_scales(scales: Sequence[int]) -> tuple[int, ...]:
+    """The scale before each of `scales` (strictly increasing); the first scale's is itself."""
+    scales = tuple(int(s) for s in scales)
+    if not scales or any(a >= b for a, b in zip(scales, scales[1:])):
+        raise ValueError(f"scales must be strictly increasing latent sizes, got {list(scales)}")
+    return scales[:1] + scales[:-1]
+
+
 @dataclasses.dataclass(frozen=True)
 class LatentSpec:
-    """How latents are made: scales, posterior mean or sample (seeded by (seed, row, scale)), stored dtype."""
+    """Which posteriors are made: the image at each of `scales`, and its cascade to the paired `prev_scales`."""
 
     scales: tuple[int, ...]
-    latent: str
-    seed: int
+    prev_scales: tuple[int, ...]
     store_dtype: Any
+
+
+def cascade_images(img_BHWC: jax.Array, size: int, prev_size: int) -> tuple[jax.Array, jax.Array]:
+    """The official `sample_batch` images: area-resize to `size` px, then THAT to `prev_size` px."""
+    img = area_resize(img_BHWC, size)
+    return img, area_resize(img, prev_size)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def encode_batch(text_models: TextModels, vae: AutoencoderKL, spec: LatentSpec, params: dict, img_BHWC: jax.Array,
-                 ids: dict, rows_B: jax.Array) -> dict[str, jax.Array]:
-    """Images in [-1, 1] at the largest scale, token ids, row ids -> {latents_s, prompt_embeds, pooled_...}."""
+                 ids: dict) -> dict[str, jax.Array]:
+    """Images in [-1, 1] at the largest scale, token ids -> {mean_s, std_s, prev_mean_s, prev_std_s, embeddings}."""
     out = {}
     out["prompt_embeds"], out["pooled_prompt_embeds"] = encode_tokens(text_models, params["text"], ids)
-    keys_B = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(spec.seed), r))(rows_B)
-    for j, s in enumerate(spec.scales):
-        x = area_resize(img_BHWC, vae.config.downsample_factor * s)
+    f = vae.config.downsample_factor
+
+    def moments(x):
         mean, logvar = vae.apply({"params": params["vae"]}, x, method=AutoencoderKL.encode)
-        if spec.latent == "sample":
-            z = jax.vmap(lambda m, lv, k: sample_latent(m[None], lv[None], jax.random.fold_in(k, j))[0])(
-                mean, logvar, keys_B)
-        else:
-            z = mean
-        out[f"latents_{s}"] = normalize_latents(z, vae.config)
+        return normalize_latents(mean, vae.config), jnp.exp(0.5 * logvar) * vae.config.scaling_factor
+
+    for s, s_prev in zip(spec.scales, spec.prev_scales):
+        img, img_prev = cascade_images(img_BHWC, f * s, f * s_prev)
+        out[f"mean_{s}"], out[f"std_{s}"] = moments(img)
+        if s_prev != s:
+            out[f"prev_mean_{s}"], out[f"prev_std_{s}"] = moments(img_prev)
     return {k: v.astype(spec.store_dtype) for k, v in out.items()}
+
+
+def check_format(path: str) -> None:
+    """Raise, saying how to redo it, if the precompute folder `path` was written in another format."""
+    settings = os.path.join(path, "precompute.json")
+    if not os.path.exists(settings):
+        return
+    with open(settings) as f:
+        old = json.load(f)
+    if old.get("format", 1) != FORMAT:
+        scales = ",".join(str(s) for s in old.get("scales", [])) or "S1,S2,..."
+        raise ValueError(
+            f"{path} was precomputed in format {old.get('format', 1)} (one fixed VAE sample per scale, previous "
+            f"scale not cascaded); the trainer needs format {FORMAT}: redo it into a new folder with "
+            f"`python -m swd_jax.precompute --model MODEL --data DATA --out NEW_DIR --scales {scales}`")
 
 
 class Precomputer:
     """Encoders and tokenizers with parameters replicated over `devices`; batches split over them."""
 
     def __init__(self, model_dir: str, scales: Sequence[int], *, max_sequence_length: int = 256,
-                 latent: str = "sample", seed: int = 0, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                 store_dtype=jnp.bfloat16, devices: Sequence[jax.Device] | None = None):
-        if latent not in ("sample", "mean"):
-            raise ValueError(f"latent must be 'sample' or 'mean', got {latent!r}")
-        self.spec = LatentSpec(tuple(int(s) for s in scales), latent, int(seed), store_dtype)
+                 dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, store_dtype=jnp.bfloat16,
+                 devices: Sequence[jax.Device] | None = None):
+        self.spec = LatentSpec(tuple(int(s) for s in scales), previous_scales(scales), store_dtype)
         self.mesh = Mesh(np.asarray(devices or jax.local_devices()), ("data",))
         replicated = NamedSharding(self.mesh, P())
         self.text = SD3PromptEncoder(model_dir, max_sequence_length=max_sequence_length, dtype=dtype,
@@ -119,11 +154,11 @@ class Precomputer:
     def n_devices(self) -> int:
         return self.mesh.size
 
-    def __call__(self, images_BHWC: np.ndarray, prompts: Sequence[str], rows: np.ndarray) -> dict[str, jax.Array]:
+    def __call__(self, images_BHWC: np.ndarray, prompts: Sequence[str], spec: LatentSpec | None = None
+                 ) -> dict[str, jax.Array]:
         """Dispatch one batch (its size a multiple of the device count); returns device arrays (async)."""
-        inputs = jax.device_put((images_BHWC, self.text.tokenize(prompts), np.asarray(rows, np.int32)),
-                                self.data_sharding)
-        return encode_batch(self.text.models, self.vae, self.spec, self.params, *inputs)
+        inputs = jax.device_put((images_BHWC, self.text.tokenize(prompts)), self.data_sharding)
+        return encode_batch(self.text.models, self.vae, spec or self.spec, self.params, *inputs)
 
     def uncond(self) -> dict[str, np.ndarray]:
         embeds, pooled = self.text.encode_prompt([""])
@@ -147,6 +182,7 @@ def _check_settings(out_dir: str, settings: dict) -> None:
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
+        check_format(out_dir)
         diff = {k: (old.get(k), settings[k]) for k in settings if old.get(k) != settings[k]}
         if diff:
             raise ValueError(f"{out_dir} holds a precompute with other settings {diff} (old, new); use a new --out")
@@ -157,7 +193,7 @@ def _check_settings(out_dir: str, settings: dict) -> None:
 
 def precompute(model_dir: str, data_dir: str, out_dir: str, scales: Sequence[int], *, metainfo: str = "metainfo.csv",
                max_sequence_length: int = 256, shard_size: int = 512, per_device_batch: int = 1,
-               latent: str = "sample", seed: int = 0, dtype: str = "bfloat16", param_dtype: str = "bfloat16",
+               dtype: str = "bfloat16", param_dtype: str = "bfloat16",
                store_dtype: str = "bfloat16", skip_bad: bool = False, devices=None, progress: bool = True) -> dict:
     """Write this host's shards of `data_dir` into `out_dir`; returns counts {written, skipped_shards, bad}."""
     for name, d in (("dtype", dtype), ("param_dtype", param_dtype), ("store_dtype", store_dtype)):
@@ -165,12 +201,12 @@ def precompute(model_dir: str, data_dir: str, out_dir: str, scales: Sequence[int
             raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {d!r}")
     rows = read_metainfo(metainfo if os.path.isabs(metainfo) else os.path.join(data_dir, metainfo))
     os.makedirs(out_dir, exist_ok=True)
-    settings = dict(scales=list(scales), max_sequence_length=max_sequence_length, latent=latent, seed=seed,
+    previous_scales(scales)
+    settings = dict(format=FORMAT, scales=list(scales), max_sequence_length=max_sequence_length,
                     store_dtype=store_dtype, dtype=dtype, n_rows=len(rows), shard_size=shard_size)
     _check_settings(out_dir, settings)
-    enc = Precomputer(model_dir, scales, max_sequence_length=max_sequence_length, latent=latent, seed=seed,
-                      dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype], store_dtype=DTYPES[store_dtype],
-                      devices=devices)
+    enc = Precomputer(model_dir, scales, max_sequence_length=max_sequence_length, dtype=DTYPES[dtype],
+                      param_dtype=DTYPES[param_dtype], store_dtype=DTYPES[store_dtype], devices=devices)
     if jax.process_index() == 0 and not os.path.exists(os.path.join(out_dir, "uncond.npz")):
         tmp = os.path.join(out_dir, "uncond.partial.npz")
         np.savez(tmp, **enc.uncond())
@@ -210,7 +246,7 @@ def precompute(model_dir: str, data_dir: str, out_dir: str, scales: Sequence[int
                         pad = batch - len(keep)
                         rs = [r for r, _ in keep] + [keep[-1][0]] * pad
                         x = np.stack([im for _, im in keep] + [keep[-1][1]] * pad)
-                        out = jax.device_get(enc(x, [rows[r][1] for r in rs], np.asarray(rs)))
+                        out = jax.device_get(enc(x, [rows[r][1] for r in rs]))
                         for n, r in enumerate(rs[:len(keep)]):
                             w.write({**{k: v[n] for k, v in out.items()}, "prompt": rows[r][1],
                                      "file_name": rows[r][0]})
@@ -235,8 +271,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens")
     p.add_argument("--shard_size", type=int, default=512)
     p.add_argument("--per_device_batch", type=int, default=1)
-    p.add_argument("--latent", choices=("sample", "mean"), default="sample")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", help="compute dtype")
     p.add_argument("--param_dtype", default="bfloat16", help="float32 if memory allows (T5 weights are fp16)")
     p.add_argument("--store_dtype", default="bfloat16")
@@ -256,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         distributed.initialize(a.coordinator, a.num_processes, a.process_id)
     counts = precompute(a.model, a.data, a.out, [int(s) for s in a.scales.split(",")], metainfo=a.metainfo,
                         max_sequence_length=a.max_sequence_length, shard_size=a.shard_size,
-                        per_device_batch=a.per_device_batch, latent=a.latent, seed=a.seed, dtype=a.dtype,
+                        per_device_batch=a.per_device_batch, dtype=a.dtype,
                         param_dtype=a.param_dtype, store_dtype=a.store_dtype, skip_bad=a.skip_bad)
     print(json.dumps({"host": jax.process_index(), **counts}), file=sys.stderr)
 

@@ -17,7 +17,8 @@ from swd_jax.convert.transformer import boxed_params, example_inputs
 from swd_jax.discriminator import DiscriminatorHead
 from swd_jax.models.layers import ATTENTION_IMPLS, LORA, LoraConfig
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
-from swd_jax.schedule import ScaleSchedule, get_schedule
+from swd_jax.convert.converted import model_kind
+from swd_jax.schedule import PRESETS, ScaleSchedule, get_schedule
 from swd_jax.train.steps import LossConfig, SwDModels, init_state
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -53,6 +54,9 @@ def loss_config(c) -> LossConfig:
         raise ValueError(f"unknown loss config fields: {unknown}")
     for k in ("cls_blocks", "mmd_blocks", "dmd_range", "pdm_range"):
         d[k] = tuple(d[k])
+    if d.get("do_gan", True) and not d.get("do_dmd", True):
+        raise ValueError("loss.do_gan=True needs loss.do_dmd=True: the discriminator head trains in the fake "
+                         "updates, which run only with DMD on (as in the official train.py); set loss.do_gan=False")
     return LossConfig(**d)
 
 
@@ -60,20 +64,17 @@ def load_base(c, mesh) -> tuple[MMDiTConfig, dict]:
     """The frozen base transformer weights, sharded on `mesh` by their logical axes (FSDP by default)."""
     m = c.model
     pdt = _dtype(m.param_dtype, "model.param_dtype")
-    if m.source == "random":
+    source = model_source(m.source, m.path)
+    if source == "random":
         cfg = MMDiTConfig(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in m.random.items()})
-    elif m.source in ("diffusers", "converted"):
-        if not m.path:
-            raise ValueError(f"model.source={m.source!r} needs model.path")
-        cfg = _read_model_config(m.source, m.path)
     else:
-        raise ValueError(f"model.source={m.source!r}; expected 'random', 'diffusers' or 'converted'")
+        cfg = _read_model_config(source, m.path)
     shardings = sharding.boxed_shardings(boxed_params(cfg, pdt), mesh, c.mesh.rules)
-    if m.source == "random":
+    if source == "random":
         model = MMDiT(cfg, param_dtype=pdt)
         init = lambda: nn.unbox(model.init(jax.random.key(c.train.seed), *example_inputs(cfg, 1))["params"])
         return cfg, jax.jit(init, out_shardings=shardings)()
-    if m.source == "diffusers":
+    if source == "diffusers":
         from swd_jax.convert.transformer import load_transformer
         folder = os.path.join(m.path, "transformer") if os.path.isdir(os.path.join(m.path, "transformer")) else m.path
         return load_transformer(folder, dtype=pdt, shardings=shardings)
@@ -86,11 +87,49 @@ def load_base(c, mesh) -> tuple[MMDiTConfig, dict]:
     return cfg, params
 
 
+def model_source(source: str, path: str) -> str:
+    """'random', 'diffusers' or 'converted': model.source, with 'auto' recognising what model.path holds."""
+    if source not in ("auto", "random", "diffusers", "converted"):
+        raise ValueError(f"model.source={source!r}; expected 'auto', 'random', 'diffusers' or 'converted'")
+    if source == "random":
+        return source
+    if not path:
+        raise ValueError(f"model.source={source!r} needs model.path (a converted checkpoint, or a diffusers "
+                         "pipeline or transformer folder)")
+    kind = model_kind(path)
+    found = "converted" if kind == "converted" else "diffusers"
+    if source != "auto" and source != found:
+        raise ValueError(f"model.path {path} is a {'converted checkpoint' if kind == 'converted' else 'diffusers ' + kind + ' folder'}"
+                         f", but model.source={source!r}: set --config.model.source=auto (or {found!r})")
+    return found
+
+
+def default_feature_block(num_layers: int) -> int:
+    """The reference's feature block for its depths (11 of 24 for Medium, 20 of 38 for Large), else 11/24 of the depth."""
+    return {24: 11, 38: 20}.get(num_layers, min(num_layers - 1, max(0, round(num_layers * 11 / 24))))
+
+
 def _read_model_config(source: str, path: str) -> MMDiTConfig:
     if source == "diffusers":
         sub = os.path.join(path, "transformer")
         return MMDiTConfig.from_folder(sub if os.path.isdir(sub) else path)
     return MMDiTConfig.from_folder(path)
+
+
+def check_schedule_fits(schedule: ScaleSchedule, cfg: MMDiTConfig) -> None:
+    """Every scale a multiple of the patch and within the position grid; else name what fits."""
+    bad = [s for s in schedule.scales if s > cfg.max_latent_size or s % cfg.patch_size]
+    if not bad:
+        return
+    fitting = [name for name, p in PRESETS.items()
+               if all(s <= cfg.max_latent_size and s % cfg.patch_size == 0 for s in p.scales)]
+    top, patch = cfg.max_latent_size, cfg.patch_size
+    example = sorted({max(patch, top * f // (4 * patch) * patch) for f in (2, 3, 4)})
+    bounds = {1: "0,28", 2: "0,14,28", 3: "0,7,14,28"}[len(example)]
+    raise ValueError(f"schedule scales {tuple(schedule.scales)} do not fit this model: {bad} are not multiples of "
+                     f"patch {patch} up to {top} (position grid {cfg.pos_embed_max_size} x patch {patch}); "
+                     f"presets that fit: {fitting or 'none'}; e.g. --config.schedule.preset= "
+                     f"--config.schedule.scales={','.join(map(str, example))} --config.schedule.boundaries={bounds}")
 
 
 @dataclasses.dataclass
@@ -107,20 +146,23 @@ class Run:
 
 
 def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
-    """Check the config, load/shard the base weights, create student/fake LoRA, head and optimiser states."""
+    """Check the config, load/shard the base weights, create student/fake LoRA, head and optimiser states.
+
+    With DMD off there are no fake updates (official train.py): no fake LoRA, head or fake optimiser state.
+    """
     mesh = sharding.make_mesh(c.mesh.shape, devices=devices)
     sharding.check_batch(c.train.batch_size, mesh)
     schedule = make_schedule(c)
     loss = loss_config(c)
     cfg, base = load_base(c, mesh)
+    auto = {name: (default_feature_block(cfg.num_layers),) for name in ("cls_blocks", "mmd_blocks")
+            if not getattr(loss, name)}
+    loss = dataclasses.replace(loss, **auto)
     for name in ("cls_blocks", "mmd_blocks"):
         bad = [b for b in getattr(loss, name) if not 0 <= b < cfg.num_layers]
         if bad:
             raise ValueError(f"loss.{name} {bad} outside the model's blocks 0..{cfg.num_layers - 1}")
-    for s in schedule.scales:
-        if s > cfg.max_latent_size or s % cfg.patch_size:
-            raise ValueError(f"schedule scale {s} does not fit the model (patch {cfg.patch_size}, "
-                             f"largest latent {cfg.max_latent_size})")
+    check_schedule_fits(schedule, cfg)
     if c.model.attention_impl not in ATTENTION_IMPLS:
         raise ValueError(f"model.attention_impl={c.model.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
     if c.model.attention_chunk < 8:
@@ -141,7 +183,11 @@ def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
     def init_lora(key):
         return lora_model.init(key, *ex)[LORA]
 
-    lora_shardings = sharding.boxed_shardings(jax.eval_shape(init_lora, jax.random.key(0)), mesh, c.mesh.rules)
+    abstract_lora = jax.eval_shape(init_lora, jax.random.key(0))
+    if not jax.tree.leaves(abstract_lora):
+        raise ValueError(f"lora.targets={tuple(c.lora.targets)} match no layer of the model; use diffusers module "
+                         "names such as to_q, to_k, to_v, to_out.0, add_q_proj, to_add_out, net.0.proj, net.2")
+    lora_shardings = sharding.boxed_shardings(abstract_lora, mesh, c.mesh.rules)
     head_init = lambda key: head.init(key, jnp.zeros((1, 1, cfg.inner_dim)))["params"]
     head_shardings = sharding.boxed_shardings(jax.eval_shape(head_init, jax.random.key(0)), mesh, c.mesh.rules)
 
@@ -149,10 +195,11 @@ def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
         key = jax.random.key(seed)
         k_student, k_fake, k_head = jax.random.split(key, 3)
         student = nn.unbox(init_lora(k_student))
-        fake = nn.unbox(init_lora(k_fake))
         student = jax.lax.with_sharding_constraint(student, nn.unbox(lora_shardings))
-        fake = jax.lax.with_sharding_constraint(fake, nn.unbox(lora_shardings))
-        heads = jax.lax.with_sharding_constraint(nn.unbox(head_init(k_head)), nn.unbox(head_shardings))
+        fake = heads = None
+        if models.loss.do_dmd:
+            fake = jax.lax.with_sharding_constraint(nn.unbox(init_lora(k_fake)), nn.unbox(lora_shardings))
+            heads = jax.lax.with_sharding_constraint(nn.unbox(head_init(k_head)), nn.unbox(head_shardings))
         return init_state(student, fake, heads, models, jax.random.key_data(jax.random.key(c.train.seed + 1)))
 
     with jax.set_mesh(mesh):

@@ -3,12 +3,17 @@
 A source gives, for interval k, `n` stacked host-local batches {"x": [n, B, s_k, s_k, C], "x_prev": [n, B,
 s_{k-1}, s_{k-1}, C], "context": [n, B, T, J], "pooled": [n, B, P]} and the unconditional embeddings. Its
 `position` (examples consumed, global) is saved in checkpoints, so a resumed run reads exactly the batches
-an uninterrupted run would.
+an uninterrupted run would. The VAE sources give posterior means as x / x_prev and, with `data.latent` =
+"sample" (the default, as the official code), their stds as "x_std" / "x_prev_std": the train step draws
+`x + x_std * eps` with its own PRNG key (`steps.draw_latents`), a fresh sample every time an image is used.
+x_prev is the latent of the official cascade image: the image area-resized to 8 s_k px, then that to
+8 s_{k-1} px (at k = 0 the image at s_0 itself, drawn independently of x).
 
 - "digits": the built-in toy problem (`swd_jax.demo.digits_source`, registered by the demo package).
 - "images": image records (swd_jax.train.records.build_image_dataset) encoded online by our VAE + text encoders.
-- "precomputed": array_record shards written by `python -m swd_jax.precompute` (keys `latents_{s}` for every
-  scale s, `prompt_embeds`, `pooled_prompt_embeds`; `uncond.npz` beside them), read with the grain loader.
+- "precomputed": array_record shards written by `python -m swd_jax.precompute` (posterior moments `mean_{s}`,
+  `std_{s}` for every scale s and `prev_mean_{s}`, `prev_std_{s}` of its cascaded previous-scale image,
+  `prompt_embeds`, `pooled_prompt_embeds`; `uncond.npz` beside them), read with the grain loader.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from swd_jax.schedule import ScaleSchedule
 SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.array_record$")
 
 
-class IncompleteData(RuntimeError):
+class IncompleteData(ValueError):
     """Precomputed data with a missing, unfinished or truncated shard."""
 
 
@@ -90,12 +95,46 @@ def check_precomputed(path: str, files: list[str]) -> int:
     return rows
 
 
-class PrecomputedSource:
-    """array_record shards of precomputed latents (per scale) and text embeddings, via the grain loader."""
+LATENTS = ("sample", "mean")
 
-    def __init__(self, path: str, schedule: ScaleSchedule, global_batch: int, seed: int, position: int = 0):
+
+def _check_latent(latent: str) -> None:
+    if latent not in LATENTS:
+        raise ValueError(f"data.latent={latent!r}; expected 'sample' (a fresh VAE posterior draw every time an "
+                         "image is used, as the official code) or 'mean' (the posterior mean)")
+
+
+def latent_batch(record: dict, s: int, s_prev: int, latent: str, where: str) -> dict[str, np.ndarray]:
+    """x / x_prev (posterior means at s and of its cascaded previous-scale image) and, for 'sample', their stds."""
+    prev = "prev_" if s_prev != s else ""
+    names = {"x": f"mean_{s}", "x_prev": f"{prev}mean_{s}"}
+    if latent == "sample":
+        names.update(x_std=f"std_{s}", x_prev_std=f"{prev}std_{s}")
+    missing = [v for v in names.values() if v not in record]
+    if missing and any(k.startswith("latents_") for k in record):
+        raise ValueError(f"{where} holds the old precompute format (latents_{{s}}: one fixed VAE sample per scale, "
+                         "previous scale not cascaded): redo it into a new folder with `python -m swd_jax.precompute`")
+    if missing:
+        raise KeyError(f"{where} lacks {missing} (scale {s}, previous scale {s_prev}); it holds {sorted(record)}")
+    out = {k: record[v] for k, v in names.items()}
+    if out["x_prev"].shape[-3] != s_prev:
+        raise ValueError(f"{where}: the previous-scale latent of scale {s} is {out['x_prev'].shape[-3]} px, the "
+                         f"schedule's previous scale is {s_prev}: precompute with the schedule's --scales")
+    return out
+
+
+class PrecomputedSource:
+    """array_record shards of precomputed posterior moments (per scale) and text embeddings, via grain."""
+
+    def __init__(self, path: str, schedule: ScaleSchedule, global_batch: int, seed: int, position: int = 0,
+                 latent: str = "sample"):
+        from swd_jax.train.precompute import check_format
         from swd_jax.train.records import make_loader
         files = sorted(f for f in glob.glob(os.path.join(path, "*.array_record*")) if not f.endswith(".json"))
+        _check_latent(latent)
+        check_format(path)
+        self.latent = latent
+        files = sorted(glob.glob(os.path.join(path, "*.array_record*")))
         if not files:
             raise FileNotFoundError(f"no .array_record shards in {path}; run `python -m swd_jax.precompute` first")
         check_precomputed(path, files)
@@ -118,11 +157,8 @@ class PrecomputedSource:
         out = []
         for _ in range(n):
             b = next(self.loader)
-            missing = [f"latents_{v}" for v in (s, s_prev) if f"latents_{v}" not in b]
-            if missing:
-                raise KeyError(f"precomputed records lack {missing}; they hold {sorted(b)}")
-            out.append({"x": b[f"latents_{s}"], "x_prev": b[f"latents_{s_prev}"], "context": b["prompt_embeds"],
-                        "pooled": b["pooled_prompt_embeds"]})
+            out.append({**latent_batch(b, s, s_prev, self.latent, "precomputed records"),
+                        "context": b["prompt_embeds"], "pooled": b["pooled_prompt_embeds"]})
         return {key: np.stack([o[key] for o in out]) for key in out[0]}
 
     def uncond(self) -> dict[str, np.ndarray]:
@@ -140,18 +176,21 @@ class PrecomputedSource:
 class OnlineSource:
     """Image records (`swd_jax.train.records.build_image_dataset`) encoded on the fly by our VAE and text encoders.
 
-    For interval k only the two scales it needs are encoded: the image at 8*max(scales) is area-downscaled to
-    8*s_k and 8*s_{k-1} and VAE-encoded (a posterior sample per example, as the reference draws one per step).
+    For interval k only what it needs is encoded: the image at 8*max(scales) area-downscaled to 8*s_k, and that
+    to 8*s_{k-1} (the official cascade), each to its VAE posterior moments (the train step draws the samples).
     """
 
     def __init__(self, path: str, model_dir: str, schedule: ScaleSchedule, global_batch: int, seed: int,
-                 position: int = 0, max_sequence_length: int = 256, dtype: str = "float32", devices=None):
+                 position: int = 0, max_sequence_length: int = 256, dtype: str = "float32", devices=None,
+                 latent: str = "sample"):
         import dataclasses as dc
 
         import jax.numpy as jnp
 
         from swd_jax.train.records import make_loader
         from swd_jax.train.precompute import Precomputer
+        _check_latent(latent)
+        self.latent = latent
         if not model_dir:
             raise ValueError("data.kind='images' encodes online: model.path must be the diffusers SD3 folder "
                              "(vae/, text_encoder*/, tokenizer*/)")
@@ -159,10 +198,10 @@ class OnlineSource:
         self.records = open_source(path)  # the folder build_image_dataset(image_dir, out_dir) returned
         if self.records.kind != "images":
             raise ValueError(f"{path} holds array records, not images: use data.kind='precomputed' for those")
-        self.enc = Precomputer(model_dir, schedule.scales, max_sequence_length=max_sequence_length, seed=seed,
+        self.enc = Precomputer(model_dir, schedule.scales, max_sequence_length=max_sequence_length,
                                dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype), store_dtype=jnp.float32,
                                devices=devices)
-        self._replace = lambda scales: dc.replace(self.enc.spec, scales=scales)
+        self._spec = lambda s, s_prev: dc.replace(self.enc.spec, scales=(s,), prev_scales=(s_prev,))
         self.schedule, self.global_batch = schedule, global_batch
         self.loader = make_loader(self.records, global_batch // jax.process_count(), seed,
                                   start_position=position // global_batch, resolution=self.enc.resolution,
@@ -172,19 +211,13 @@ class OnlineSource:
     def position(self) -> int:
         return self.loader.position * self.global_batch
 
-    def _encode(self, batch, scales):
-        from swd_jax.train.precompute import encode_batch
-        rows = np.asarray(batch["record_index"], np.int64) + self.position * 7919  # fresh sample per visit
-        inputs = jax.device_put((batch["image"], self.enc.text.tokenize(list(batch["prompt"])),
-                                 (rows % (2**31 - 1)).astype(np.int32)), self.enc.data_sharding)
-        return encode_batch(self.enc.text.models, self.enc.vae, self._replace(scales), self.enc.params, *inputs)
-
     def batches(self, k: int, n: int) -> dict[str, np.ndarray]:
         s, s_prev = self.schedule.scale(k), self.schedule.prev_scale(k)
         out = []
         for _ in range(n):
-            e = jax.device_get(self._encode(next(self.loader), tuple(sorted({s, s_prev}))))
-            out.append({"x": e[f"latents_{s}"], "x_prev": e[f"latents_{s_prev}"], "context": e["prompt_embeds"],
+            b = next(self.loader)
+            e = jax.device_get(self.enc(b["image"], list(b["prompt"]), self._spec(s, s_prev)))
+            out.append({**latent_batch(e, s, s_prev, self.latent, "online encoding"), "context": e["prompt_embeds"],
                         "pooled": e["pooled_prompt_embeds"]})
         return {key: np.stack([o[key] for o in out]) for key in out[0]}
 
@@ -213,12 +246,13 @@ def register_source(kind: str, factory) -> None:
 def _precomputed(c, schedule, mmdit_config, position=0, devices=None):
     if not c.data.path:
         raise ValueError("data.kind='precomputed' needs data.path (the output folder of swd_jax.precompute)")
-    return PrecomputedSource(c.data.path, schedule, c.train.batch_size, c.data.seed, position)
+    return PrecomputedSource(c.data.path, schedule, c.train.batch_size, c.data.seed, position,
+                             c.data.latent)
 
 
 def _images(c, schedule, mmdit_config, position=0, devices=None):
     return OnlineSource(c.data.path, c.model.path, schedule, c.train.batch_size, c.data.seed, position,
-                        c.data.max_sequence_length, c.model.dtype, devices)
+                        c.data.max_sequence_length, c.model.dtype, devices, c.data.latent)
 
 
 register_source("precomputed", _precomputed)

@@ -5,6 +5,18 @@ fresh batch, all at the same scale interval k (the reference picks k from the gl
 iteration). `make_iteration(k)` returns ONE function `(state, base, batches, uncond) -> (state, metrics)` that
 does all of it: jit it once per interval and the whole iteration is one compiled program.
 
+As the official `train.py`: the fake updates run only when the DMD loss is on (`fake_steps`). With DMD off (a
+PDM-only run, as the published SDXL-SwD student) the state holds no fake model, head or fake optimiser: the
+fake model is the frozen teacher (the official fake LoRA keeps B = 0) and its features serve PDM; the GAN loss
+needs the fake updates that train its head, so `do_gan` requires `do_dmd` (the official code fails there).
+Batches carrying posterior stds get their latents drawn first, from the iteration's key (`draw_latents`).
+
+Where ours differs from the official code on purpose (each a named option, README table of differences):
+- PDM over several `mmd_blocks`: ours averages the PDM of every listed block; the official `generator_loss`
+  takes only the first (`transformer_fake(...)[0]`). Equal for one block (every shipped config).
+- The GAN-D term of the fake loss follows `gan_d_weight` alone, as the official code (which adds it even with
+  `do_gan_loss` off); `gan_d_weight=0` drops it (and the real-feature pass).
+
 Work done once where the reference does it twice:
 - the teacher's conditional and unconditional passes are one forward on a 2B batch;
 - the fake model's pass on the DMD-noised sample gives both its x0 (for DMD, gradient stopped) and the
@@ -32,7 +44,7 @@ Batch = dict[str, jnp.ndarray]  # x [B,s,s,C] (target at s_k), x_prev [B,s',s',C
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     """Loss weights and noise ranges of one SwD run (reference defaults for SD3.5-Medium)."""
-    n_fake_steps: int = 5
+    n_fake_steps: int = 5  # fake updates per generator update, run only with do_dmd (as the official train.py)
     dmd_weight: float = 1.0
     gan_g_weight: float = 5e-3
     gan_d_weight: float = 1e-2
@@ -75,6 +87,31 @@ def _bcast(s_B, x):
     return s_B.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
 
 
+def fake_steps(loss: LossConfig) -> int:
+    """Fake-model updates per iteration: `n_fake_steps` with DMD on, none with DMD off (official train.py)."""
+    return loss.n_fake_steps if loss.do_dmd else 0
+
+
+def batches_per_iteration(loss: LossConfig) -> int:
+    """Fresh batches one iteration consumes: one per fake update, one for the generator."""
+    return fake_steps(loss) + 1
+
+
+def draw_latents(batches: Batch, key) -> Batch:
+    """Posterior samples `x + x_std * eps` (and x_prev likewise, independently) where the batch carries stds.
+
+    The official code draws `vae.encode(...).latent_dist.sample()` every time an image is used; the sources
+    give the normalised posterior mean and std, so this is the same draw, made with the step's key.
+    """
+    out = {name: v for name, v in batches.items() if not name.endswith("_std")}
+    for name, k in zip(("x", "x_prev"), jax.random.split(key)):
+        if f"{name}_std" in batches:
+            eps = jax.random.normal(k, batches[name].shape, jnp.float32)
+            out[name] = (batches[name].astype(jnp.float32) + batches[f"{name}_std"].astype(jnp.float32) * eps
+                         ).astype(batches[name].dtype)
+    return out
+
+
 def student_sample(m: SwDModels, base, student_lora, batch: Batch, k: int, key) -> jnp.ndarray:
     """x_fake = x_in - sigma_b * G(x_in): x_in = the previous-scale latent upscaled to s_k, noised to sigma[b_k]."""
     s_k = m.schedule.scale(k)
@@ -101,7 +138,7 @@ def fake_loss(m: SwDModels, trainable, base, student_lora, batch: Batch, k: int,
                                m.loss.cls_blocks)
     mse = losses.fake_model_loss(x_noisy - _bcast(sigma, x_noisy) * v.astype(x_noisy.dtype), x_fake)
     total, metrics = mse, {"fake/mse": mse}
-    if m.loss.do_gan:
+    if m.loss.gan_d_weight != 0:  # official: added whatever do_gan_loss says
         real_noisy = add_noise(batch["x"], eps, sigma)
         feats_real = m.velocity(base, trainable["lora"], real_noisy, sigma, batch["context"], batch["pooled"],
                                 m.loss.cls_blocks, features_only=True)
@@ -114,8 +151,13 @@ def fake_loss(m: SwDModels, trainable, base, student_lora, batch: Batch, k: int,
 
 
 def generator_loss(m: SwDModels, student_lora, base, fake, batch: Batch, uncond: Batch, k: int, key):
-    """w_dmd * DMD + w_gan * GAN_G + w_pdm * PDM, gradient w.r.t. the student LoRA only."""
+    """w_dmd * DMD + w_gan * GAN_G + w_pdm * PDM, gradient w.r.t. the student LoRA only.
+
+    `fake` None (DMD off): the fake model is the teacher (no LoRA). PDM averages over all `mmd_blocks` (the
+    official code uses the first only).
+    """
     cfg = m.loss
+    fake_lora = None if fake is None else fake["lora"]
     k_student, k_dmd_idx, k_dmd_eps, k_pdm_idx, k_pdm_eps = jax.random.split(key, 5)
     x_fake = student_sample(m, base, student_lora, batch, k, k_student)
     B = x_fake.shape[0]
@@ -125,7 +167,7 @@ def generator_loss(m: SwDModels, student_lora, base, fake, batch: Batch, uncond:
         idx = jax.random.randint(k_dmd_idx, (B,), *cfg.dmd_range)
         sigma = _sigma(m.schedule, idx)
         x_noisy = add_noise(x_fake, jax.random.normal(k_dmd_eps, x_fake.shape, x_fake.dtype), sigma)
-        v_fake, feats = m.velocity(base, fake["lora"], x_noisy, sigma, ctx, pooled, cfg.cls_blocks)
+        v_fake, feats = m.velocity(base, fake_lora, x_noisy, sigma, ctx, pooled, cfg.cls_blocks)
         if cfg.do_dmd:
             x_sg = jax.lax.stop_gradient(x_noisy)
             if cfg.cfg_teacher > 1.0:  # one 2B forward: [cond; uncond]
@@ -151,9 +193,9 @@ def generator_loss(m: SwDModels, student_lora, base, fake, batch: Batch, uncond:
         idx = jax.random.randint(k_pdm_idx, (B,), *cfg.pdm_range)
         sigma = _sigma(m.schedule, idx)
         eps = jax.random.normal(k_pdm_eps, x_fake.shape, x_fake.dtype)
-        f_fake = m.velocity(base, fake["lora"], add_noise(x_fake, eps, sigma), sigma, ctx, pooled,
+        f_fake = m.velocity(base, fake_lora, add_noise(x_fake, eps, sigma), sigma, ctx, pooled,
                             cfg.mmd_blocks, features_only=True)
-        f_real = m.velocity(base, fake["lora"], add_noise(batch["x"], eps, sigma), sigma, ctx, pooled,
+        f_real = m.velocity(base, fake_lora, add_noise(batch["x"], eps, sigma), sigma, ctx, pooled,
                             cfg.mmd_blocks, features_only=True)
         pdm = sum(losses.pdm_loss(ff, jax.lax.stop_gradient(fr), kernel=cfg.pdm_kernel, per_sample=cfg.pdm_per_sample,
                                   c=cfg.huber_c, bandwidth=cfg.rbf_bandwidth)
@@ -165,10 +207,17 @@ def generator_loss(m: SwDModels, student_lora, base, fake, batch: Batch, uncond:
 
 
 def init_state(student_lora, fake_lora, head_params, m: SwDModels, key) -> dict[str, Any]:
-    """The optimised train state: a plain dict pytree (the frozen base weights are NOT part of it)."""
-    fake = {"lora": fake_lora, "head": head_params}
-    return {"student": student_lora, "fake": fake, "opt_student": m.opt_student.init(student_lora),
-            "opt_fake": m.opt_fake.init(fake), "step": jnp.zeros((), jnp.int32), "key": key}
+    """The optimised train state: a plain dict pytree (the frozen base weights are NOT part of it).
+
+    With DMD off there are no fake updates, so no fake LoRA, head or fake optimiser state (`fake_lora` and
+    `head_params` are ignored; pass None).
+    """
+    state = {"student": student_lora, "opt_student": m.opt_student.init(student_lora),
+             "step": jnp.zeros((), jnp.int32), "key": key}
+    if m.loss.do_dmd:
+        fake = {"lora": fake_lora, "head": head_params}
+        state.update(fake=fake, opt_fake=m.opt_fake.init(fake))
+    return state
 
 
 def _apply(opt, grads, opt_state, params):
@@ -177,12 +226,14 @@ def _apply(opt, grads, opt_state, params):
 
 
 def make_iteration(m: SwDModels, k: int):
-    """(state, base, batches[n_fake+1, ...], uncond) -> (state, metrics) for scale interval k (static)."""
+    """(state, base, batches[batches_per_iteration, ...], uncond) -> (state, metrics) for scale interval k."""
+    n = fake_steps(m.loss)
 
     def iteration(state, base, batches: Batch, uncond: Batch):
-        key = jax.random.fold_in(state["key"], state["step"])
-        fake_batches = jax.tree.map(lambda x: x[:-1], batches)
+        key = jax.random.fold_in(state["key"], state["step"])  # fake update i: fold_in(key, i); generator: n
+        batches = draw_latents(batches, jax.random.fold_in(key, n + 1))
         gen_batch = jax.tree.map(lambda x: x[-1], batches)
+        new_state, metrics = dict(state), {}
 
         def fake_update(carry, inputs):
             fake, opt_fake = carry
@@ -193,18 +244,20 @@ def make_iteration(m: SwDModels, k: int):
             fake, opt_fake = _apply(m.opt_fake, grads, opt_fake, fake)
             return (fake, opt_fake), metrics
 
-        n = m.loss.n_fake_steps
-        (fake, opt_fake), fake_metrics = jax.lax.scan(
-            fake_update, (state["fake"], state["opt_fake"]), (fake_batches, jnp.arange(n)))
+        if n:
+            fake_batches = jax.tree.map(lambda x: x[:-1], batches)
+            (new_state["fake"], new_state["opt_fake"]), fake_metrics = jax.lax.scan(
+                fake_update, (state["fake"], state["opt_fake"]), (fake_batches, jnp.arange(n)))
+            metrics.update({name: v[-1] for name, v in fake_metrics.items()})
+            metrics["fake/loss_mean"] = fake_metrics["fake/loss"].mean()
         grad_fn = jax.value_and_grad(generator_loss, argnums=1, has_aux=True)
-        (_, metrics), grads = grad_fn(m, state["student"], base, fake, gen_batch, uncond, k,
-                                      jax.random.fold_in(key, n))
+        (_, gen_metrics), grads = grad_fn(m, state["student"], base, new_state.get("fake"), gen_batch, uncond, k,
+                                          jax.random.fold_in(key, n))
+        metrics.update(gen_metrics)
         metrics["gen/grad_norm"] = optax.tree.norm(grads)
-        student, opt_student = _apply(m.opt_student, grads, state["opt_student"], state["student"])
-        metrics.update({name: v[-1] for name, v in fake_metrics.items()})
-        metrics["fake/loss_mean"] = fake_metrics["fake/loss"].mean()
-        new_state = {"student": student, "fake": fake, "opt_student": opt_student, "opt_fake": opt_fake,
-                     "step": state["step"] + 1, "key": state["key"]}
+        new_state["student"], new_state["opt_student"] = _apply(m.opt_student, grads, state["opt_student"],
+                                                                state["student"])
+        new_state["step"] = state["step"] + 1
         return new_state, metrics
 
     return iteration

@@ -1,0 +1,96 @@
+"""`python -m swd_jax.evaluate` end to end on tiny random models: FID, CLIP score and PickScore of a folder with
+images.json equal the metrics computed directly (pytorch-fid distance, transformers CLIPModel cosines)."""
+import json
+import string
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from swd_jax import evaluate
+from swd_jax.eval import fid, image_chain
+from swd_jax.eval import prompts as prompts_lib
+from tests.test_eval_fid import _random_inception_npz
+
+
+def _clip_folder(path, seed):
+    """A tiny CLIPModel (77 positions, as the scorer pads to 77) + a letters-only CLIP tokenizer + a 32 px
+    preprocessor config."""
+    letters = list(string.ascii_lowercase)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: 2 + i for i, c in enumerate(letters)},
+             **{c + "</w>": 28 + i for i, c in enumerate(letters)}}
+    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(str(path))
+    torch.manual_seed(seed)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=54, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, eos_token_id=1, bos_token_id=0,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, hidden_act="gelu"), projection_dim=16)
+    model = transformers.CLIPModel(cfg).eval()
+    model.save_pretrained(str(path))
+    (path / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}, "resample": 3}))
+    return model
+
+
+def test_evaluate_cli(tmp_path, capsys, monkeypatch):
+    # scipy's sqrtm of a singular 2048 x 2048 product (3 images here) takes minutes: record the statistics the
+    # CLI hands to the Frechet distance (itself tested against pytorch-fid in test_eval_fid) and check those.
+    seen = []
+    monkeypatch.setattr(fid, "frechet_distance", lambda *stats: seen.append(stats) or 1.5)
+    clip_ref = _clip_folder(tmp_path / "clip", 0)
+    pick_ref = _clip_folder(tmp_path / "pick", 1)
+    _random_inception_npz(tmp_path / "inception.npz")
+    rng = np.random.default_rng(0)
+    real = tmp_path / "real"
+    real.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (96, 80, 3), dtype=np.uint8)).save(real / f"r{i}.png")
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    prompts = ["a red cat", "two dogs on a bed", "castle"]
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in prompts]
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(gen / f"{i:05d}.png")
+    prompts_lib.write_index(str(gen), [{"file": f"{i:05d}.png", "prompt": p, "seed": prompts_lib.sample_seed(7, i)}
+                                       for i, p in enumerate(prompts)])
+    out = evaluate.main(["--images", str(gen), "--inception", str(tmp_path / "inception.npz"), "--real-images",
+                         str(real), "--clip", str(tmp_path / "clip"), "--pickscore", str(tmp_path / "pick"),
+                         "--fid-batch-size", "3", "--clip-batch-size", "2"])
+    assert "PickScore" in capsys.readouterr().out
+    assert json.loads((gen / "metrics.json").read_text())["num_images"] == 3
+
+    # the same metrics computed directly
+    scorer = fid.FIDScorer(str(tmp_path / "inception.npz"), batch_size=3)
+    ref_stats = fid.feature_stats(scorer.features([np.asarray(Image.open(real / f"r{i}.png")) for i in range(3)],
+                                                  generated=False))
+    want = fid.feature_stats(scorer.features(images)) + ref_stats
+    assert out["fid"] == 1.5 and len(seen) == 1
+    for got, w in zip(seen[0], want):
+        np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+    pre = image_chain.ClipPreprocess.from_folder(str(tmp_path / "clip"))
+    pixels = torch.from_numpy(np.stack([image_chain.clip_input(image_chain.official_512(im), pre) for im in images]))
+    tok = transformers.CLIPTokenizer.from_pretrained(str(tmp_path / "clip"))
+    text = tok(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")  # the official call
+    for key, ref in (("clip_score", clip_ref), ("pickscore", pick_ref)):
+        with torch.no_grad():
+            i = ref.get_image_features(pixel_values=pixels.permute(0, 3, 1, 2)).pooler_output
+            t = ref.get_text_features(**text).pooler_output
+        want = float(((i / i.norm(dim=-1, keepdim=True)) * (t / t.norm(dim=-1, keepdim=True))).sum(-1).mean())
+        assert abs(out[key] - want) < 1e-5
+
+
+def test_evaluate_cli_errors(tmp_path):
+    with pytest.raises(SystemExit, match="images.json"):
+        evaluate.main(["--images", str(tmp_path), "--clip", str(tmp_path)])
+    (tmp_path / "a.png").write_bytes(b"")
+    prompts_lib.write_index(str(tmp_path), [{"file": "a.png", "prompt": "x"}])
+    with pytest.raises(SystemExit, match="no metric to compute"):
+        evaluate.main(["--images", str(tmp_path)])
+    with pytest.raises(SystemExit, match="reference statistics"):
+        evaluate.main(["--images", str(tmp_path), "--inception", str(tmp_path / "x.pth")])
+    with pytest.raises(SystemExit, match="config.json not found"):
+        evaluate.main(["--images", str(tmp_path), "--pickscore", str(tmp_path), "--processor", str(tmp_path)])
