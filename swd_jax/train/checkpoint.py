@@ -78,8 +78,19 @@ def _digests(tree):
 def state_digests(tree) -> tuple[dict[str, int], list[str]]:
     """({leaf path: checksum}, [paths of leaves holding a non-finite value]) of a pytree of arrays."""
     digests, finite = jax.device_get(_digests(tree))
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    paths = [_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
     return ({p: int(d) for p, d in zip(paths, digests)}, [p for p, ok in zip(paths, finite) if not bool(ok)])
+
+
+def _path_name(path) -> str:
+    """'opt_fake/1/0/mu/head/...': the same for a namedtuple field and the dict key orbax may restore it as."""
+    names = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                names.append(str(getattr(entry, attr)))
+                break
+    return "/".join(names)
 
 
 def _all_processes_ok(ok: bool) -> bool:
