@@ -5,7 +5,7 @@
 # the next collective); rerunning the script resumes every process from the latest complete checkpoint.
 #
 #   launch/local_multiprocess.sh N DEVICES_PER_PROCESS CONFIG WORKDIR [--config.x=y ...]
-#   e.g. launch/local_multiprocess.sh 2 4 configs/tiny.py /tmp/swd_2proc --config.mesh.shape='(2,4,1)'
+#   e.g. launch/local_multiprocess.sh 2 4 tiny /tmp/swd_2proc --config.mesh.shape=2,4,1
 #
 # The layout goes through the documented variables SWD_COORDINATOR (host:port of process 0),
 # SWD_NUM_PROCESSES and SWD_PROCESS_ID (swd_jax/train/distributed.py); the trainer's --coordinator,
