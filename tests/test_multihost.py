@@ -66,10 +66,12 @@ def final_lora(workdir, step=4) -> dict:
     return {"student": state["student"], "fake": state["fake"], "extra": extra}
 
 
-def assert_lora_close(a, b, rtol=1e-5):
+def assert_lora_close(a, b, rtol=1e-5, atol=1e-6):
+    """LoRA values are ~1e-3 and one Adam step moves them ~1e-3 (lr): atol 1e-6 is 1/1000 of a step. The
+    processes' all-reduces add in another order than one process's (measured: max 1.4e-7 absolute)."""
     for name in ("student", "fake"):
         for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a[name]), jax.tree.leaves(b[name])):
-            np.testing.assert_allclose(y, x, rtol=rtol, atol=1e-7, err_msg=name + jax.tree_util.keystr(path))
+            np.testing.assert_allclose(y, x, rtol=rtol, atol=atol, err_msg=name + jax.tree_util.keystr(path))
 
 
 def test_multihost_training_killed_and_resumed_equals_one_process(tmp_path):
