@@ -36,6 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = dict(kind="precomputed", path="", seed=0, max_sequence_length=256, latent="sample")
     c.train = dict(steps=3000, batch_size=64, seed=42, log_every=10, ckpt_every=250, keep=3,
                    sample_every=250, num_samples=8, export_peft=True)
+    # The paper's metrics during training (swd_jax/train/evaluation.py): every N steps (0 = off), prompt sets
+    # "name:captions.csv[:fid_stats.npz]", samples per set (official 5008), metric models (paths; empty = skip).
+    c.eval = dict(every=0, sets=(), num_samples=5008, seed=0, batch=8, inception="", clip="", pickscore="",
+                  processor="")
     # Mesh axes (data, fsdp, tensor); -1 takes the remaining devices. Rules map logical axes to mesh axes.
     c.mesh = dict(shape=(1, -1, 1), rules=(
         ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("adaln", "tensor"), ("joint", None),

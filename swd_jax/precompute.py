@@ -1,5 +1,7 @@
-"""`python -m swd_jax.precompute`: latents at every scale and text embeddings for SwD (see swd_jax.train.precompute)."""
+"""`python -m swd_jax.precompute`: VAE posterior moments at every scale and text embeddings for SwD (see swd_jax.train.precompute)."""
+import sys
+
 from swd_jax.train.precompute import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,13 +25,13 @@ from swd_jax.models.text import CLIPTextConfig, CLIPTextModelWithProjection, T5C
 COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 
 
-def check_components(folder: str, components: Sequence[str] = COMPONENTS) -> None:
-    """Raise FileNotFoundError naming every missing sub-folder of a diffusers SD3 checkpoint folder."""
+def check_components(folder: str, components: Sequence[str] = COMPONENTS, kind: str = "SD3") -> None:
+    """Raise FileNotFoundError naming every missing sub-folder of a diffusers `kind` checkpoint folder."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"SD3 checkpoint folder {folder} does not exist")
+        raise FileNotFoundError(f"{kind} checkpoint folder {folder} does not exist")
     missing = [c for c in components if not os.path.isdir(os.path.join(folder, c))]
     if missing:
-        raise FileNotFoundError(f"SD3 checkpoint folder {folder} lacks component folder(s) {missing}")
+        raise FileNotFoundError(f"{kind} checkpoint folder {folder} lacks component folder(s) {missing}")
 
 
 def check_widths(clip_l: CLIPTextConfig, clip_g: CLIPTextConfig, t5: T5Config,

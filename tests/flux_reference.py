@@ -8,11 +8,11 @@ from swd_jax.convert import verify_flux
 from swd_jax.convert.verify_flux import image_ids  # noqa: F401 (re-exported for the tests)
 
 
-def tiny_flux_config(guidance_embeds: bool, num_layers: int = 2, num_single_layers: int = 2) -> dict:
+def tiny_flux_config(guidance_embeds: bool, num_layers: int = 2, num_single_layers: int = 2, **overrides) -> dict:
     """FLUX-shaped (patch 1, 4x packed channels, 3-axis RoPE) but tiny: 4 latent channels, width 32."""
-    return dict(patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
-                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=12,
-                guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6))
+    return {**dict(patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
+                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=12,
+                   guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6)), **overrides}
 
 
 def tiny_flux_transformer(guidance_embeds: bool, seed: int = 0, **kw):

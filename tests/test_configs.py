@@ -5,7 +5,7 @@ import pytest
 
 from swd_jax.train.setup import loss_config, make_schedule
 
-CONFIGS = ["tiny", "sd35_medium", "sd35_large", "digits_demo"]
+CONFIGS = ["tiny", "sd35_medium", "sd35_large", "digits_demo", "flux_dev"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -38,6 +38,12 @@ def test_precompute_train_export(sd3, tmp_path):  # noqa: F811
     c.schedule.scales, c.schedule.boundaries = (4, 8), (0, 14, 28)
     c.loss.n_fake_steps, c.loss.cls_blocks, c.loss.mmd_blocks = 1, (0,), (0,)
     c.train.steps, c.train.batch_size, c.train.sample_every, c.train.num_samples = 1, 2, 1, 2
+    # config.eval: CLIP score of the student's samples every step (a tiny CLIPModel), checked below
+    from tests.test_evaluate import _clip_folder
+    _clip_folder(tmp_path / "clip", seed=3)
+    (tmp_path / "captions.csv").write_text("caption\na low tower\nthe red tower\n")
+    c.eval.every, c.eval.sets, c.eval.num_samples = 1, (f"towers:{tmp_path / 'captions.csv'}",), 2
+    c.eval.clip, c.eval.batch = str(tmp_path / "clip"), 2
     work = tmp_path / "run"
     last = train(c, str(work), devices=jax.devices()[:1])
     assert all(np.isfinite(v) for v in last.values()), last
@@ -46,6 +52,19 @@ def test_precompute_train_export(sd3, tmp_path):  # noqa: F811
     adapter = work / "student_peft"
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == c.lora.rank
     PeftModel.from_pretrained(SD3Transformer2DModel.from_pretrained(root / "transformer"), str(adapter))
+
+    # the logged CLIP score is that of the exported student's samples, scored as swd-evaluate does
+    from swd_jax.eval.protocol import Evaluator, evaluate_images
+    from swd_jax.pipeline import SwDPipeline
+    logged = [json.loads(line) for line in open(work / "metrics.jsonl") if "eval/towers/clip_score" in line]
+    assert [r["step"] for r in logged] == [1]
+    pipe = SwDPipeline.from_pretrained(str(root), lora=str(work), max_sequence_length=c.data.max_sequence_length,
+                                       devices=jax.local_devices()[:1])
+    prompts = ["a low tower", "the red tower"]
+    images = pipe.generate(prompts, pipe.sampler("scale_wise"), seed=0, batch_size=2)
+    want = evaluate_images(list(images), prompts, Evaluator.load(clip=str(tmp_path / "clip")), ["clip_score"])
+    assert abs(logged[0]["eval/towers/clip_score"] - want["clip_score"]) < 1e-5, (logged, want)
+    assert (adapter / "pytorch_lora_weights.safetensors").exists()  # pipe.load_lora_weights(adapter) reads it
 
 
 def test_online_encoding_source_matches_precompute_layout(sd3, tmp_path):  # noqa: F811

@@ -116,7 +116,7 @@ def test_bad_configs_and_checkpoints(t5, tmp_path):
     with pytest.raises(ValueError, match="hidden_act"):
         clip_config_from_dict({"hidden_act": "relu"})
     with pytest.raises(ValueError, match="CLIPTextModelWithProjection"):
-        clip_config_from_dict({"architectures": ["CLIPTextModel"]})
+        clip_config_from_dict({"architectures": ["CLIPVisionModel"]})  # CLIPTextModel is FLUX's, accepted
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_t5(str(tmp_path))
     # tied embedding saved twice: accepted when equal, named when not; a missing layer norm is named

@@ -88,13 +88,14 @@ def model_kind(path: str) -> str:
         raise FileNotFoundError(f"model.path {path!r} is not a folder")
     if os.path.exists(os.path.join(path, META)) and os.path.isdir(os.path.join(path, PARAMS)):
         return "converted"
-    if os.path.exists(os.path.join(path, "model_index.json")):
+    if os.path.exists(os.path.join(path, "model_index.json")) or \
+            os.path.exists(os.path.join(path, "transformer", CONFIG)):
         return "pipeline"
     if os.path.exists(os.path.join(path, CONFIG)) and any(f.endswith(".safetensors") for f in os.listdir(path)):
         return "transformer"
     raise FileNotFoundError(f"{path} is neither a converted checkpoint (conversion.json + params/, from "
-                            "`swd-convert`), a diffusers pipeline folder (model_index.json) nor a diffusers "
-                            "transformer folder (config.json + *.safetensors)")
+                            "`swd-convert`), a diffusers pipeline folder (model_index.json or transformer/) nor a "
+                            "diffusers transformer folder (config.json + *.safetensors)")
 
 
 def load_converted(dst: str, shardings=None) -> tuple[MMDiTConfig | FluxConfig, dict]:

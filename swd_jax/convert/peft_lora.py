@@ -179,15 +179,9 @@ _PARENT_LIBRARY = {"SD3Transformer2DModel": "diffusers.models.transformers.trans
                    "FluxTransformer2DModel": "diffusers.models.transformers.transformer_flux"}
 
 
-def export_peft(lora_params: dict, lora: LoraConfig, folder: str, *, cfg: TransformerConfig | None = None,
-                dtype=None, base_model_name_or_path: str | None = None, overwrite: bool = False) -> None:
-    """Write our LoRA pytree as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
-
-    `cfg`, if given, also checks that exactly the modules of `lora_modules(cfg, lora)` are present. `dtype` casts
-    the stored factors (default: as they are). No torch: safetensors' numpy API.
-    """
-    from safetensors.numpy import save_file
-
+def _export_tensors(lora_params: dict, lora: LoraConfig, prefix: str, cfg: TransformerConfig | None,
+                    dtype) -> dict[str, np.ndarray]:
+    """Our LoRA pytree -> {prefix + module + ".lora_A/B.weight": torch-layout numpy array}, strictly checked."""
     factors = _factors_by_module(lora_params)
     problems = []
     for module, f in sorted(factors.items()):
@@ -204,9 +198,6 @@ def export_peft(lora_params: dict, lora: LoraConfig, folder: str, *, cfg: Transf
         problems += [f"{m}: not a LoRA layer of this model" for m in sorted(set(factors) - set(want))]
     if problems:
         raise ValueError("cannot export the LoRA pytree:\n  " + "\n  ".join(problems))
-    paths = [os.path.join(folder, n) for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)]
-    if not overwrite and any(os.path.exists(p) for p in paths):
-        raise FileExistsError(f"{folder} already holds an adapter; pass overwrite=True to replace it")
 
     def cast(x):
         x = np.asarray(jax.device_get(x))
@@ -214,13 +205,48 @@ def export_peft(lora_params: dict, lora: LoraConfig, folder: str, *, cfg: Transf
 
     tensors = {}
     for module, f in factors.items():
-        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = cast(f["A"])  # [r, in]
-        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = cast(f["B"])  # [out, r]
+        tensors[f"{prefix}{module}.lora_A.weight"] = cast(f["A"])  # [r, in]
+        tensors[f"{prefix}{module}.lora_B.weight"] = cast(f["B"])  # [out, r]
+    return tensors
+
+
+def export_peft(lora_params: dict, lora: LoraConfig, folder: str, *, cfg: TransformerConfig | None = None,
+                dtype=None, base_model_name_or_path: str | None = None, overwrite: bool = False) -> None:
+    """Write our LoRA pytree as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+
+    `cfg`, if given, also checks that exactly the modules of `lora_modules(cfg, lora)` are present. `dtype` casts
+    the stored factors (default: as they are). No torch: safetensors' numpy API.
+    """
+    from safetensors.numpy import save_file
+
+    tensors = _export_tensors(lora_params, lora, PEFT_PREFIX, cfg, dtype)
+    paths = [os.path.join(folder, n) for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)]
+    if not overwrite and any(os.path.exists(p) for p in paths):
+        raise FileExistsError(f"{folder} already holds an adapter; pass overwrite=True to replace it")
     base_class = diffusers_class(cfg) if cfg is not None else "SD3Transformer2DModel"
     os.makedirs(folder, exist_ok=True)
     save_file(tensors, paths[1], metadata={"format": "pt"})
     with open(paths[0], "w") as fh:
         json.dump(peft_config_dict(lora, base_model_name_or_path, base_class), fh, indent=2, sort_keys=True)
+
+
+def export_diffusers_lora(lora_params: dict, lora: LoraConfig, folder: str, *, cfg: TransformerConfig | None = None,
+                          dtype=None, overwrite: bool = False) -> str:
+    """Write our LoRA pytree as `folder/pytorch_lora_weights.safetensors`, the file `pipe.load_lora_weights(folder)`
+    reads: keys `transformer.<module>.lora_A.weight`, the PEFT config (rank, alpha, targets) in the header as
+    diffusers' `save_lora_weights` stores it. Returns the file's path. Checks as `export_peft`.
+    """
+    from safetensors.numpy import save_file
+
+    tensors = _export_tensors(lora_params, lora, DIFFUSERS_PREFIX, cfg, dtype)
+    path = os.path.join(folder, DIFFUSERS_WEIGHTS)
+    if not overwrite and os.path.exists(path):
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    config = {k: v for k, v in peft_config_dict(lora).items() if k not in ("auto_mapping", "base_model_name_or_path")}
+    meta = json.dumps({f"{DIFFUSERS_PREFIX}{k}": v for k, v in config.items()}, indent=2, sort_keys=True)
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, path, metadata={"format": "pt", DIFFUSERS_METADATA_KEY: meta})
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """transformers text-encoder folders (config.json + model*.safetensors) -> configs and Flax params.
 
 `text_encoder/`, `text_encoder_2/` (CLIPTextModelWithProjection: CLIP-L, CLIP-G) -> `CLIPTextModelWithProjection`;
+FLUX's `text_encoder/` (CLIPTextModel: CLIP-L, no projection) -> `CLIPTextModel`;
 `text_encoder_3/` (T5EncoderModel, v1.1) -> `T5EncoderModel`. Keys map module for module
 (`text_model.encoder.layers.3.self_attn.q_proj.weight` -> `text_model/encoder/layers_3/self_attn/q_proj/kernel`);
 the tables below say which last module names are linears, norms and embeddings. T5's
@@ -15,7 +16,8 @@ import numpy as np
 
 from swd_jax.convert.safetensors_reader import SafetensorsFolder
 from swd_jax.convert.strict import abstract_params, check_fields, convert_tensors, read_config, require, table_rename
-from swd_jax.models.text import CLIP_ACTIVATIONS, CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from swd_jax.models.text import (CLIP_ACTIVATIONS, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
+                                 T5Config, T5EncoderModel)
 
 CLIP_LEAF_KINDS = {
     "token_embedding": "embedding", "position_embedding": "embedding",
@@ -55,8 +57,8 @@ def clip_config_from_dict(raw: dict, where: str = "text_encoder/config.json") ->
     require(raw.get("model_type", "clip_text_model") == "clip_text_model", where,
             f"model_type {raw.get('model_type')!r}, expected 'clip_text_model'")
     archs = raw.get("architectures") or ["CLIPTextModelWithProjection"]
-    require(archs == ["CLIPTextModelWithProjection"], where,
-            f"architectures {archs} (SD3 needs CLIPTextModelWithProjection)")
+    require(archs in (["CLIPTextModelWithProjection"], ["CLIPTextModel"]), where,
+            f"architectures {archs} (SD3 needs CLIPTextModelWithProjection, FLUX CLIPTextModel)")
     c = {**_CLIP_DEFAULTS, **raw}
     require(c["hidden_act"] in CLIP_ACTIVATIONS, where, f"hidden_act {c['hidden_act']!r}")
     require(isinstance(c["eos_token_id"], int), where, f"eos_token_id {c['eos_token_id']!r} (one int)")
@@ -81,14 +83,23 @@ def _position_ids_ok(a: np.ndarray) -> bool:
     return np.array_equal(np.asarray(a).reshape(-1), np.arange(a.size))
 
 
-def load_clip(folder: str, dtype=jnp.float32, param_dtype=jnp.float32) -> tuple[CLIPTextModelWithProjection, dict]:
-    """(model, params as numpy) from a transformers CLIPTextModelWithProjection folder; strict."""
+def load_clip(folder: str, dtype=jnp.float32,
+              param_dtype=jnp.float32) -> tuple[CLIPTextModelWithProjection | CLIPTextModel, dict]:
+    """(model, params as numpy) from a transformers CLIPTextModelWithProjection (SD3) or CLIPTextModel (FLUX)
+    folder, the class as its config.json's `architectures` says; strict."""
     where = f"CLIP text encoder {folder}"
-    config = clip_config_from_dict(read_config(folder, where=where), where=os.path.join(folder, "config.json"))
-    model = CLIPTextModelWithProjection(config, dtype=dtype, param_dtype=param_dtype)
+    raw = read_config(folder, where=where)
+    config = clip_config_from_dict(raw, where=os.path.join(folder, "config.json"))
+    with_projection = (raw.get("architectures") or ["CLIPTextModelWithProjection"]) != ["CLIPTextModel"]
+    model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config, dtype=dtype,
+                                                                                param_dtype=param_dtype)
     abstract = abstract_params(model, jnp.zeros((1, 2), jnp.int32))
-    params = convert_tensors(SafetensorsFolder(folder, prefix="model"), table_rename(CLIP_LEAF_KINDS), abstract,
-                             where=where, buffers={"text_model.embeddings.position_ids": _position_ids_ok})
+    table = table_rename(CLIP_LEAF_KINDS)
+    # transformers >= 5 saves a CLIPTextModel without the `text_model.` prefix that published FLUX files have
+    rename = table if with_projection else lambda k: table(k if k.startswith("text_model.") else "text_model." + k)
+    params = convert_tensors(SafetensorsFolder(folder, prefix="model"), rename, abstract, where=where,
+                             buffers={"text_model.embeddings.position_ids": _position_ids_ok,
+                                      "embeddings.position_ids": _position_ids_ok})
     return model, params
 
 

@@ -31,7 +31,8 @@ _IGNORED = ("_class_name", "_diffusers_version", "_name_or_path", "sample_size",
 
 
 def vae_config_from_dict(raw: dict, where: str = "vae/config.json") -> VAEConfig:
-    """A diffusers AutoencoderKL config dict -> VAEConfig; any field or value SD3's VAE does not use raises."""
+    """A diffusers AutoencoderKL config dict -> VAEConfig; any field or value the SD3 / FLUX VAE does not use
+    raises."""
     check_fields(raw, used=_DEFAULTS, ignored=_IGNORED, where=where)
     require(raw.get("_class_name", "AutoencoderKL") == "AutoencoderKL", where,
             f"_class_name {raw.get('_class_name')!r}, expected 'AutoencoderKL'")
@@ -43,9 +44,10 @@ def vae_config_from_dict(raw: dict, where: str = "vae/config.json") -> VAEConfig
             f"up_block_types {c['up_block_types']} (only UpDecoderBlock2D x {n})")
     require(c["act_fn"] == "silu", where, f"act_fn {c['act_fn']!r} (only 'silu')")
     require(not c["use_quant_conv"] and not c["use_post_quant_conv"], where,
-            "quant_conv / post_quant_conv (SD3's VAE has neither; set use_quant_conv and use_post_quant_conv false)")
+            "quant_conv / post_quant_conv (the SD3 and FLUX VAEs have neither; use_quant_conv and use_post_quant_conv "
+            "must be false)")
     require(c["latents_mean"] is None and c["latents_std"] is None, where,
-            "latents_mean / latents_std (SD3 normalises with shift_factor and scaling_factor only)")
+            "latents_mean / latents_std (SD3 and FLUX normalise with shift_factor and scaling_factor only)")
     return VAEConfig(
         in_channels=int(c["in_channels"]), out_channels=int(c["out_channels"]),
         latent_channels=int(c["latent_channels"]), block_out_channels=tuple(int(x) for x in c["block_out_channels"]),

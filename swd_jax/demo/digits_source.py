@@ -72,7 +72,7 @@ class DigitsSource:
 
 def _make(c, schedule: ScaleSchedule, mmdit_config, position: int = 0, devices=None) -> DigitsSource:
     return DigitsSource(schedule, mmdit_config.joint_attention_dim, mmdit_config.pooled_projection_dim,
-                        c.train.batch_size, c.data.seed, mmdit_config.in_channels, position, c.data.path)
+                        c.train.batch_size, c.data.seed, mmdit_config.latent_channels, position, c.data.path)
 
 
 register_source("digits", _make)

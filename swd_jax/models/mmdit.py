@@ -59,6 +59,11 @@ class MMDiTConfig:
         return self.num_attention_heads * self.attention_head_dim
 
     @property
+    def latent_channels(self) -> int:
+        """Channels of the NHWC latents (as FluxConfig.latent_channels, which packs 2x2 patches into in_channels)."""
+        return self.in_channels
+
+    @property
     def max_latent_size(self) -> int:
         return self.pos_embed_max_size * self.patch_size
 

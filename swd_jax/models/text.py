@@ -1,6 +1,7 @@
-"""SD3's text encoders in Flax Linen: CLIP text model with projection (CLIP-L, CLIP-G) and the T5 v1.1 encoder.
+"""SD3's and FLUX's text encoders in Flax Linen: CLIP text model with projection (CLIP-L, CLIP-G; FLUX's CLIP-L
+without it) and the T5 v1.1 encoder.
 
-Layer for layer transformers' `CLIPTextModelWithProjection` (models/clip/modeling_clip.py) and
+Layer for layer transformers' `CLIPTextModelWithProjection` / `CLIPTextModel` (models/clip/modeling_clip.py) and
 `T5EncoderModel` (models/t5/modeling_t5.py); submodule names follow their keys (`layers.3` -> `layers_3`)
 so the converter's table is short. LayerNorm / RMSNorm and softmax run in float32, and the residual stream
 is kept in float32 whatever the compute `dtype` (matmuls run in `dtype`).
@@ -196,6 +197,20 @@ class CLIPTextTransformer(nn.Module):
             eos_idx_B = jnp.argmax((ids_BL == cfg.eos_token_id).astype(jnp.int32), axis=-1)
         pooled = last[jnp.arange(B), eos_idx_B]
         return dict(hidden_states=states, last_hidden_state=last, pooler_output=pooled)
+
+
+class CLIPTextModel(nn.Module):
+    """transformers `CLIPTextModel` (FLUX's CLIP-L: no projection): `hidden_states`, `last_hidden_state`,
+    `pooler_output`; all float32."""
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids_BL: jax.Array, attention_mask_BL: jax.Array | None = None) -> dict:
+        return CLIPTextTransformer(self.config, self.dtype, self.param_dtype, name="text_model")(
+            ids_BL, attention_mask_BL)
 
 
 class CLIPTextModelWithProjection(nn.Module):

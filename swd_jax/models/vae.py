@@ -1,8 +1,10 @@
-"""SD3 AutoencoderKL in Flax Linen, NHWC: encoder to a diagonal Gaussian, decoder, latent normalisation.
+"""SD3 / FLUX AutoencoderKL in Flax Linen, NHWC: encoder to a diagonal Gaussian, decoder, latent normalisation.
 
 Layer for layer the diffusers `AutoencoderKL` (autoencoders/autoencoder_kl.py, vae.py, resnet.py,
-unet_2d_blocks.py, attention_processor.py) as SD3 configures it: `DownEncoderBlock2D` / `UpDecoderBlock2D`
-blocks, a mid block with one single-head self-attention, no quant / post-quant convs, 16 latent channels.
+unet_2d_blocks.py, attention_processor.py) as SD3 and FLUX.1 configure it: `DownEncoderBlock2D` /
+`UpDecoderBlock2D` blocks, a mid block with one single-head self-attention, no quant / post-quant convs
+(`use_quant_conv` / `use_post_quant_conv` false in both), 16 latent channels. The two differ only in the
+latent normalisation: SD3_VAE and FLUX_VAE below.
 Submodule names follow the diffusers keys (`down_blocks.0` -> `down_blocks_0`) so the converter's table is
 short. GroupNorm and softmax run in float32 whatever the compute `dtype`.
 
@@ -48,6 +50,10 @@ class VAEConfig:
     def downsample_factor(self) -> int:
         """Pixels per latent pixel along each side (8 for SD3)."""
         return 2 ** (len(self.block_out_channels) - 1)
+
+
+SD3_VAE = VAEConfig()  # stabilityai/stable-diffusion-3.5-*/vae/config.json
+FLUX_VAE = VAEConfig(scaling_factor=0.3611, shift_factor=0.1159)  # black-forest-labs/FLUX.1-{dev,schnell}/vae
 
 
 def normalize_latents(z_BHWC: jax.Array, config: VAEConfig) -> jax.Array:

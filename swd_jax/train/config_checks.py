@@ -52,6 +52,10 @@ def check_values(c) -> None:
     for name in ("lr", "lr_fake", "clip_norm"):
         _require(o[name] > 0, f"optim.{name}", o[name], "must be positive")
     _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1/b2", (o.b1, o.b2), "must be in [0, 1)")
+    if "eval" in c:
+        _require(c.eval.every >= 0, "eval.every", c.eval.every, "must be 0 (off) or more")
+        _require(c.eval.num_samples >= 1, "eval.num_samples", c.eval.num_samples, "must be at least 1")
+        _require(c.eval.batch >= 1, "eval.batch", c.eval.batch, "must be at least 1")
     _require(len(tuple(c.mesh.shape)) == 3, "mesh.shape", tuple(c.mesh.shape), "must be (data, fsdp, tensor)")
 
 

@@ -131,6 +131,12 @@ class MetricsWriter:
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
 
+    def image(self, tag: str, grid_HW3: np.ndarray, step: int):
+        """A uint8 [H, W, 3] image to TensorBoard (validation grids)."""
+        if self.active:
+            self.tb.add_image(tag, grid_HW3, step, dataformats="HWC")
+            self.tb.flush()
+
     def close(self):
         if self.active:
             self.tb.close()
@@ -194,7 +200,11 @@ def _train_locked(config, workdir: str, stop_after: int | None, devices, recorde
         print(f"base params {count_params(run.base):,}; trainable student LoRA {count_params(run.state['student']):,}; "
               f"mesh {dict(run.mesh.shape)}; {jax.process_count()} processes", file=sys.stderr)
     writer = MetricsWriter(workdir, start)
-    validate = _make_validation(run, source, workdir)
+    validate = _make_validation(run, source, workdir, writer)
+    evaluate = None
+    if c.eval.every > 0:
+        from swd_jax.train.evaluation import TrainingEvaluator
+        evaluate = TrainingEvaluator(run)
     n = batches_per_iteration(m.loss)
     end = c.train.steps if stop_after is None else min(c.train.steps, start + stop_after)
     from tqdm.auto import tqdm
@@ -222,6 +232,8 @@ def _train_locked(config, workdir: str, stop_after: int | None, devices, recorde
                                             "process_count": jax.process_count()}, force=True)
             if validate and ((step + 1) % c.train.sample_every == 0 or step + 1 == c.train.steps):
                 validate(step + 1, state)
+            if evaluate is not None and evaluate.due(step + 1):
+                writer.write(step + 1, evaluate(step + 1, state))
         if pending is not None:
             last = _log(pending, writer, bar, ckpt, t_last, c)
     finally:
@@ -288,44 +300,51 @@ def _log(pending, writer, bar, ckpt, t_last, c) -> dict:
     return metrics
 
 
-def _make_validation(run: Run, source, workdir: str):
-    """A function (step, state) -> None that saves the student's samples as samples/step_N.png (process 0)."""
+def _make_validation(run: Run, source, workdir: str, writer: MetricsWriter):
+    """A function (step, state) -> None: the student's samples as samples/step_N.png and in TensorBoard (process 0)."""
     c = run.config
     if c.train.sample_every <= 0 or jax.process_index() != 0:
         return None
-    from swd_jax.train.validation import StudentSampler, image_grid, save_png
+    from swd_jax.train.validation import StudentSampler, image_grid, save_png, source_vae_folder
     decode = None
-    vae_dir = os.path.join(c.model.path, "vae") if c.model.path else ""
-    if c.data.kind != "digits" and vae_dir and os.path.isdir(vae_dir):
+    vae_dir = source_vae_folder(c.model.source, c.model.path)
+    if c.data.kind != "digits" and vae_dir:
         from swd_jax.convert.vae import load_vae
         from swd_jax.models.vae import decode_latents
         vae, vae_params = load_vae(vae_dir)
         decode = lambda x: decode_latents(vae, vae_params, x)
     elif c.data.kind != "digits":
-        print("validation grids show latent channels 0-2: no vae/ folder beside the transformer", file=sys.stderr)
+        print("validation grids show latent channels 0-2: no vae/ in model.path nor beside the converted "
+              "checkpoint's source transformer", file=sys.stderr)
         decode = lambda x: x[..., :3] / 3.0
-    sampler = StudentSampler(run.models.mmdit, run.models.schedule, run.mmdit_config.in_channels, decode)
+    sampler = StudentSampler(run.models.mmdit, run.models.schedule, run.mmdit_config.latent_channels, decode,
+                             guidance=run.models.guidance)
     cond = {k: jax.device_put(v) for k, v in source.validation_cond(c.train.num_samples).items()}
 
     def validate(step: int, state):
         images = sampler(run.base, state["student"], cond, seed=c.train.seed)
-        save_png(os.path.join(workdir, "samples", f"step_{step:06d}.png"), image_grid(images))
+        grid = image_grid(images)
+        save_png(os.path.join(workdir, "samples", f"step_{step:06d}.png"), grid)
+        writer.image("samples", grid, step)
 
     return validate
 
 
 def _export(run: Run, workdir: str):
-    """The trained student LoRA as a PEFT adapter folder (loads with peft.PeftModel.from_pretrained).
+    """The trained student LoRA as a PEFT adapter folder plus its diffusers LoRA file (`pipe.load_lora_weights`).
 
     Every process takes part in gathering the (possibly cross-process sharded) LoRA; process 0 writes it.
     """
-    from swd_jax.convert.peft_lora import export_peft
+    from swd_jax.convert.peft_lora import export_diffusers_lora, export_peft
     student = run.state["student"]
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         student = multihost_utils.process_allgather(student, tiled=True)
     if jax.process_index() != 0:
         return
+    student = jax.device_get(student)
     out = os.path.join(workdir, "student_peft")
-    export_peft(jax.device_get(student), run.models.mmdit.lora, out, cfg=run.mmdit_config, overwrite=True)
+    export_peft(student, run.models.mmdit.lora, out, cfg=run.mmdit_config, overwrite=True)
+    export_diffusers_lora(student, run.models.mmdit.lora, out, cfg=run.mmdit_config,
+                          overwrite=True)  # pytorch_lora_weights.safetensors: pipe.load_lora_weights(out) reads it
     print(f"student LoRA exported to {out}", file=sys.stderr)

@@ -12,6 +12,8 @@ Output, in `--out` (the `PrecomputedSource` of `train_data` reads it), format `F
   [s', s', C] (s' the scale before s); `prompt_embeds` [77 + T, D_t5], `pooled_prompt_embeds` [P] (all
   `--store_dtype`), `prompt` and `file_name` (str);
 - `uncond.npz`: `prompt_embeds` [1, 77 + T, D_t5] and `pooled_prompt_embeds` [1, P] (float32), the empty prompt;
+- a FLUX pipeline folder (model_index.json `FluxPipeline`) gets FLUX's encoders and VAE instead
+  (`flux_prompt_encoding`): `prompt_embeds` [T, D_t5] (T5 only; pass `--max_sequence_length 512`), pooled CLIP-L;
 - `precompute.json`: the settings and the format; a rerun with other settings into the same folder raises,
   and the trainer refuses a folder of another format, saying how to redo it.
 
@@ -56,10 +58,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from swd_jax.command_line import add_common_flags, enable_compile_cache, quiet_logs, run_main
 from swd_jax.convert.vae import load_vae
 from swd_jax.train.records import ArrayRecordsWriter, decode_image, read_metainfo
 from swd_jax.models.vae import AutoencoderKL, normalize_latents
-from swd_jax.prompt_encoding import SD3PromptEncoder, TextModels, encode_tokens
+from swd_jax.flux_prompt_encoding import FluxTextModels, encode_any_tokens, load_prompt_encoder
+from swd_jax.prompt_encoding import TextModels
 from swd_jax.resize import area_resize
 
 log = logging.getLogger(__name__)
@@ -100,11 +104,11 @@ def cascade_images(img_BHWC: jax.Array, size: int, prev_size: int) -> tuple[jax.
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def encode_batch(text_models: TextModels, vae: AutoencoderKL, spec: LatentSpec, params: dict, img_BHWC: jax.Array,
-                 ids: dict) -> dict[str, jax.Array]:
+def encode_batch(text_models: TextModels | FluxTextModels, vae: AutoencoderKL, spec: LatentSpec, params: dict,
+                 img_BHWC: jax.Array, ids: dict) -> dict[str, jax.Array]:
     """Images in [-1, 1] at the largest scale, token ids -> {mean_s, std_s, prev_mean_s, prev_std_s, embeddings}."""
     out = {}
-    out["prompt_embeds"], out["pooled_prompt_embeds"] = encode_tokens(text_models, params["text"], ids)
+    out["prompt_embeds"], out["pooled_prompt_embeds"] = encode_any_tokens(text_models, params["text"], ids)
     f = vae.config.downsample_factor
 
     def moments(x):
@@ -143,8 +147,8 @@ class Precomputer:
         self.spec = LatentSpec(tuple(int(s) for s in scales), previous_scales(scales), store_dtype)
         self.mesh = Mesh(np.asarray(devices or jax.local_devices()), ("data",))
         replicated = NamedSharding(self.mesh, P())
-        self.text = SD3PromptEncoder(model_dir, max_sequence_length=max_sequence_length, dtype=dtype,
-                                     param_dtype=param_dtype, sharding=replicated)
+        self.text = load_prompt_encoder(model_dir, max_sequence_length=max_sequence_length, dtype=dtype,
+                                        param_dtype=param_dtype, sharding=replicated)  # SD3's or FLUX's
         self.vae, vae_params = load_vae(os.path.join(model_dir, "vae"), dtype=dtype, param_dtype=param_dtype)
         self.resolution = self.vae.config.downsample_factor * max(self.spec.scales)
         self.params = {"text": self.text.params, "vae": jax.device_put(vae_params, replicated)}
@@ -261,14 +265,16 @@ def precompute(model_dir: str, data_dir: str, out_dir: str, scales: Sequence[int
     return counts
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="diffusers SD3 folder (vae/, text_encoder*/, tokenizer*/)")
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="swd-precompute", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="diffusers SD3 or FLUX pipeline folder (vae/, text_encoder*/, tokenizer*/)")
     p.add_argument("--data", required=True, help="SwD dataset folder: images + metainfo.csv")
     p.add_argument("--out", required=True)
     p.add_argument("--scales", required=True, help="latent sizes, e.g. 64,80,96,128")
     p.add_argument("--metainfo", default="metainfo.csv")
-    p.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens")
+    p.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens (FLUX-SwD: 512)")
     p.add_argument("--shard_size", type=int, default=512)
     p.add_argument("--per_device_batch", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16", help="compute dtype")
@@ -281,19 +287,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--coordinator", help="host:port of process 0 (with --distributed)")
     p.add_argument("--num_processes", type=int)
     p.add_argument("--process_id", type=int)
+    add_common_flags(p)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    if a.distributed:
-        from swd_jax.train import distributed
-        if not (a.coordinator or os.environ.get("SWD_COORDINATOR")):
-            os.environ.setdefault("SWD_DISTRIBUTED", "1")  # no explicit layout: let jax find the slice's
-        distributed.initialize(a.coordinator, a.num_processes, a.process_id)
-    counts = precompute(a.model, a.data, a.out, [int(s) for s in a.scales.split(",")], metainfo=a.metainfo,
-                        max_sequence_length=a.max_sequence_length, shard_size=a.shard_size,
-                        per_device_batch=a.per_device_batch, dtype=a.dtype,
-                        param_dtype=a.param_dtype, store_dtype=a.store_dtype, skip_bad=a.skip_bad)
-    print(json.dumps({"host": jax.process_index(), **counts}), file=sys.stderr)
+    quiet_logs(a.verbose)
+
+    def _run():
+        if a.distributed:
+            from swd_jax.train import distributed
+            if not (a.coordinator or os.environ.get("SWD_COORDINATOR")):
+                os.environ.setdefault("SWD_DISTRIBUTED", "1")  # no explicit layout: let jax find the slice's
+            distributed.initialize(a.coordinator, a.num_processes, a.process_id)
+        enable_compile_cache()
+        counts = precompute(a.model, a.data, a.out, _scales(a.scales), metainfo=a.metainfo,
+                            max_sequence_length=a.max_sequence_length, shard_size=a.shard_size,
+                            per_device_batch=a.per_device_batch, dtype=a.dtype,
+                            param_dtype=a.param_dtype, store_dtype=a.store_dtype, skip_bad=a.skip_bad)
+        print(json.dumps({"host": jax.process_index(), **counts}), file=sys.stderr)
+
+    return run_main(_run, a.debug)
+
+
+def _scales(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--scales {text!r}: expected latent sizes separated by commas, e.g. 64,80,96,128") from None
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

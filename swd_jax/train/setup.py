@@ -13,12 +13,15 @@ import numpy as np
 import optax
 
 from swd_jax.train import sharding
-from swd_jax.convert.transformer import boxed_params, example_inputs
+from swd_jax.convert.converted import FAMILIES
+from swd_jax.convert.transformer import transformer_class
 from swd_jax.discriminator import DiscriminatorHead
+from swd_jax.models.flux import FluxConfig
 from swd_jax.models.layers import ATTENTION_IMPLS, LORA, LoraConfig
-from swd_jax.models.mmdit import MMDiT, MMDiTConfig
+from swd_jax.models.mmdit import MMDiTConfig
 from swd_jax.convert.converted import model_kind
 from swd_jax.schedule import PRESETS, ScaleSchedule, get_schedule
+from swd_jax.train.backbone import backbone_kind, backbone_of, check_kind, model_guidance, random_config
 from swd_jax.train.steps import LossConfig, SwDModels, init_state
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -60,24 +63,25 @@ def loss_config(c) -> LossConfig:
     return LossConfig(**d)
 
 
-def load_base(c, mesh) -> tuple[MMDiTConfig, dict]:
+def load_base(c, mesh) -> tuple[MMDiTConfig | FluxConfig, dict]:
     """The frozen base transformer weights, sharded on `mesh` by their logical axes (FSDP by default)."""
     m = c.model
     pdt = _dtype(m.param_dtype, "model.param_dtype")
+    kind = m.get("kind", "mmdit")
     source = model_source(m.source, m.path)
     if source == "random":
-        cfg = MMDiTConfig(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in m.random.items()})
+        cfg = random_config(kind, m.random.to_dict())
     else:
         cfg = _read_model_config(source, m.path)
-    shardings = sharding.boxed_shardings(boxed_params(cfg, pdt), mesh, c.mesh.rules)
+    bb = backbone_kind(kind) if source == "random" else check_kind(kind, cfg, m.path)
+    shardings = sharding.boxed_shardings(bb.boxed_params(cfg, pdt), mesh, c.mesh.rules)
     if source == "random":
-        model = MMDiT(cfg, param_dtype=pdt)
-        init = lambda: nn.unbox(model.init(jax.random.key(c.train.seed), *example_inputs(cfg, 1))["params"])
+        model = bb.module_cls(cfg, param_dtype=pdt)
+        init = lambda: nn.unbox(model.init(jax.random.key(c.train.seed), *bb.example_inputs(cfg, 1))["params"])
         return cfg, jax.jit(init, out_shardings=shardings)()
     if source == "diffusers":
-        from swd_jax.convert.transformer import load_transformer
         folder = os.path.join(m.path, "transformer") if os.path.isdir(os.path.join(m.path, "transformer")) else m.path
-        return load_transformer(folder, dtype=pdt, shardings=shardings)
+        return bb.load_diffusers(folder, dtype=pdt, shardings=shardings)
     from swd_jax.convert.converted import load_converted
     cfg, params = load_converted(m.path, shardings=shardings)
     wrong = {str(x.dtype) for x in jax.tree.leaves(params)} - {jnp.dtype(pdt).name}
@@ -109,11 +113,11 @@ def default_feature_block(num_layers: int) -> int:
     return {24: 11, 38: 20}.get(num_layers, min(num_layers - 1, max(0, round(num_layers * 11 / 24))))
 
 
-def _read_model_config(source: str, path: str) -> MMDiTConfig:
-    if source == "diffusers":
-        sub = os.path.join(path, "transformer")
-        return MMDiTConfig.from_folder(sub if os.path.isdir(sub) else path)
-    return MMDiTConfig.from_folder(path)
+def _read_model_config(source: str, path: str) -> MMDiTConfig | FluxConfig:
+    """The config of a diffusers transformer (or pipeline) folder or a converted checkpoint, by its _class_name."""
+    if source == "diffusers" and os.path.isdir(os.path.join(path, "transformer")):
+        path = os.path.join(path, "transformer")
+    return FAMILIES[transformer_class(path)][0].from_folder(path)
 
 
 def check_schedule_fits(schedule: ScaleSchedule, cfg: MMDiTConfig) -> None:
@@ -137,7 +141,7 @@ class Run:
     """A built run: models, mesh, base weights, sharded state and the shardings the steps are jitted with."""
     config: ml_collections.ConfigDict
     mesh: jax.sharding.Mesh
-    mmdit_config: MMDiTConfig
+    mmdit_config: MMDiTConfig | FluxConfig  # the transformer's config, whatever the backbone
     models: SwDModels
     base: dict
     base_shardings: Any
@@ -155,30 +159,39 @@ def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
     schedule = make_schedule(c)
     loss = loss_config(c)
     cfg, base = load_base(c, mesh)
-    auto = {name: (default_feature_block(cfg.num_layers),) for name in ("cls_blocks", "mmd_blocks")
+    bb = backbone_of(cfg)
+    n_blocks = bb.num_blocks(cfg)
+    auto = {name: (default_feature_block(n_blocks),) for name in ("cls_blocks", "mmd_blocks")
             if not getattr(loss, name)}
     loss = dataclasses.replace(loss, **auto)
     for name in ("cls_blocks", "mmd_blocks"):
-        bad = [b for b in getattr(loss, name) if not 0 <= b < cfg.num_layers]
+        bad = [b for b in getattr(loss, name) if not 0 <= b < n_blocks]
         if bad:
-            raise ValueError(f"loss.{name} {bad} outside the model's blocks 0..{cfg.num_layers - 1}")
-    check_schedule_fits(schedule, cfg)
+            raise ValueError(f"loss.{name} {bad} outside the model's blocks 0..{n_blocks - 1}")
+    if isinstance(cfg, MMDiTConfig):
+        check_schedule_fits(schedule, cfg)
+    for s in schedule.scales:  # FLUX: any even size (2x2 packing)
+        try:
+            bb.module_cls(cfg).check_latent_size(s, s)
+        except ValueError as e:
+            raise ValueError(f"schedule scale {s} does not fit the model: {e}") from None
+    guidance = model_guidance(cfg, c.model.get("guidance", None), loss.cfg_teacher, loss.guidance_teacher)
     if c.model.attention_impl not in ATTENTION_IMPLS:
         raise ValueError(f"model.attention_impl={c.model.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
     if c.model.attention_chunk < 8:
         raise ValueError(f"model.attention_chunk={c.model.attention_chunk}; expected at least 8 query rows")
     dtype = _dtype(c.model.dtype, "model.dtype")
     lora = LoraConfig(rank=c.lora.rank, alpha=c.lora.alpha, targets=tuple(c.lora.targets))
-    mmdit = MMDiT(cfg, lora=lora, dtype=dtype, param_dtype=_dtype(c.model.param_dtype, "model.param_dtype"),
-                  remat=c.model.remat, attention_impl=c.model.attention_impl,
-                  attention_chunk=c.model.attention_chunk)
+    mmdit = bb.module_cls(cfg, lora=lora, dtype=dtype, param_dtype=_dtype(c.model.param_dtype, "model.param_dtype"),
+                          remat=c.model.remat, attention_impl=c.model.attention_impl,
+                          attention_chunk=c.model.attention_chunk)
     head = DiscriminatorHead(cfg.inner_dim, c.head.num_layers, dtype=dtype)
     models = SwDModels(mmdit, head, schedule, loss, make_optimizer(c.optim.lr, c.optim),
-                       make_optimizer(c.optim.lr_fake, c.optim))
+                       make_optimizer(c.optim.lr_fake, c.optim), guidance)
     base_shardings = jax.tree.map(lambda a: a.sharding, base)
 
-    lora_model = MMDiT(cfg, lora=lora, param_dtype=jnp.float32)
-    ex = example_inputs(cfg, 1)
+    lora_model = bb.module_cls(cfg, lora=lora, param_dtype=jnp.float32)
+    ex = bb.example_inputs(cfg, 1)
 
     def init_lora(key):
         return lora_model.init(key, *ex)[LORA]

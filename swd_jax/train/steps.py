@@ -17,6 +17,10 @@ Where ours differs from the official code on purpose (each a named option, READM
 - The GAN-D term of the fake loss follows `gan_d_weight` alone, as the official code (which adds it even with
   `do_gan_loss` off); `gan_d_weight=0` drops it (and the real-feature pass).
 
+Backbones (`swd_jax.train.backbone`): MMDiT (SD3/SD3.5) or FLUX. FLUX-dev is guidance-distilled: every pass
+takes a guidance scale through its embedding (`SwDModels.guidance` for the student and fake model), and the
+DMD teacher is ONE pass at `loss.guidance_teacher`, no doubled CFG batch (`uncond` is unused then).
+
 Work done once where the reference does it twice:
 - the teacher's conditional and unconditional passes are one forward on a 2B batch;
 - the fake model's pass on the DMD-noised sample gives both its x0 (for DMD, gradient stopped) and the
@@ -34,6 +38,7 @@ import optax
 
 from swd_jax import losses
 from swd_jax.discriminator import DiscriminatorHead
+from swd_jax.models.flux import Flux
 from swd_jax.models.mmdit import MMDiT
 from swd_jax.resize import bicubic_resize
 from swd_jax.schedule import ScaleSchedule, add_noise
@@ -50,6 +55,7 @@ class LossConfig:
     gan_d_weight: float = 1e-2
     pdm_weight: float = 1.0
     cfg_teacher: float = 7.0
+    guidance_teacher: float = 4.5  # FLUX-dev's teacher: the embedded guidance scale (cfg_teacher must be 1)
     cls_blocks: tuple[int, ...] = (11,)
     mmd_blocks: tuple[int, ...] = (11,)
     dmd_range: tuple[int, int] = (12, 28)
@@ -65,18 +71,29 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SwDModels:
-    """The one MMDiT module (teacher/student/fake by the `lora` pytree), the head, schedule and losses."""
-    mmdit: MMDiT
+    """The one transformer module (teacher/student/fake by the `lora` pytree), the head, schedule and losses.
+
+    `mmdit` is the transformer of any backbone (MMDiT or Flux; the field keeps its first name). `guidance`:
+    FLUX-dev's guidance-embedding input of the student and fake passes (None for models without one).
+    """
+    mmdit: MMDiT | Flux
     head: DiscriminatorHead
     schedule: ScaleSchedule
     loss: LossConfig
     opt_student: optax.GradientTransformation
     opt_fake: optax.GradientTransformation
+    guidance: float | None = None
 
-    def velocity(self, base, lora, x_BHWC, sigma_B, context, pooled, feature_blocks=(), features_only=False):
+    def velocity(self, base, lora, x_BHWC, sigma_B, context, pooled, feature_blocks=(), features_only=False,
+                 guidance: float | None = None):
+        """The transformer at sigma (timestep 1000 sigma); `guidance` overrides `self.guidance` (the teacher)."""
         variables = {"params": base} if lora is None else {"params": base, "lora": lora}
+        extra = {}
+        if self.guidance is not None:
+            g = self.guidance if guidance is None else guidance
+            extra["guidance_B"] = jnp.full(sigma_B.shape, g, jnp.float32)
         return self.mmdit.apply(variables, x_BHWC, 1000.0 * sigma_B, context, pooled,
-                                feature_blocks=tuple(feature_blocks), features_only=features_only)
+                                feature_blocks=tuple(feature_blocks), features_only=features_only, **extra)
 
 
 def _sigma(schedule: ScaleSchedule, idx_B) -> jnp.ndarray:
@@ -170,7 +187,10 @@ def generator_loss(m: SwDModels, student_lora, base, fake, batch: Batch, uncond:
         v_fake, feats = m.velocity(base, fake_lora, x_noisy, sigma, ctx, pooled, cfg.cls_blocks)
         if cfg.do_dmd:
             x_sg = jax.lax.stop_gradient(x_noisy)
-            if cfg.cfg_teacher > 1.0:  # one 2B forward: [cond; uncond]
+            if m.guidance is not None:  # guidance-distilled teacher (FLUX-dev): the scale is an input
+                v_teacher = m.velocity(base, None, x_sg, sigma, ctx, pooled,
+                                       guidance=cfg.guidance_teacher).astype(jnp.float32)
+            elif cfg.cfg_teacher > 1.0:  # one 2B forward: [cond; uncond]
                 u_ctx = jnp.broadcast_to(uncond["context"], (B,) + uncond["context"].shape[1:]).astype(ctx.dtype)
                 u_pooled = jnp.broadcast_to(uncond["pooled"], (B,) + uncond["pooled"].shape[1:]).astype(ctx.dtype)
                 v2 = m.velocity(base, None, jnp.concatenate([x_sg, x_sg]), jnp.concatenate([sigma, sigma]),

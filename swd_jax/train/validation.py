@@ -1,6 +1,7 @@
 """Validation images during training: the student's scale-wise samples for fixed prompts, saved as a PNG grid."""
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 
@@ -8,12 +9,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from swd_jax.convert.converted import META
 from swd_jax.sampler import scale_wise_sample
 
 
+def source_vae_folder(model_source: str, model_path: str) -> str | None:
+    """The vae/ folder to decode validation latents with: MODEL/vae, or for a converted checkpoint the vae/ beside
+    the transformer folder its conversion.json names as "source" (the pipeline it was converted from); else None."""
+    if not model_path:
+        return None
+    candidates = [os.path.join(model_path, "vae")]
+    meta = os.path.join(model_path, META)
+    if model_source in ("converted", "auto") and os.path.exists(meta):
+        with open(meta) as f:
+            src = json.load(f).get("source")
+        if src:
+            candidates.append(os.path.join(os.path.dirname(os.path.normpath(src)), "vae"))
+    return next((d for d in candidates if os.path.isdir(d)), None)
+
+
 def image_grid(images_NHWC: np.ndarray, columns: int | None = None) -> np.ndarray:
-    """[N, H, W, C] floats in [-1, 1] -> one uint8 [rows*H, cols*W, 3] grid (1-channel images as grey)."""
-    x = np.clip((np.asarray(images_NHWC, np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
+    """[N, H, W, C] floats in [-1, 1] (or uint8) -> one uint8 [rows*H, cols*W, 3] grid (1 channel as grey)."""
+    x = np.asarray(images_NHWC)
+    if x.dtype != np.uint8:
+        x = np.clip((x.astype(np.float32) + 1.0) * 127.5, 0, 255).astype(np.uint8)
     if x.shape[-1] == 1:
         x = np.repeat(x, 3, axis=-1)
     if x.shape[-1] != 3:
@@ -42,13 +61,16 @@ def save_png(path: str, grid_HW3: np.ndarray, min_size: int = 256):
 class StudentSampler:
     """Scale-wise samples of base + LoRA for fixed conditioning; one velocity function, so no recompiles."""
 
-    def __init__(self, mmdit, schedule, channels: int, decode: Callable[[jnp.ndarray], jnp.ndarray] | None = None):
+    def __init__(self, mmdit, schedule, channels: int, decode: Callable[[jnp.ndarray], jnp.ndarray] | None = None,
+                 guidance: float | None = None):
+        """`mmdit`: the transformer (MMDiT or Flux); `guidance`: FLUX-dev's embedded guidance scale, else None."""
         self.schedule, self.channels = schedule, channels
         self.decode = decode or (lambda x: x)
 
         def velocity(params, x_BHWC, t_B, cond):
+            extra = {} if guidance is None else {"guidance_B": jnp.full(t_B.shape, guidance, jnp.float32)}
             return mmdit.apply({"params": params["base"], "lora": params["lora"]}, x_BHWC, t_B,
-                               cond["context"], cond["pooled"])
+                               cond["context"], cond["pooled"], **extra)
 
         self.velocity = velocity
 

@@ -1,0 +1,166 @@
+"""Generate images with an SD3/SD3.5 or FLUX.1 model and an optional SwD student, in JAX.
+
+    python -m swd_jax.generate --model /models/stable-diffusion-3.5-medium --lora /runs/sd35m \
+        --prompt "a cat reading a newspaper" --out samples/
+    python -m swd_jax.generate --model /models/FLUX.1-dev --lora /models/FLUX-SwD-adapter \
+        --prompt "a cat reading a newspaper" --out samples/     # flux_4, guidance 4.5 embedded, 512 T5 tokens
+
+--lora: a run's workdir (its latest student and its schedule), a PEFT adapter folder or a diffusers LoRA file.
+--converted: our converted params (python -m swd_jax.convert) instead of MODEL/transformer.
+--sampler scale_wise (default; --schedule PRESET or --scales + --sigmas), full_resolution (the schedule's
+sigmas at one size) or teacher (--steps Euler steps with CFG --guidance, the base model without the LoRA; SD3).
+FLUX (the transformer's _class_name says): --guidance is FLUX-dev's embedded guidance (default 4.5; schnell:
+none), the default schedule flux_4 and 512 T5 tokens.
+Prompts: --prompt (repeatable) and/or --prompts FILE (.txt: one per line; .csv: the column --prompt-column,
+else the first of caption/prompt/captions/text). Writes OUT/00000.png ..., OUT/grid.png (the first 16) and
+OUT/images.json: a list of {"file", "prompt", "seed", "index", + every setting}; prints ms/image. Batches are
+sharded over the local devices; on several hosts each takes every P-th image and writes images.<p>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+
+from swd_jax.eval.prompts import write_index
+
+PROMPT_COLUMNS = ("caption", "prompt", "captions", "text")
+GRID_IMAGES, GRID_CELL = 16, 256
+
+
+def read_prompts(path: str, column: str | None = None) -> list[str]:
+    """Prompts from a .txt file (one per non-empty line) or a .csv file (one column, by header name)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    if not path.endswith(".csv"):
+        raise ValueError(f"prompt file {path}: expected a .txt or .csv file")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    header = list(rows[0]) if rows else []
+    col = column or next((c for c in PROMPT_COLUMNS if c in header), None)
+    if col is None or col not in header:
+        raise ValueError(f"prompt file {path}: no column {column or ' / '.join(PROMPT_COLUMNS)}; columns: {header}")
+    return [r[col] for r in rows]
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(","))
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
+def parse_args(argv: list[str] | None):
+    p = argparse.ArgumentParser(prog="python -m swd_jax.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="diffusers SD3/SD3.5 or FLUX.1 pipeline folder")
+    p.add_argument("--converted", help="our converted transformer params (instead of MODEL/transformer)")
+    p.add_argument("--lora", help="run workdir, PEFT adapter folder or diffusers LoRA .safetensors")
+    p.add_argument("--sampler", choices=("scale_wise", "full_resolution", "teacher"), default="scale_wise")
+    p.add_argument("--schedule", help="preset: sd35_medium_6 (SD3 default), sd35_medium_4, sd35_large_4, "
+                   "flux_4 (FLUX default)")
+    p.add_argument("--scales", type=_ints, help="explicit latent sizes, e.g. 32,48,64,80,96,128")
+    p.add_argument("--sigmas", type=_floats, help="explicit sigmas (one more than scales, last 0)")
+    p.add_argument("--steps", type=int, default=28, help="teacher Euler steps")
+    p.add_argument("--guidance", type=float, help="CFG scale (default: 1 student, 7 teacher); FLUX-dev: the "
+                   "embedded guidance (default 4.5)")
+    p.add_argument("--size", type=int, help="latent size of full_resolution / teacher (default: last scale)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts", help="a .txt (one per line) or .csv prompt file")
+    p.add_argument("--prompt-column", help="the .csv column holding the prompts")
+    p.add_argument("--limit", type=int, help="use only the first N prompts")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="image n gets seed SEED + n")
+    p.add_argument("--num-per-prompt", type=int, default=1)
+    p.add_argument("--batch", type=int, help="images per batch (rounded up to a multiple of the device count)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: SD3 256, FLUX 512)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def _schedule(args):
+    if (args.scales is None) != (args.sigmas is None):
+        raise ValueError("give --scales and --sigmas together")
+    if args.scales is not None:
+        if args.schedule:
+            raise ValueError("give either --schedule or --scales/--sigmas, not both")
+        return (args.scales, args.sigmas)
+    return args.schedule
+
+
+def _save_grid(path: str, images: list[np.ndarray]) -> None:
+    from PIL import Image
+
+    from swd_jax.train.validation import image_grid, save_png
+    cells = [np.asarray(Image.fromarray(x).resize((GRID_CELL, GRID_CELL), Image.BICUBIC)) if x.shape[0] > GRID_CELL
+             else x for x in images[:GRID_IMAGES]]
+    save_png(path, image_grid(np.stack(cells)))
+
+
+def run(args) -> dict:
+    """Generate and write everything; returns {"images": n, "ms_per_image": ..., "first_batch_s": ...}."""
+    import jax
+
+    from swd_jax.pipeline import SwDPipeline
+
+    prompts = list(args.prompt) + (read_prompts(args.prompts, args.prompt_column) if args.prompts else [])
+    if args.limit is not None:
+        prompts = prompts[:args.limit]
+    if not prompts:
+        raise ValueError("no prompts: give --prompt TEXT or --prompts FILE")
+    pipe = SwDPipeline.from_pretrained(args.model, lora=args.lora, converted=args.converted, dtype=args.dtype,
+                                       max_sequence_length=args.max_sequence_length)
+    sampler = pipe.sampler(args.sampler, _schedule(args), steps=args.steps, guidance_scale=args.guidance,
+                           size=args.size)
+    settings = pipe.settings(sampler)
+    p, n_proc = jax.process_index(), jax.process_count()
+    total = len(prompts) * args.num_per_prompt
+    os.makedirs(args.out, exist_ok=True)
+    records, grid, times, counts = [], [], [], []
+    for chunk, images, dt in pipe.generate_batches(prompts, sampler, seed=args.seed, num_per_prompt=args.num_per_prompt,
+                                                   batch_size=args.batch, indices=range(p, total, n_proc),
+                                                   progress=not args.no_progress):
+        from PIL import Image
+        for r, img in zip(chunk, images):
+            r["file"] = f"{r['index']:05d}.png"
+            Image.fromarray(img).save(os.path.join(args.out, r["file"]))
+            records.append({"file": r["file"], "prompt": r["prompt"], "seed": r["seed"], "index": r["index"],
+                            **settings})
+        grid += list(images[:max(0, GRID_IMAGES - len(grid))])
+        times.append(dt)
+        counts.append(len(chunk))
+    if n_proc == 1:
+        write_index(args.out, records)  # images.json, as `python -m swd_jax.evaluate --images OUT` reads it
+    else:
+        with open(os.path.join(args.out, f"images.{p}.json"), "w", encoding="utf-8") as f:
+            json.dump(records, f, indent=1, ensure_ascii=False)
+    if grid:
+        _save_grid(os.path.join(args.out, "grid.png" if n_proc == 1 else f"grid.{p}.png"), grid)
+    steady = (sum(times[1:]) / sum(counts[1:])) if len(times) > 1 else times[0] / counts[0]
+    return {"images": len(records), "ms_per_image": 1e3 * steady, "first_batch_s": times[0], "sampler": sampler.kind,
+            "batches": len(times)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        r = run(args)
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    how = (f"after the first batch, which compiles: {r['first_batch_s']:.1f} s" if r["batches"] > 1
+           else "one batch, compiling included")
+    print(f"{r['images']} images ({r['sampler']}) in {args.out}: {r['ms_per_image']:.1f} ms/image ({how})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

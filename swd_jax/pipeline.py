@@ -1,0 +1,384 @@
+"""SwDPipeline: prompts -> images from a diffusers SD3/SD3.5 or FLUX.1 folder and an optional SwD LoRA, in JAX.
+
+    pipe = SwDPipeline.from_pretrained("/models/stable-diffusion-3.5-medium", lora="/runs/sd35m")
+    images = pipe.generate(["a cat reading a newspaper"], seed=0)      # uint8 [N, 1024, 1024, 3]
+
+`folder` holds transformer/, vae/, text_encoder{,_2,_3}/ and tokenizer{,_2,_3}/ (a diffusers pipeline folder);
+the transformer's `_class_name` picks the family (`swd_jax.train.backbone`): FLUX.1 (FluxTransformer2DModel) gets
+FLUX's CLIP-L + T5 encoder (512 T5 tokens by default), the `flux_4` preset and, for FLUX-dev, the guidance scale
+through the guidance embedding (default 4.5, as the published FLUX-SwD samples; schnell has none; no CFG);
+`converted=` replaces its transformer by our converted params (`python -m swd_jax.convert`). `lora=` is a run's
+workdir (its latest checkpointed student, with the run's LoRA config and scale schedule from its config.json),
+a PEFT adapter folder (the published SwD adapters; with or without the text-stream targets) or a diffusers LoRA
+file. Samplers (`SamplerSettings`): "scale_wise" (the student's: K steps, upscaling between scales; presets of
+`swd_jax.schedule.PRESETS` or explicit scales + sigmas), "full_resolution" (the same sigmas at one size) and
+"teacher" (many-step Euler + CFG, the base model without the LoRA). Batches are sharded over `devices` (data
+parallel, a 1-D mesh; parameters replicated); every sampling step, the text encoders and the VAE decoder are
+compiled once per shape and reused. Image n (prompt n // num_per_prompt) gets its own seed `seed + n`, so an
+image does not depend on the batch size or the device count.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from swd_jax.convert.peft_lora import import_lora
+from swd_jax.convert.transformer import transformer_class, transformer_folder
+from swd_jax.convert.vae import load_vae
+from swd_jax.eval.prompts import sample_seed
+from swd_jax.flux_prompt_encoding import FluxPromptEncoder, load_prompt_encoder
+from swd_jax.models.flux import FluxConfig
+from swd_jax.models.layers import LORA, LoraConfig
+from swd_jax.models.mmdit import MMDiTConfig
+from swd_jax.models.vae import decode_latents
+from swd_jax.prompt_encoding import SD3PromptEncoder
+from swd_jax.sampler import SamplerNoise, euler_sample, scale_wise_sample
+from swd_jax.schedule import ScaleSchedule, flow_match_sigmas, get_schedule
+from swd_jax.train.backbone import backbone_of, backbone_of_class
+
+SAMPLERS = ("scale_wise", "full_resolution", "teacher")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DEFAULT_PRESET = "sd35_medium_6"  # the published SwD-Medium default
+TEACHER_GUIDANCE = 7.0  # the reference's SD3.5-Medium CFG (Large: 4.5)
+FLUX_GUIDANCE = 4.5  # the published FLUX-SwD's embedded guidance scale (FLUX-dev)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """What `generate` runs: `kind`, K latent sizes, K+1 sigmas (last 0), CFG scale (1 = none) and FLUX-dev's
+    embedded guidance scale (None: the model has no guidance embedding)."""
+
+    kind: str
+    scales: tuple[int, ...]
+    sigmas: tuple[float, ...]
+    guidance_scale: float
+    embedded_guidance: float | None = None
+
+    def to_json(self) -> dict:
+        return {"sampler": self.kind, "scales": list(self.scales), "sigmas": [round(s, 6) for s in self.sigmas],
+                "guidance_scale": self.guidance_scale, "embedded_guidance": self.embedded_guidance}
+
+
+def make_sampler(kind: str = "scale_wise", schedule: str | ScaleSchedule | tuple | None = None, *, steps: int = 28,
+                 shift: float = 3.0, guidance_scale: float | None = None, size: int | None = None,
+                 patch_size: int = 2) -> SamplerSettings:
+    """Validated SamplerSettings. `schedule`: a preset name, a ScaleSchedule or (scales, sigmas) with K+1 sigmas
+    ending in 0. full_resolution: the schedule's sigmas, every step at `size` (default its last scale). teacher:
+    `steps` Euler steps on the flow-matching grid with `shift`, at `size`, CFG `guidance_scale` (default 7)."""
+    if kind not in SAMPLERS:
+        raise ValueError(f"sampler {kind!r}; choose one of {SAMPLERS}")
+    if isinstance(schedule, str):
+        schedule = get_schedule(schedule)
+    elif schedule is None:
+        schedule = get_schedule(DEFAULT_PRESET)
+    elif not isinstance(schedule, ScaleSchedule):
+        try:
+            scales, sigmas = schedule
+        except (TypeError, ValueError):
+            raise ValueError("schedule must be a preset name, a ScaleSchedule or a (scales, sigmas) pair") from None
+        schedule = ScaleSchedule(scales=tuple(scales), explicit_sigmas=tuple(float(s) for s in sigmas),
+                                 patch_size=patch_size)
+    size = int(size or schedule.scales[-1])
+    if size <= 0 or size % patch_size:
+        raise ValueError(f"size {size} must be a positive multiple of the patch size {patch_size}")
+    sigmas = tuple(float(s) for s in schedule.sampling_sigmas)
+    if kind == "scale_wise":
+        scales, default_g = schedule.scales, 1.0
+    elif kind == "full_resolution":
+        scales, default_g = (size,) * schedule.num_intervals, 1.0
+    else:
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"teacher steps must be a positive int, got {steps!r}")
+        scales, default_g = (size,), TEACHER_GUIDANCE
+        sigmas = tuple(float(s) for s in flow_match_sigmas(steps, shift))
+    g = default_g if guidance_scale is None else float(guidance_scale)
+    if g < 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {g}")
+    return SamplerSettings(kind, tuple(int(s) for s in scales), sigmas, g)
+
+
+@dataclasses.dataclass(frozen=True)
+class Student:
+    """A LoRA to sample with: its config and factors, where it came from, and the schedule of its run if any."""
+
+    lora: LoraConfig
+    params: dict
+    source: str
+    schedule: ScaleSchedule | None = None
+    run_config: dict | None = None
+
+
+def _is_run(path: str) -> bool:
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")) and (
+        os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isdir(os.path.join(path, "student_peft")))
+
+
+def _latest_checkpoint(ckpt_dir: str) -> str | None:
+    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d, "state"))]
+    return os.path.join(ckpt_dir, str(max(steps)), "state") if steps else None
+
+
+def load_student(path: str, cfg: MMDiTConfig | FluxConfig, dtype=jnp.float32) -> Student:
+    """A run workdir (latest checkpointed student, else its student_peft/), a PEFT folder or a diffusers LoRA file."""
+    path = os.path.abspath(path)  # orbax reads no metadata through a relative path
+    if not _is_run(path):
+        lora, params = import_lora(path, cfg, dtype)
+        return Student(lora, params, os.path.abspath(path))
+    import ml_collections
+    import orbax.checkpoint as ocp
+
+    from swd_jax.convert.orbax_params import check_matches
+    from swd_jax.convert.peft_lora import abstract_lora
+    from swd_jax.train.setup import make_schedule
+
+    with open(os.path.join(path, "config.json")) as f:
+        run_config = json.load(f)
+    c = ml_collections.ConfigDict(run_config)
+    schedule = make_schedule(c)
+    ckpt_dir = os.path.join(path, "checkpoints")
+    state_dir = _latest_checkpoint(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    if state_dir is None:
+        lora, params = import_lora(os.path.join(path, "student_peft"), cfg, dtype)
+        return Student(lora, params, os.path.join(path, "student_peft"), schedule, run_config)
+    lora = LoraConfig(rank=int(c.lora.rank), alpha=float(c.lora.alpha), targets=tuple(c.lora.targets))
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata(state_dir).item_metadata
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=one), stored)
+        if "student" not in target:
+            raise ValueError(f"{state_dir}: a training checkpoint without a 'student' entry")
+        check_matches(stored["student"], abstract_lora(cfg, lora), f"{state_dir} (student)")
+        student = ckptr.restore(state_dir, target)["student"]
+    return Student(lora, jax.tree.map(lambda x: jnp.asarray(x, dtype), student), state_dir, schedule, run_config)
+
+
+@functools.partial(jax.jit, static_argnames=("shapes",))
+def _draw_noise(seeds_B, shapes: tuple[tuple[int, ...], ...]):
+    """Per-image noise: image b, draw j = normal(fold_in(key(seeds[b]), j), shapes[j]) (independent of batching)."""
+    keys = jax.vmap(jax.random.key)(seeds_B)
+    return tuple(jax.vmap(lambda k, j=j, s=s: jax.random.normal(jax.random.fold_in(k, j), s, jnp.float32))(keys)
+                 for j, s in enumerate(shapes))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _decode_uint8(vae, params, x_BHWC):
+    """Latent -> uint8 image as diffusers' VaeImageProcessor: round(clip(x / 2 + 0.5, 0, 1) * 255)."""
+    img = decode_latents(vae, params, x_BHWC)
+    return jnp.round(jnp.clip(img / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
+
+
+class SwDPipeline:
+    """Text encoders, MMDiT or Flux (+ LoRA) and VAE decoder, loaded once; `generate(prompts, ...)` -> images."""
+
+    def __init__(self, cfg: MMDiTConfig | FluxConfig, base: dict, encoder: SD3PromptEncoder | FluxPromptEncoder,
+                 vae, vae_params: dict, *,
+                 student: Student | None = None, dtype: str = "float32", mesh: jax.sharding.Mesh,
+                 model_folder: str = "", transformer_source: str = ""):
+        self.cfg, self.encoder, self.vae, self.student, self.dtype, self.mesh = cfg, encoder, vae, student, dtype, mesh
+        self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self.batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        self.base = jax.device_put(base, self.replicated)
+        self.vae_params = jax.device_put(vae_params, self.replicated)
+        self.lora = None if student is None else jax.device_put(student.params, self.replicated)
+        self.model_folder, self.transformer_source = model_folder, transformer_source
+        self.backbone = backbone_of(cfg)
+        model = self.backbone.module_cls(cfg, lora=None if student is None else student.lora, dtype=DTYPES[dtype],
+                                         param_dtype=DTYPES[dtype])
+
+        def apply(variables, x_BHWC, t_B, cond):  # FLUX-dev: + the embedded guidance scale per example
+            extra = (cond["guidance"],) if "guidance" in cond else ()
+            return model.apply(variables, x_BHWC, t_B, cond["context"], cond["pooled"], *extra)
+
+        def teacher(params, x_BHWC, t_B, cond):  # the base model (a LoraDense without factors is its Dense)
+            return apply({"params": params["base"]}, x_BHWC, t_B, cond)
+
+        def student_fn(params, x_BHWC, t_B, cond):
+            return apply({"params": params["base"], LORA: params["lora"]}, x_BHWC, t_B, cond)
+
+        # made once: the sampler's jitted steps are cached per velocity function object
+        self._teacher, self._student = teacher, (student_fn if student is not None else teacher)
+
+    @classmethod
+    def from_pretrained(cls, folder: str, *, lora: str | None = None, converted: str | None = None,
+                        dtype: str = "float32", max_sequence_length: int | None = None,
+                        devices: Sequence[jax.Device] | None = None) -> SwDPipeline:
+        """Load a diffusers SD3/SD3.5 or FLUX.1 pipeline folder (or `converted` params + that folder) and an
+        optional LoRA. `max_sequence_length`: T5 tokens, default the family's (SD3 256, FLUX 512)."""
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"model folder {folder} does not exist")
+        devices = list(devices or jax.local_devices())
+        mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        pdt = DTYPES[dtype]
+        run_config = None
+        if lora is not None and _is_run(lora):
+            with open(os.path.join(lora, "config.json")) as f:
+                run_config = json.load(f)
+            model = run_config.get("model", {})
+            path = model.get("path") or ""
+            if converted is None and model.get("source") in ("converted", "auto") and os.path.exists(
+                    os.path.join(path, "conversion.json")):
+                converted = path  # the run's own base weights (a converted checkpoint)
+        if converted is not None:
+            from swd_jax.convert.converted import load_converted
+            cfg, base = load_converted(converted)
+            base = jax.tree.map(lambda x: x.astype(pdt), base)
+            source = os.path.abspath(converted)
+        else:
+            import flax.linen as nn
+            sub = os.path.join(folder, "transformer")
+            tfolder = sub if os.path.isdir(sub) else transformer_folder(folder)
+            family = backbone_of_class(transformer_class(tfolder))
+            cfg = family.config_cls.from_folder(tfolder)
+            shardings = jax.tree.map(lambda _: rep, nn.unbox(family.boxed_params(cfg, pdt)))
+            _, base = family.load_diffusers(tfolder, dtype=pdt, shardings=shardings)
+            source = os.path.abspath(tfolder)
+        student = None if lora is None else load_student(lora, cfg)
+        vae_dir = os.path.join(folder, "vae")
+        if not os.path.isdir(vae_dir):
+            raise FileNotFoundError(f"model folder {folder} has no vae/ to decode images with")
+        vae, vae_params = load_vae(vae_dir, pdt, pdt)
+        length = max_sequence_length or backbone_of(cfg).max_sequence_length
+        encoder = load_prompt_encoder(folder, max_sequence_length=length, dtype=pdt, param_dtype=pdt, sharding=rep)
+        if isinstance(encoder, FluxPromptEncoder) != isinstance(cfg, FluxConfig):
+            raise ValueError(f"model folder {folder} holds {type(encoder).__name__}'s text encoders but the "
+                             f"transformer ({source}) is a {backbone_of(cfg).diffusers_class}")
+        return cls(cfg, base, encoder, vae, vae_params, student=student, dtype=dtype, mesh=mesh,
+                   model_folder=os.path.abspath(folder), transformer_source=source)
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.devices.size
+
+    @property
+    def vae_factor(self) -> int:
+        return self.vae.config.downsample_factor
+
+    def sampler(self, kind: str = "scale_wise", schedule=None, *, guidance_scale: float | None = None,
+                **kwargs) -> SamplerSettings:
+        """`make_sampler` with this pipeline's defaults: the run's schedule when the LoRA is a run's student, else
+        the family's preset (SD3: sd35_medium_6, FLUX: flux_4). FLUX: `guidance_scale` is the embedded one."""
+        if schedule is None and self.student is not None and self.student.schedule is not None:
+            schedule = self.student.schedule
+        schedule = self.backbone.sample_preset if schedule is None else schedule
+        embedded = None
+        if isinstance(self.cfg, FluxConfig):
+            if kind == "teacher":
+                raise ValueError("the teacher sampler is SD3's (Euler + CFG); for FLUX use scale_wise or "
+                                 "full_resolution")
+            embedded, guidance_scale = self.embedded_guidance(guidance_scale), None
+        s = make_sampler(kind, schedule, patch_size=self.backbone.latent_multiple(self.cfg),
+                         guidance_scale=guidance_scale, **kwargs)
+        s = dataclasses.replace(s, embedded_guidance=embedded)
+        for size in s.scales:
+            if size > getattr(self.cfg, "max_latent_size", size):
+                raise ValueError(f"latent size {size} exceeds the model's largest, {self.cfg.max_latent_size} "
+                                 f"(pos_embed_max_size x patch size)")
+        return s
+
+    def embedded_guidance(self, given: float | None) -> float | None:
+        """FLUX-dev's guidance-embedding input: `given`, else the run's model.guidance, else 4.5; schnell: None."""
+        if not getattr(self.cfg, "guidance_embeds", False):
+            if given is not None:
+                raise ValueError(f"guidance {given}: this FLUX model has no guidance embedding (FLUX-schnell) and "
+                                 "no CFG here; leave the guidance unset")
+            return None
+        if given is None and self.student is not None and self.student.run_config:
+            given = self.student.run_config.get("model", {}).get("guidance")
+        g = FLUX_GUIDANCE if given is None else float(given)
+        if not g > 0:
+            raise ValueError(f"guidance {g}: FLUX-dev's embedded guidance scale must be positive (e.g. 4.5)")
+        return g
+
+    def settings(self, sampler: SamplerSettings) -> dict:
+        """Every setting an image depends on (besides its prompt and seed), for images.json."""
+        uses_lora = sampler.kind != "teacher" and self.student is not None
+        return {**sampler.to_json(), "model": self.model_folder, "transformer": self.transformer_source,
+                "lora": self.student.source if uses_lora else None, "dtype": self.dtype,
+                "max_sequence_length": self.encoder.max_sequence_length,
+                "size_px": sampler.scales[-1] * self.vae_factor}
+
+    def encode(self, prompts: Sequence[str]) -> dict:
+        """Prompts (a multiple of the device count) -> {context, pooled} sharded over the batch."""
+        ids = jax.device_put(self.encoder.tokenize(prompts), self.batch_sharding)
+        context, pooled = self.encoder.encode_ids(ids)
+        return {"context": context, "pooled": pooled}
+
+    def _uncond(self, batch: int) -> dict:
+        context, pooled = self.encoder.unconditional(batch)
+        return jax.device_put({"context": context, "pooled": pooled}, self.batch_sharding)
+
+    def sample_latents(self, cond: dict, seeds: Sequence[int], sampler: SamplerSettings,
+                       noise: SamplerNoise | None = None) -> jax.Array:
+        """Final latents [B, s, s, C] for conditioning `cond`; noise from the per-image `seeds` unless given."""
+        b, c = len(seeds), self.cfg.latent_channels
+        if noise is None:
+            shapes = tuple((s, s, c) for s in sampler.scales)
+            drawn = _draw_noise(jax.device_put(np.asarray(seeds, np.uint32), self.batch_sharding), shapes)
+            noise = SamplerNoise(drawn[0], tuple(drawn[1:]))
+        if sampler.embedded_guidance is not None:
+            cond = {**cond, "guidance": jax.device_put(np.full((b,), sampler.embedded_guidance, np.float32),
+                                                       self.batch_sharding)}
+        guided = sampler.guidance_scale > 1.0
+        uncond = self._uncond(b) if guided else None
+        if sampler.kind == "teacher":
+            return euler_sample(self._teacher, {"base": self.base}, noise.init_BHWC, sampler.sigmas, cond,
+                                uncond=uncond, guidance_scale=sampler.guidance_scale)
+        params = {"base": self.base} if self.lora is None else {"base": self.base, "lora": self.lora}
+        return scale_wise_sample(self._student, params, cond, None, (sampler.scales, sampler.sigmas), batch_size=b,
+                                 channels=c, uncond=uncond, guidance_scale=sampler.guidance_scale, noise=noise)
+
+    def decode(self, latents_BHWC: jax.Array) -> np.ndarray:
+        """Normalised latents -> uint8 images [B, H, W, 3] on the host."""
+        return np.asarray(jax.device_get(_decode_uint8(self.vae, self.vae_params, latents_BHWC)))
+
+    def generate_batches(self, prompts: Sequence[str], sampler: SamplerSettings | None = None, *, seed: int = 0,
+                         num_per_prompt: int = 1, batch_size: int | None = None, indices: Sequence[int] | None = None,
+                         progress: bool = False) -> Iterator[tuple[list[dict], np.ndarray, float]]:
+        """Yield (records, uint8 images, seconds) per batch; record = {index, prompt, seed}. `indices` picks which
+        images (of len(prompts) * num_per_prompt) to make, e.g. one host's share. The last batch is padded to
+        the batch size (one compiled shape), the padding dropped."""
+        sampler = sampler or self.sampler()
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be a sequence of str")
+        if num_per_prompt < 1:
+            raise ValueError(f"num_per_prompt must be >= 1, got {num_per_prompt}")
+        n_dev = self.num_devices
+        batch = -(-(batch_size or n_dev) // n_dev) * n_dev  # a multiple of the device count
+        total = len(prompts) * num_per_prompt
+        indices = list(range(total)) if indices is None else [int(i) for i in indices]
+        items = [{"index": i, "prompt": prompts[i // num_per_prompt], "seed": sample_seed(seed, i)} for i in indices]
+        from tqdm.auto import tqdm
+        with tqdm(total=len(items), unit="img", desc=sampler.kind, disable=not progress) as bar:
+            for start in range(0, len(items), batch):
+                chunk = items[start:start + batch]
+                padded = chunk + [chunk[-1]] * (batch - len(chunk))
+                t0 = time.perf_counter()
+                cond = self.encode([r["prompt"] for r in padded])
+                latents = self.sample_latents(cond, [r["seed"] for r in padded], sampler)
+                images = self.decode(latents)[:len(chunk)]
+                dt = time.perf_counter() - t0
+                bar.update(len(chunk))
+                yield chunk, images, dt
+
+    def generate(self, prompts: Sequence[str], sampler: str | SamplerSettings = "scale_wise", *, seed: int = 0,
+                 num_per_prompt: int = 1, batch_size: int | None = None, progress: bool = False,
+                 **sampler_kwargs: Any) -> np.ndarray:
+        """uint8 images [len(prompts) * num_per_prompt, H, W, 3]; `sampler` a kind (with `make_sampler`'s
+        keyword arguments: schedule, steps, guidance_scale, size) or SamplerSettings."""
+        settings = sampler if isinstance(sampler, SamplerSettings) else self.sampler(sampler, **sampler_kwargs)
+        out = [images for _, images, _ in self.generate_batches(prompts, settings, seed=seed,
+                                                                num_per_prompt=num_per_prompt,
+                                                                batch_size=batch_size, progress=progress)]
+        return np.concatenate(out, axis=0)
