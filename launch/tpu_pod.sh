@@ -5,7 +5,8 @@
 #   e.g. launch/tpu_pod.sh swd-v5p us-east5-a v5p-16 configs/sd35_medium.py gs://my-bucket/runs/sd35m \
 #            --config.model.path=/mnt/ckpt/sd35m --config.data.path=/mnt/data/sd35m_pre
 #
-# Every worker runs the same command; jax.distributed.initialize() (SWD_DISTRIBUTED=1) finds the others.
+# Every worker runs the same command; on TPU VMs jax.distributed.initialize() finds the others by itself
+# (swd_jax/train/distributed.py; SWD_DISTRIBUTED=1 forces it).
 # Checkpoints go to WORKDIR (a gs:// path works with orbax); rerunning the script resumes from the latest.
 # Before anything is created, launch/plan_check.py prints the TPU plan's batch recommendation for the slice
 # (benchmarks/tpu_plan.json) and refuses a per-chip batch the plan says does not fit, unless --force-batch.

@@ -105,8 +105,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     from swd_jax.train.checkpoint import Checkpointer
     from swd_jax.train.loop import _check_finite
     ckpt = Checkpointer(str(tmp_path), save_every=1, keep=2)
-    ckpt.save(1, {"w": np.ones(3, np.float32)}, {"step": 1, "data_position": 8}, force=True)
-    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2: \{'gen/dmd': nan\}.*step 1\) is kept"):
-        _check_finite(2, {"gen/dmd": float("nan"), "gen/pdm": 0.1}, ckpt)
-    assert ckpt.all_steps() == [1]
+    for s in (1, 2):
+        ckpt.save(s, {"w": np.ones(3, np.float32)}, {"step": s, "data_position": 8 * s}, force=True)
+    # The loss of step 3 is computed from the state of step 2: that checkpoint is moved aside, 1 is kept.
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 3: \{'gen/dmd': nan\}.*Checkpoint 2, "
+                                                  r"which gave it, was moved.*step 1\) is kept"):
+        _check_finite(3, {"gen/dmd": float("nan"), "gen/pdm": 0.1}, ckpt)
+    assert ckpt.all_steps() == [1] and os.path.isdir(tmp_path / "2.nonfinite")
     ckpt.close()

@@ -67,6 +67,10 @@ def convert(src: str, dst: str, dtype: str = "float32", overwrite: bool = False,
     tensors = SafetensorsFolder(folder)
     with tqdm(total=len(tensors.keys()), desc="tensors", unit="t", disable=not progress) as bar:
         params = convert_fn(_WithProgress(tensors, bar), cfg, DTYPES[dtype])
+    bad = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+           if not bool(jnp.all(jnp.isfinite(x)))]
+    if bad:
+        raise ValueError(f"{folder}: {len(bad)} weights hold NaN or infinite values, e.g. {bad[:3]}; not converted")
     os.makedirs(dst, exist_ok=True)
     save_params(os.path.join(dst, PARAMS), params, overwrite=overwrite)
     with open(os.path.join(dst, CONFIG), "w") as f:

@@ -267,7 +267,10 @@ def adapter_files(path: str) -> tuple[str, str, dict[str, Any] | None]:
             raise FileNotFoundError(f"{path} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS} "
                                     f"(found: {sorted(os.listdir(path))}); only safetensors adapters are supported")
         with open(config) as fh:
-            return "peft", weights, json.load(fh)
+            try:
+                return "peft", weights, json.load(fh)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{config}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     weights = os.path.join(path, DIFFUSERS_WEIGHTS)
     if os.path.exists(weights):
         return "diffusers", weights, _diffusers_metadata(weights)

@@ -25,9 +25,18 @@ class SafetensorsFile:
 
     def __init__(self, path: str):
         self.path = path
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < n <= size - 8:
+                raise ValueError(f"{path}: not a safetensors file (header length {n}, file size {size} bytes)")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path}: garbled safetensors header ({type(e).__name__}: {e})") from None
+            if not isinstance(header, dict):
+                raise ValueError(f"{path}: garbled safetensors header (not a JSON object)")
         self.metadata = header.pop("__metadata__", {}) or {}
         self._entries = header
         self._offset = 8 + n

@@ -89,7 +89,11 @@ class MMDiTConfig:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{folder} has no config.json; expected a diffusers transformer folder")
         with open(path) as f:
-            return cls.from_dict(json.load(f))
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        return cls.from_dict(d)
 
 
 # Presets with the published shapes (used by benchmarks and memory plans without weights).

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from swd_jax.command_line import add_common_flags, enable_compile_cache, quiet_logs, run_main
@@ -31,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume although fields that change what the run trains differ from the recorded config")
     p.add_argument("-h", "--help", action="store_true", help="show this help and every config field, then exit")
+    p.add_argument("--coordinator", help="several processes: host:port of process 0 (else $SWD_COORDINATOR; "
+                   "TPU VMs: automatic)")
+    p.add_argument("--num_processes", type=int, help="several processes: how many (else $SWD_NUM_PROCESSES)")
+    p.add_argument("--process_id", type=int, help="several processes: this one's id (else $SWD_PROCESS_ID)")
     add_common_flags(p)
     return p
 
@@ -56,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     def _run():
         c = apply_overrides(load_config(args.config), rest)
         import jax
-        if os.environ.get("SWD_DISTRIBUTED") == "1":
-            jax.distributed.initialize()
+
+        from swd_jax.train import distributed
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         cache = enable_compile_cache()
         if cache and jax.process_index() == 0:
             print(f"compile cache: {cache}", file=sys.stderr)

@@ -4,20 +4,29 @@ The loop dispatches iteration N before it reads iteration N-1's metrics (the hos
 compiles one program per scale interval ahead of use, checkpoints asynchronously (student, fake, head, both
 optimiser states, step, PRNG key, data position; never the frozen base), resumes from the latest checkpoint
 automatically, stops with a clear error on a non-finite loss, and exports the student LoRA as a PEFT adapter.
-On a multi-host TPU slice, `jax.distributed.initialize()` runs first (set SWD_DISTRIBUTED=1 or let the
-launcher's environment say so).
+Several processes (a TPU slice, or `launch/local_multiprocess.sh`) run the same loop, each feeding its own
+share of every global batch; `swd_jax.train.distributed` connects them first.
+
+Robustness: the workdir is locked (`<workdir>/.lock`, process 0; a second run stops naming the first one's pid
+and host); a state is saved only if every array is finite, and a checkpoint whose next iteration gives a
+non-finite loss is moved aside (`<step>.nonfinite`), so a rerun never resumes from poisoned weights;
+`metrics.jsonl` holds each step once (a resume drops the rows after its checkpoint; a deleted file is
+recreated). After a kill (any moment: compile, mid-step, inside a save) a rerun resumes from the latest
+complete checkpoint and ends bitwise equal to an uninterrupted run.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import sys
 import time
 
 import jax
 import numpy as np
 
-from swd_jax.train import sharding
+from swd_jax.train import distributed, sharding
 from swd_jax.train.checkpoint import Checkpointer
 from swd_jax.train.config_checks import check_values, resume_changes
 from swd_jax.train.sources import make_source
@@ -44,21 +53,81 @@ def to_device(run: Run, host_batches: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(s, np.asarray(v, np.float32)) for k, v in host_batches.items()}
 
 
-class MetricsWriter:
-    """Every metric to TensorBoard (tensorboardX) and to `metrics.jsonl`, from process 0 only."""
+class WorkdirInUse(FileExistsError):
+    """Another run holds the workdir."""
+
+
+class WorkdirLock:
+    """An exclusive `flock` on `<workdir>/.lock` held by process 0 for the run (released by the OS on a kill)."""
 
     def __init__(self, workdir: str):
+        self.file = None
+        if jax.process_index() != 0:
+            return
+        path = os.path.join(workdir, ".lock")
+        self.file = open(path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "another process"
+            self.file.close()
+            raise WorkdirInUse(f"{workdir} is in use by {owner}; stop that run or use another --workdir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})")
+        self.file.flush()
+
+    def release(self):
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+
+class MetricsWriter:
+    """Every metric to TensorBoard (tensorboardX) and to `metrics.jsonl` (one row per step), from process 0 only.
+
+    Opening it for a run resumed at `start` drops the rows of later steps (written before a kill, replayed now);
+    a `metrics.jsonl` deleted during the run is recreated with a warning.
+    """
+
+    def __init__(self, workdir: str, start: int = 0):
         self.active = jax.process_index() == 0
         if self.active:
             from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start + 1 if start else None)
+            self.path = os.path.join(workdir, "metrics.jsonl")
+            self._keep_rows_up_to(start)
+            self.jsonl = open(self.path, "a")
+
+    def _keep_rows_up_to(self, start: int):
+        if not os.path.exists(self.path):
+            return
+        kept = []
+        with open(self.path) as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill: only the last can be
+                    print(f"{self.path} line {n}: not JSON (cut by a kill?); dropped", file=sys.stderr)
+                    continue
+                if row.get("step", 0) <= start:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
 
     def write(self, step: int, metrics: dict):
         if not self.active:
             return
         for k, v in metrics.items():
             self.tb.add_scalar(k, v, step)
+        if not os.path.exists(self.path):
+            print(f"{self.path} was deleted during the run; recreated from step {step}", file=sys.stderr)
+            self.jsonl.close()
+            self.jsonl = open(self.path, "a")
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
 
@@ -75,12 +144,14 @@ class MetricsWriter:
 
 
 def _check_finite(step: int, metrics: dict, ckpt: Checkpointer):
+    """Stop on a non-finite loss; the checkpoint it was computed from (step - 1), if any, is moved aside."""
     bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
     if bad:
         ckpt.wait_until_finished()
-        raise FloatingPointError(
-            f"non-finite loss at step {step}: {bad}. Stopped; the last good checkpoint (step "
-            f"{ckpt.latest_step()}) is kept in {ckpt.directory}. Lower the learning rate or check the data.")
+        moved = ckpt.quarantine(step - 1, f"iteration {step} from this state gave non-finite losses {bad}")
+        note = f" Checkpoint {step - 1}, which gave it, was moved to {moved}." if moved else ""
+        raise FloatingPointError(f"non-finite loss at step {step}: {bad}. Stopped.{note} "
+                                 f"{ckpt.last_good_message()} Lower the learning rate or check the data.")
 
 
 def train(config, workdir: str, *, stop_after: int | None = None, devices=None,
@@ -94,6 +165,14 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None,
     check_values(config)
     os.makedirs(workdir, exist_ok=True)
     recorded_changes = _check_resume_config(config, workdir, allow_config_change)
+    lock = WorkdirLock(workdir)
+    try:
+        return _train_locked(config, workdir, stop_after, devices, recorded_changes)
+    finally:
+        lock.release()
+
+
+def _train_locked(config, workdir: str, stop_after: int | None, devices, recorded_changes: list[str]) -> dict:
     run = build_run(config, devices)
     c, m = config, run.models
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=c.train.ckpt_every, keep=c.train.keep)
@@ -106,7 +185,11 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None,
         if start > c.train.steps:
             raise ValueError(f"{ckpt.directory} holds step {start}, beyond train.steps={c.train.steps}: the run "
                              f"already went further (nothing trained or exported); raise train.steps to go on")
-        print(f"resumed from step {start} in {ckpt.directory}", file=sys.stderr)
+        saved_on = extra.get("process_count", jax.process_count())
+        note = "" if saved_on == jax.process_count() else (
+            f" (saved by {saved_on} processes, resumed by {jax.process_count()}: every source's global batch "
+            "is a function of (seed, step) alone, so the data order is unchanged)")
+        print(f"resumed from step {start} in {ckpt.directory}{note}", file=sys.stderr)
     local = [d for d in run.mesh.devices.flat if d.process_index == jax.process_index()]
     source = make_source(c, m.schedule, run.mmdit_config, position, devices=local)
     uncond = {k: jax.device_put(np.asarray(v, np.float32), sharding.replicated(run.mesh))
@@ -115,8 +198,8 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None,
     if jax.process_index() == 0:
         _record_config(c, workdir, start, recorded_changes)
         print(f"base params {count_params(run.base):,}; trainable student LoRA {count_params(run.state['student']):,}; "
-              f"mesh {dict(run.mesh.shape)}", file=sys.stderr)
-    writer = MetricsWriter(workdir)
+              f"mesh {dict(run.mesh.shape)}; {jax.process_count()} processes", file=sys.stderr)
+    writer = MetricsWriter(workdir, start)
     validate = _make_validation(run, source, workdir, writer)
     evaluate = None
     if c.eval.every > 0:
@@ -135,16 +218,18 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None,
             with jax.set_mesh(run.mesh):
                 if k not in compiled:  # ahead of its first use, with a line saying so (cached across runs)
                     compiled[k] = _compile(fns[k], k, m.schedule, (state, run.base, batches, uncond), bar)
+                    distributed.barrier(f"compiled interval {k}")  # every process compiled: no collective waits
                 state, metrics = compiled[k](state, run.base, batches, uncond)
             if pending is not None:  # read step-1's metrics while `step` runs
                 last = _log(pending, writer, bar, ckpt, t_last, c)
                 t_last = time.perf_counter()
-            pending = (step + 1, metrics, k)
+            pending = (step + 1, metrics, k, source.position)
             if (step + 1) % c.train.ckpt_every == 0 or step + 1 == end:
                 if pending is not None:  # never save a state whose losses were not checked
                     last = _log(pending, writer, bar, ckpt, t_last, c)
                     t_last, pending = time.perf_counter(), None
-                ckpt.save(step + 1, state, {"step": step + 1, "data_position": source.position}, force=True)
+                ckpt.save(step + 1, state, {"step": step + 1, "data_position": source.position,
+                                            "process_count": jax.process_count()}, force=True)
             if validate and ((step + 1) % c.train.sample_every == 0 or step + 1 == c.train.steps):
                 validate(step + 1, state)
             if evaluate is not None and evaluate.due(step + 1):
@@ -156,7 +241,7 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None,
         writer.close()
         ckpt.close()
     run.state = state
-    if c.train.export_peft and end == c.train.steps and jax.process_index() == 0:
+    if c.train.export_peft and end == c.train.steps:
         _export(run, workdir)
     return last
 
@@ -201,11 +286,12 @@ def _record_config(c, workdir: str, start: int, changes: list[str]) -> None:
 
 
 def _log(pending, writer, bar, ckpt, t_last, c) -> dict:
-    step, metrics, k = pending
+    step, metrics, k, position = pending
     metrics = {name: float(v) for name, v in jax.device_get(metrics).items()}
     _check_finite(step, metrics, ckpt)
     dt = time.perf_counter() - t_last
-    metrics.update({"interval": k, "step_time_s": dt, "lr": c.optim.lr, "lr_fake": c.optim.lr_fake,
+    metrics.update({"interval": k, "data_position": position, "step_time_s": dt, "lr": c.optim.lr,
+                    "lr_fake": c.optim.lr_fake,
                     "images_per_s": c.train.batch_size * batches_per_iteration(loss_config(c)) / max(dt, 1e-9)})
     bar.update(1)
     if step % c.train.log_every == 0 or step == c.train.steps:
@@ -245,11 +331,20 @@ def _make_validation(run: Run, source, workdir: str, writer: MetricsWriter):
 
 
 def _export(run: Run, workdir: str):
-    """The trained student LoRA as a PEFT adapter folder plus its diffusers LoRA file (`pipe.load_lora_weights`)."""
+    """The trained student LoRA as a PEFT adapter folder plus its diffusers LoRA file (`pipe.load_lora_weights`).
+
+    Every process takes part in gathering the (possibly cross-process sharded) LoRA; process 0 writes it.
+    """
     from swd_jax.convert.peft_lora import export_diffusers_lora, export_peft
+    student = run.state["student"]
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        student = multihost_utils.process_allgather(student, tiled=True)
+    if jax.process_index() != 0:
+        return
+    student = jax.device_get(student)
     out = os.path.join(workdir, "student_peft")
-    export_peft(jax.device_get(run.state["student"]), run.models.mmdit.lora, out, cfg=run.mmdit_config,
-                overwrite=True)
-    export_diffusers_lora(jax.device_get(run.state["student"]), run.models.mmdit.lora, out, cfg=run.mmdit_config,
+    export_peft(student, run.models.mmdit.lora, out, cfg=run.mmdit_config, overwrite=True)
+    export_diffusers_lora(student, run.models.mmdit.lora, out, cfg=run.mmdit_config,
                           overwrite=True)  # pytorch_lora_weights.safetensors: pipe.load_lora_weights(out) reads it
     print(f"student LoRA exported to {out}", file=sys.stderr)

@@ -26,10 +26,13 @@ The official code draws `latent_dist.sample()` afresh every time an image is use
 same from the stored moments, with the step's PRNG key (`swd_jax.train.steps.draw_latents`), or takes the
 mean with `--config.data.latent=mean`.
 
-Sharding: rows are cut into shards of `--shard_size`; host h of P writes shards i with i % P == h. On a host,
+Sharding: rows are cut into shards of `--shard_size`; host h of P writes shards i with i % P == h (disjoint,
+together all of them). With `--distributed` each process of a slice (or of `launch/local_multiprocess.sh`)
+runs this command; the layout comes as for the trainer (`swd_jax.train.distributed`). On a host,
 a batch of `--per_device_batch` x local devices is split over its local devices (data parallel, parameters
-replicated). Resumable: a shard is written under a `.partial` name and renamed when complete; finished
-shards are skipped on a rerun. Undecodable or missing images raise naming the file (`--skip_bad` skips
+replicated). Resumable: a shard is written under a `.partial` name and renamed when complete (beside it
+`<shard>.json` records its row count, checked by the trainer at start-up); finished shards are skipped on a
+rerun. Undecodable or missing images raise naming the file (`--skip_bad` skips
 and counts them instead). Images not of the largest scale's pixel size are center-cropped and resized by
 `data.decode_image` first (the SwD datasets are 1024 px squares: untouched).
 
@@ -236,6 +239,7 @@ def precompute(model_dir: str, data_dir: str, out_dir: str, scales: Sequence[int
             a, b = ranges[i]
             final = os.path.join(out_dir, shard_name(i, len(ranges)))
             partial = final.replace(".array_record", ".partial")
+            bad_before = counts["bad"]
             with ArrayRecordsWriter(partial) as w:
                 for start in range(a, b, batch):
                     idx = list(range(start, min(start + batch, b)))
@@ -252,6 +256,8 @@ def precompute(model_dir: str, data_dir: str, out_dir: str, scales: Sequence[int
                                      "file_name": rows[r][0]})
                             counts["written"] += 1
                     bar.update(len(idx))
+            with open(final + ".json", "w") as f:  # what the trainer's start-up check expects of the shard
+                json.dump({"rows": w.count, "skipped_bad": counts["bad"] - bad_before}, f)
             os.replace(partial, final)
     finally:
         pool.shutdown()
@@ -275,14 +281,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--param_dtype", default="bfloat16", help="float32 if memory allows (T5 weights are fp16)")
     p.add_argument("--store_dtype", default="bfloat16")
     p.add_argument("--skip_bad", action="store_true", help="skip unreadable images instead of raising")
-    p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    p.add_argument("--distributed", action="store_true",
+                   help="several processes: layout from --coordinator/--num_processes/--process_id, else the "
+                        "SWD_COORDINATOR/SWD_NUM_PROCESSES/SWD_PROCESS_ID variables, else auto (TPU VMs)")
+    p.add_argument("--coordinator", help="host:port of process 0 (with --distributed)")
+    p.add_argument("--num_processes", type=int)
+    p.add_argument("--process_id", type=int)
     add_common_flags(p)
     a = p.parse_args(argv)
     quiet_logs(a.verbose)
-    if a.distributed:
-        jax.distributed.initialize()
 
     def _run():
+        if a.distributed:
+            from swd_jax.train import distributed
+            if not (a.coordinator or os.environ.get("SWD_COORDINATOR")):
+                os.environ.setdefault("SWD_DISTRIBUTED", "1")  # no explicit layout: let jax find the slice's
+            distributed.initialize(a.coordinator, a.num_processes, a.process_id)
         enable_compile_cache()
         counts = precompute(a.model, a.data, a.out, _scales(a.scales), metainfo=a.metainfo,
                             max_sequence_length=a.max_sequence_length, shard_size=a.shard_size,

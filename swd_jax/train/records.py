@@ -13,13 +13,14 @@ Two record kinds, one loader:
 
 `make_loader` serves either kind as an infinite stream of per-host batches of numpy arrays:
 - global order: epoch e is the grain `index_shuffle` permutation with seed `seed + e` (a fresh order each
-  epoch); host h takes every `shard_count`-th element of that stream starting at h, so the hosts' records are
-  disjoint and together cover each epoch.
+  epoch); global batch k is elements [k G, (k + 1) G) of that stream (G = hosts x per-host batch), and host h
+  takes the h-th block of B of it. The hosts' records are disjoint, together cover each epoch, and the
+  global batches (contents and order) are the same for any number of hosts: a run may resume on another.
 - `position` counts the BATCHES a host has consumed. Batch k is a pure function of (seed, k, host), so
   resuming from position k gives exactly batches k, k+1, ... of an uninterrupted run, and the position is the
   same on every host: the checkpoint stores one integer.
 - an unreadable record (corrupt image, bad bytes) is skipped and counted; its slot is refilled by a record
-  drawn with a generator seeded by (seed, host, slot, try), which keeps the position <-> batch map exact.
+  drawn with a generator seeded by (seed, global slot, try), which keeps the position <-> batch map exact.
 
 Differences from the reference loader (`src/dataset.py`): it lists image files in the folder and reads csv
 columns 1 and 2 by position, shuffling with a windowed per-rank sampler; we read the csv by column NAME,
@@ -76,7 +77,15 @@ def _pick_column(found: Sequence[str], wanted: str | None, candidates: Sequence[
 def read_metainfo(csv_path: str, *, image_column: str | None = None,
                   prompt_column: str | None = None) -> list[tuple[str, str]]:
     """Read (file name, prompt) pairs from a metainfo.csv, choosing its columns by name."""
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    with open(csv_path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{csv_path} line {line}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at offset "
+                         f"{e.start}); save the csv as UTF-8") from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         found = list(reader.fieldnames or [])
         image_col = _pick_column(found, image_column, IMAGE_COLUMNS, "image file", csv_path)
@@ -240,7 +249,7 @@ def open_source(path: str | Sequence[str]) -> RecordSource:
         return RecordSource(tfds.builder_from_directory(path).as_data_source(split="train"), "images")
     if isinstance(path, str):
         if os.path.isdir(path):
-            files = sorted(glob.glob(os.path.join(path, "*.array_record*")))
+            files = sorted(f for f in glob.glob(os.path.join(path, "*.array_record*")) if not f.endswith(".json"))
         else:
             files = sorted(glob.glob(path))
     else:
@@ -273,7 +282,7 @@ def decode_image(data: bytes, resolution: int | None, image_dtype: str) -> np.nd
 
 
 class _ReadRecord:
-    """grain map_with_index transform: (host slot, record index) -> decoded example, refilling unreadable ones."""
+    """grain map transform: (global slot, record index) -> decoded example, refilling unreadable ones."""
 
     def __init__(self, source, kind: str, *, resolution: int | None, image_dtype: str, seed: int,
                  shard_index: int, max_retries: int):
@@ -291,14 +300,15 @@ class _ReadRecord:
                 "prompt": prompt.decode("utf-8") if isinstance(prompt, bytes) else str(prompt),
                 "file_name": name.decode("utf-8") if isinstance(name, bytes) else str(name)}
 
-    def __call__(self, slot: int, record_index: int) -> dict[str, Any]:
+    def __call__(self, slot_and_record: tuple[int, int]) -> dict[str, Any]:
+        slot, record_index = slot_and_record
         record_index = int(record_index)
         for attempt in range(self.max_retries + 1):
             try:
                 example = self._decode(self.source[record_index])
             except _UNREADABLE as e:
                 log.warning("record %d unreadable (%s: %s); skipped", record_index, type(e).__name__, e)
-                rng = np.random.default_rng([self.seed, self.shard_index, slot, attempt])
+                rng = np.random.default_rng([self.seed, slot, attempt])
                 record_index = int(rng.integers(len(self.source)))
                 continue
             example["record_index"] = np.int64(record_index)
@@ -391,9 +401,15 @@ def make_loader(source: str | Sequence[str] | RecordSource, batch_size_per_host:
     ds = grain.MapDataset.range(n)
     if shuffle:
         ds = ds.shuffle(seed=seed)  # epoch e uses seed + e, see module docstring
-    ds = ds.repeat()[shard_index::shard_count]
-    ds = ds.map_with_index(_ReadRecord(src, kind, resolution=resolution, image_dtype=image_dtype, seed=seed,
-                                       shard_index=shard_index, max_retries=max_retries))
+    stream, per, hosts = ds.repeat(), batch_size_per_host, shard_count
+
+    def global_slot(j: int) -> tuple[int, int]:  # host example j -> (its index in the global stream, record)
+        g = (j // per) * per * hosts + shard_index * per + j % per
+        return g, int(stream[g])
+
+    ds = grain.MapDataset.range(len(stream) // hosts).map(global_slot)
+    ds = ds.map(_ReadRecord(src, kind, resolution=resolution, image_dtype=image_dtype, seed=seed,
+                            shard_index=shard_index, max_retries=max_retries))
     ds = ds.batch(batch_size_per_host, batch_fn=_collate)[start_position:]
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                  prefetch_buffer_size=max(prefetch_batches, num_threads)))

@@ -18,12 +18,81 @@ x_prev is the latent of the official cascade image: the image area-resized to 8 
 from __future__ import annotations
 
 import glob
+import json
 import os
+import re
+import sys
 
 import jax
 import numpy as np
 
 from swd_jax.schedule import ScaleSchedule
+
+SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.array_record$")
+
+
+class IncompleteData(ValueError):
+    """Precomputed data with a missing, unfinished or truncated shard."""
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise IncompleteData(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def check_precomputed(path: str, files: list[str]) -> int:
+    """Start-up check of `python -m swd_jax.precompute` output; returns its row count, raises IncompleteData.
+
+    Refused: `.partial` shards (an unfinished precompute), shard names `-i-of-N` with an index missing or
+    with several N, N not what precompute.json's n_rows / shard_size give, and a shard holding fewer rows
+    than its `<shard>.json` (or, without one, its row range) says: truncated. Rows precompute skipped as
+    unreadable (`--skip_bad`) are counted in a warning.
+    """
+    partial = sorted(glob.glob(os.path.join(path, "*.partial")))
+    if partial:
+        raise IncompleteData(f"{path}: unfinished precompute output {[os.path.basename(p) for p in partial]}; "
+                             "rerun `python -m swd_jax.precompute` with the same --out to finish it")
+    meta_path = os.path.join(path, "precompute.json")
+    meta = _read_json(meta_path) if os.path.exists(meta_path) else {}
+    named = {f: SHARD_NAME.search(os.path.basename(f)) for f in files}
+    if not all(named.values()):
+        return -1  # hand-made files (no -i-of-N names): nothing to check against
+    totals = {int(m.group(2)) for m in named.values()}
+    if len(totals) > 1:
+        raise IncompleteData(f"{path}: shards of different precomputes (-of-{sorted(totals)}) in one folder")
+    n = totals.pop()
+    if meta.get("n_rows") and meta.get("shard_size") and n != -(-meta["n_rows"] // meta["shard_size"]):
+        raise IncompleteData(f"{path}: {n} shards, but {meta_path} says {meta['n_rows']} rows in shards of "
+                             f"{meta['shard_size']}")
+    have = {int(m.group(1)): f for f, m in named.items()}
+    missing = sorted(set(range(n)) - set(have))
+    if missing:
+        from swd_jax.train.precompute import shard_name
+        raise IncompleteData(f"{path}: {len(missing)} of {n} shards missing: "
+                             f"{[shard_name(i, n) for i in missing[:5]]}; rerun precompute with the same --out")
+    from array_record.python.array_record_module import ArrayRecordReader
+    rows = skipped = 0
+    for i, f in sorted(have.items()):
+        side = f + ".json"
+        if os.path.exists(side):
+            info = _read_json(side)
+            expected, skipped = info["rows"], skipped + info.get("skipped_bad", 0)
+        elif meta.get("n_rows") and meta.get("shard_size"):
+            expected = min(meta["shard_size"], meta["n_rows"] - i * meta["shard_size"])
+        else:
+            expected = None
+        got = ArrayRecordReader(f).num_records()
+        if got == 0 or (expected is not None and got != expected):
+            raise IncompleteData(f"{f}: holds {got} rows, expected {expected or 'some'}: truncated or overwritten; "
+                                 "delete it and rerun precompute with the same --out")
+        rows += got
+    if skipped:
+        print(f"{path}: {skipped} rows were skipped by precompute --skip_bad (unreadable images); training on "
+              f"{rows}", file=sys.stderr)
+    return rows
 
 
 LATENTS = ("sample", "mean")
@@ -61,12 +130,14 @@ class PrecomputedSource:
                  latent: str = "sample"):
         from swd_jax.train.precompute import check_format
         from swd_jax.train.records import make_loader
+        files = sorted(f for f in glob.glob(os.path.join(path, "*.array_record*")) if not f.endswith(".json"))
         _check_latent(latent)
         check_format(path)
         self.latent = latent
         files = sorted(glob.glob(os.path.join(path, "*.array_record*")))
         if not files:
             raise FileNotFoundError(f"no .array_record shards in {path}; run `python -m swd_jax.precompute` first")
+        check_precomputed(path, files)
         uncond = os.path.join(path, "uncond.npz")
         if not os.path.exists(uncond):
             raise FileNotFoundError(f"{uncond} missing: precompute writes the empty-prompt embeddings there")
