@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from swd_jax.convert.peft_lora import adapter_files, import_lora
+from swd_jax.convert.peft_lora import import_lora
 from swd_jax.convert.converted import load_converted, model_kind
 from swd_jax.convert.transformer import load_transformer, transformer_class, transformer_folder
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
@@ -79,19 +79,10 @@ def torch_outputs(folder: str, lora: str | None, runs: dict[int, tuple], dtype: 
     import torch
     from diffusers import SD3Transformer2DModel
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: this PyTorch has no CUDA device")
-    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    model = SD3Transformer2DModel.from_pretrained(folder, torch_dtype=tdt)
-    if lora is not None:
-        fmt, weights, _ = adapter_files(lora)
-        if fmt == "peft":
-            from peft import PeftModel
-            PeftModel.from_pretrained(model, lora)  # injects the LoRA layers into `model` in place
-        else:
-            model.load_lora_adapter(os.path.dirname(weights), weight_name=os.path.basename(weights),
-                                    prefix="transformer")
-    model = model.to(device).eval()
+    from swd_jax.convert.torch_transformer import load_torch_transformer
+
+    model = load_torch_transformer(SD3Transformer2DModel, folder, lora, dtype, device)
+    tdt = model.dtype
     feats: dict[int, Any] = {}
     handles = [blk.register_forward_hook(lambda m, a, out, i=i: feats.__setitem__(i, out[1].float().cpu().numpy()))
                for i, blk in enumerate(model.transformer_blocks)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from swd_jax.convert.flux import load_flux
-from swd_jax.convert.peft_lora import adapter_files, import_lora
+from swd_jax.convert.peft_lora import import_lora
 from swd_jax.models.flux import Flux, FluxConfig
 
 _NP = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -61,19 +60,10 @@ def torch_outputs(folder: str, lora: str | None, runs: dict[int, tuple], dtype: 
     import torch
     from diffusers import FluxTransformer2DModel
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: this PyTorch has no CUDA device")
-    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    model = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=tdt)
-    if lora is not None:
-        fmt, weights, _ = adapter_files(lora)
-        if fmt == "peft":
-            from peft import PeftModel
-            PeftModel.from_pretrained(model, lora)  # injects the LoRA layers into `model` in place
-        else:
-            model.load_lora_adapter(os.path.dirname(weights), weight_name=os.path.basename(weights),
-                                    prefix="transformer")
-    model = model.to(device).eval()
+    from swd_jax.convert.torch_transformer import load_torch_transformer
+
+    model = load_torch_transformer(FluxTransformer2DModel, folder, lora, dtype, device)
+    tdt = model.dtype
     feats: dict[int, np.ndarray] = {}
     blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
     handles = [b.register_forward_hook(lambda m, a, out, i=i: feats.__setitem__(i, out[1].float().cpu().numpy()))
