@@ -239,6 +239,11 @@ class RecordSource:
         return len(self.records)
 
 
+def array_record_files(folder: str) -> list[str]:
+    """The array_record shards in `folder` (sorted; not their `<shard>.json` row-count sidecars)."""
+    return sorted(f for f in glob.glob(os.path.join(folder, "*.array_record*")) if not f.endswith(".json"))
+
+
 def open_source(path: str | Sequence[str]) -> RecordSource:
     """Open records for random access: a tfds image dataset ("images") or array_record files ("arrays").
 
@@ -249,7 +254,7 @@ def open_source(path: str | Sequence[str]) -> RecordSource:
         return RecordSource(tfds.builder_from_directory(path).as_data_source(split="train"), "images")
     if isinstance(path, str):
         if os.path.isdir(path):
-            files = sorted(f for f in glob.glob(os.path.join(path, "*.array_record*")) if not f.endswith(".json"))
+            files = array_record_files(path)
         else:
             files = sorted(glob.glob(path))
     else:

@@ -129,12 +129,11 @@ class PrecomputedSource:
     def __init__(self, path: str, schedule: ScaleSchedule, global_batch: int, seed: int, position: int = 0,
                  latent: str = "sample"):
         from swd_jax.train.precompute import check_format
-        from swd_jax.train.records import make_loader
-        files = sorted(f for f in glob.glob(os.path.join(path, "*.array_record*")) if not f.endswith(".json"))
+        from swd_jax.train.records import array_record_files, make_loader
         _check_latent(latent)
         check_format(path)
         self.latent = latent
-        files = sorted(glob.glob(os.path.join(path, "*.array_record*")))
+        files = array_record_files(path)
         if not files:
             raise FileNotFoundError(f"no .array_record shards in {path}; run `python -m swd_jax.precompute` first")
         check_precomputed(path, files)
