@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -79,34 +77,22 @@ def torch_outputs(folder: str, lora: str | None, runs: dict[int, tuple], dtype: 
     import torch
     from diffusers import SD3Transformer2DModel
 
-    from swd_jax.convert.torch_transformer import load_torch_transformer
+    from swd_jax.convert.torch_transformer import block_features, free_torch_memory, load_torch_transformer
 
     model = load_torch_transformer(SD3Transformer2DModel, folder, lora, dtype, device)
     tdt = model.dtype
-    feats: dict[int, Any] = {}
-    handles = [blk.register_forward_hook(lambda m, a, out, i=i: feats.__setitem__(i, out[1].float().cpu().numpy()))
-               for i, blk in enumerate(model.transformer_blocks)]
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
     out = {}
 
     def to(a):
         return torch.from_numpy(a).to(device, tdt)
-    try:
-        with torch.no_grad():
-            for size, (x, t, c, p) in runs.items():
-                v = model(hidden_states=to(x), timestep=torch.from_numpy(t).to(device), encoder_hidden_states=to(c),
-                          pooled_projections=to(p)).sample
-                out[size] = (v.float().cpu().numpy().transpose(0, 2, 3, 1), [feats[i] for i in sorted(feats)])
-                feats.clear()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-        for h in handles:
-            h.remove()
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    with block_features(model.transformer_blocks) as feats:
+        for size, (x, t, c, p) in runs.items():
+            v = model(hidden_states=to(x), timestep=torch.from_numpy(t).to(device), encoder_hidden_states=to(c),
+                      pooled_projections=to(p)).sample
+            out[size] = (v.float().cpu().numpy().transpose(0, 2, 3, 1), [feats[i] for i in sorted(feats)])
+            feats.clear()
+    del model  # first, then freed: torch and JAX never share the GPU
+    free_torch_memory()
     return out
 
 

@@ -1,6 +1,8 @@
 """The PyTorch side of `swd-verify`: a diffusers transformer (SD3 or FLUX) with an optional LoRA, ready to run."""
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 
 from swd_jax.convert.peft_lora import adapter_files
@@ -23,3 +25,30 @@ def load_torch_transformer(model_cls, folder: str, lora: str | None, dtype: str,
             model.load_lora_adapter(os.path.dirname(weights), weight_name=os.path.basename(weights),
                                     prefix="transformer")
     return model.to(device).eval()
+
+
+@contextlib.contextmanager
+def block_features(blocks):
+    """Run in true fp32 (TF32 off), no grad, with each of `blocks` recording its image hidden states: yields the
+    dict {block index: float32 numpy} the forward fills; afterwards TF32 is restored and the hooks removed."""
+    import torch
+    feats: dict = {}
+    handles = [b.register_forward_hook(lambda m, a, out, i=i: feats.__setitem__(i, out[1].float().cpu().numpy()))
+               for i, b in enumerate(blocks)]
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
+    try:
+        with torch.no_grad():
+            yield feats
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        for h in handles:
+            h.remove()
+
+
+def free_torch_memory() -> None:
+    """Collect and empty torch's CUDA cache (after the caller dropped its model), so JAX can have the GPU."""
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

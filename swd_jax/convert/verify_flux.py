@@ -8,7 +8,6 @@ context, pooled, and for FLUX-dev a guidance scale (3.5 or 4.5, exact in bf16).
 from __future__ import annotations
 
 import functools
-import gc
 
 import jax
 import jax.numpy as jnp
@@ -60,35 +59,23 @@ def torch_outputs(folder: str, lora: str | None, runs: dict[int, tuple], dtype: 
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from swd_jax.convert.torch_transformer import load_torch_transformer
+    from swd_jax.convert.torch_transformer import block_features, free_torch_memory, load_torch_transformer
 
     model = load_torch_transformer(FluxTransformer2DModel, folder, lora, dtype, device)
     tdt = model.dtype
-    feats: dict[int, np.ndarray] = {}
     blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
-    handles = [b.register_forward_hook(lambda m, a, out, i=i: feats.__setitem__(i, out[1].float().cpu().numpy()))
-               for i, b in enumerate(blocks)]
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     to = lambda a: torch.from_numpy(a).to(device, tdt)
     out = {}
-    try:
-        with torch.no_grad():
-            for size, (x, s, c, p, g) in runs.items():
-                v = model(hidden_states=pack(to(x)), timestep=to(s), encoder_hidden_states=to(c),
-                          pooled_projections=to(p), guidance=None if g is None else to(g),
-                          img_ids=image_ids(size, size).to(device), txt_ids=torch.zeros(c.shape[1], 3).to(device)).sample
-                v = unpack(v, size, size)
-                out[size] = (v.float().cpu().numpy().transpose(0, 2, 3, 1), [feats[i] for i in sorted(feats)])
-                feats.clear()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-        for h in handles:
-            h.remove()
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    with block_features(blocks) as feats:
+        for size, (x, s, c, p, g) in runs.items():
+            v = model(hidden_states=pack(to(x)), timestep=to(s), encoder_hidden_states=to(c),
+                      pooled_projections=to(p), guidance=None if g is None else to(g),
+                      img_ids=image_ids(size, size).to(device), txt_ids=torch.zeros(c.shape[1], 3).to(device)).sample
+            v = unpack(v, size, size)
+            out[size] = (v.float().cpu().numpy().transpose(0, 2, 3, 1), [feats[i] for i in sorted(feats)])
+            feats.clear()
+    del model, blocks  # first, then freed: torch and JAX never share the GPU
+    free_torch_memory()
     return out
 
 
