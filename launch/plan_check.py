@@ -17,21 +17,37 @@ import sys
 
 PLAN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "tpu_plan.json")
 CORES_PER_CHIP = {"v5p": 2, "v4": 2, "v6e": 1}  # accelerator names count TensorCores (v5p-16 = 8 chips)
-MODELS = {"sd35_medium": "medium", "sd35_large": "large"}
+MODELS = {"sd35_medium": "medium", "sd35_large": "large", "flux_dev": "flux"}
+
+
+def config_value(config: str, overrides: list[str], field: str, pattern: str) -> str | None:
+    """`--config.FIELD=VALUE` from the overrides, else the config file's assignment, else configs/common.py's."""
+    section, name = field.split(".")
+    for o in reversed(overrides):
+        m = re.fullmatch(rf"--config\.{section}\.{name}=({pattern})", o)
+        if m:
+            return m.group(1)
+    for path in (config, os.path.join(os.path.dirname(config), "common.py")):
+        with open(path) as f:
+            m = re.search(rf"\b{name}\s*=\s*[\"']?({pattern})", f.read())
+        if m:
+            return m.group(1)
+    return None
 
 
 def global_batch(config: str, overrides: list[str]) -> int:
     """train.batch_size from the overrides, else the config file's assignment, else configs/common.py's."""
-    for o in reversed(overrides):
-        m = re.fullmatch(r"--config\.train\.batch_size=(\d+)", o)
-        if m:
-            return int(m.group(1))
-    for path in (config, os.path.join(os.path.dirname(config), "common.py")):
-        with open(path) as f:
-            m = re.search(r"batch_size\s*=\s*(\d+)", f.read())
-        if m:
-            return int(m.group(1))
-    raise SystemExit(f"plan check: no train.batch_size in {config} or its common.py")
+    batch = config_value(config, overrides, "train.batch_size", r"\d+")
+    if batch is None:
+        raise SystemExit(f"plan check: no train.batch_size in {config} or its common.py")
+    return int(batch)
+
+
+def remat_of(config: str, overrides: list[str]) -> str:
+    """The plan's remat variant of the run: 'off' (model.remat False), else model.remat_policy ('full')."""
+    if config_value(config, overrides, "model.remat", r"True|False|true|false|0|1") in ("False", "false", "0"):
+        return "off"
+    return config_value(config, overrides, "model.remat_policy", r"\w+") or "full"
 
 
 def main(argv: list[str]) -> int:
@@ -52,9 +68,13 @@ def main(argv: list[str]) -> int:
     if os.path.exists(PLAN):
         with open(PLAN) as f:
             plans = json.load(f)
-    same = [p for key, p in plans.items() if key.startswith(f"{model}@{gen}:")]
+    remat = remat_of(config, rest)
+    suffix = "" if remat == "full" else f"/remat={remat}"
+    same = [p for key, p in plans.items() if key.startswith(f"{model}@{gen}:") and key.endswith(suffix)
+            and ("/" in key) == bool(suffix)]
     if not same:
-        print(f"plan check: {PLAN} has no {model} plan for {gen}; launching without a batch check")
+        print(f"plan check: {PLAN} has no {model} plan for {gen} with remat {remat}; launching without a batch "
+              "check")
         return 0
     # Per-chip memory shrinks a little with more chips (sharded state): the plan of the largest slice not
     # bigger than this one is the conservative one; else the smallest planned.
@@ -63,7 +83,8 @@ def main(argv: list[str]) -> int:
     plan = max(smaller, key=chips_of) if smaller else min(same, key=chips_of)
     best, safe = plan["max_batch_per_chip"], plan["max_batch_per_chip_10pct_headroom"]
     note = " (extrapolated from cut-depth compiles)" if plan.get("extrapolated") else ""
-    print(f"TPU plan for {plan['model']} on {plan['topology']}{note}, HBM {plan['hbm_gib']:.0f} GiB/chip:")
+    print(f"TPU plan for {plan['model']} on {plan['topology']}, remat {remat}{note}, HBM {plan['hbm_gib']:.0f} "
+          "GiB/chip:")
     print(f"  {'batch/chip':>10s} {'peak GiB':>9s} {'s/iter':>7s} {'MFU':>5s}")
     full = max(r["blocks"] for r in plan["rows"])
     for r in sorted((r for r in plan["rows"] if r["blocks"] == full), key=lambda r: r["batch_per_chip"]):
