@@ -43,8 +43,13 @@ from swd_jax.models.mmdit import MMDiTConfig
 from swd_jax.models.vae import decode_latents
 from swd_jax.prompt_encoding import SD3PromptEncoder
 from swd_jax.sampler import SamplerNoise, euler_sample, scale_wise_sample
-from swd_jax.schedule import FLUX_DEV_SCHEDULER, ScaleSchedule, flow_match_sigmas, flux_dynamic_sigmas, \
-    get_schedule
+from swd_jax.schedule import (
+    FLUX_DEV_SCHEDULER,
+    ScaleSchedule,
+    flow_match_sigmas,
+    flux_dynamic_sigmas,
+    get_schedule,
+)
 from swd_jax.train.backbone import backbone_of, backbone_of_class
 
 SAMPLERS = ("scale_wise", "full_resolution", "teacher")

@@ -139,7 +139,10 @@ SCHNELL_SCHEDULER_JSON = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num
 def diffusers_flux_sigmas(config: dict, steps: int, latent_size: int):
     """(sigmas, timesteps) as FluxPipeline.__call__ sets its scheduler up for a latent_size^2 latent."""
     from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+    from diffusers.pipelines.flux.pipeline_flux import (
+        calculate_shift,
+        retrieve_timesteps,
+    )
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
     c = scheduler.config
     mu = calculate_shift((latent_size // 2) ** 2, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
