@@ -50,6 +50,46 @@ def remat_of(config: str, overrides: list[str]) -> str:
     return config_value(config, overrides, "model.remat_policy", r"\w+") or "full"
 
 
+REMAT_FLAGS = {"full": "", "dots": "--config.model.remat_policy=dots", "off": "--config.model.remat=False"}
+
+
+def pick_plan(plans: dict, model: str, gen: str, remat: str, chips: int) -> dict | None:
+    """The plan of `model` on generation `gen` with that remat variant closest to a slice of `chips` chips."""
+    suffix = "" if remat == "full" else f"/remat={remat}"
+    same = [p for key, p in plans.items() if key.startswith(f"{model}@{gen}:") and key.endswith(suffix)
+            and ("/" in key) == bool(suffix)]
+    if not same:
+        return None
+    # Per-chip memory shrinks a little with more chips (sharded state): the plan of the largest slice not
+    # bigger than this one is the conservative one; else the smallest planned.
+    chips_of = lambda p: max(r["chips"] for r in p["rows"])
+    smaller = [p for p in same if chips_of(p) <= chips]
+    return max(smaller, key=chips_of) if smaller else min(same, key=chips_of)
+
+
+def _full_depth_mfu(plan: dict, per_chip: float) -> float | None:
+    full = max(r["blocks"] for r in plan["rows"])
+    rows = sorted((r for r in plan["rows"] if r["blocks"] == full), key=lambda r: abs(r["batch_per_chip"] - per_chip))
+    return rows[0]["mfu"] if rows else None
+
+
+def suggest_remat(plans: dict, model: str, gen: str, chips: int, per_chip: float, remat: str, plan: dict) -> None:
+    """Print the remat variant the plan says is fastest among those that fit this batch with 10 % headroom."""
+    ours = _full_depth_mfu(plan, per_chip)
+    options = []
+    for other in REMAT_FLAGS:
+        p = pick_plan(plans, model, gen, other, chips)
+        safe = p and p["max_batch_per_chip_10pct_headroom"]
+        if other != remat and safe and per_chip <= safe and not (p.get("max_batch_is_lower_bound") and per_chip > safe):
+            mfu = _full_depth_mfu(p, per_chip)
+            if mfu is not None and ours is not None and mfu > ours:
+                options.append((mfu, other))
+    if options:
+        mfu, other = max(options)
+        print(f"plan check: remat {other} fits this batch with 10 % headroom and is faster (estimated MFU {mfu:.2f} "
+              f"vs {ours:.2f}): add {REMAT_FLAGS[other]}")
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
         print(__doc__.split("\n\n")[1])
@@ -69,18 +109,11 @@ def main(argv: list[str]) -> int:
         with open(PLAN) as f:
             plans = json.load(f)
     remat = remat_of(config, rest)
-    suffix = "" if remat == "full" else f"/remat={remat}"
-    same = [p for key, p in plans.items() if key.startswith(f"{model}@{gen}:") and key.endswith(suffix)
-            and ("/" in key) == bool(suffix)]
-    if not same:
+    plan = pick_plan(plans, model, gen, remat, chips)
+    if plan is None:
         print(f"plan check: {PLAN} has no {model} plan for {gen} with remat {remat}; launching without a batch "
               "check")
         return 0
-    # Per-chip memory shrinks a little with more chips (sharded state): the plan of the largest slice not
-    # bigger than this one is the conservative one; else the smallest planned.
-    chips_of = lambda p: max(r["chips"] for r in p["rows"])
-    smaller = [p for p in same if chips_of(p) <= chips]
-    plan = max(smaller, key=chips_of) if smaller else min(same, key=chips_of)
     best, safe = plan["max_batch_per_chip"], plan["max_batch_per_chip_10pct_headroom"]
     note = " (extrapolated from cut-depth compiles)" if plan.get("extrapolated") else ""
     print(f"TPU plan for {plan['model']} on {plan['topology']}, remat {remat}{note}, HBM {plan['hbm_gib']:.0f} "
@@ -91,11 +124,13 @@ def main(argv: list[str]) -> int:
         print(f"  {r['batch_per_chip']:10d} {r['peak_gib']:9.1f} {r['seconds']:7.3f} {r['mfu']:5.2f}")
     print(f"  largest batch/chip that fits: {best}; with 10 % headroom: {safe}")
     print(f"this launch: global batch {batch} on {accel} ({chips} chips) = {per_chip:g} images/chip")
+    if not any(o.startswith(("--config.model.remat=", "--config.model.remat_policy=")) for o in rest):
+        suggest_remat(plans, model, gen, chips, per_chip, remat, plan)
     if best is not None and per_chip <= best:
         return 0
     if best is not None and plan.get("max_batch_is_lower_bound"):
-        print(f"plan check: the plan covers only {best} images/chip at full depth (it fits); {per_chip:g} is unverified, "
-              "launching")
+        print(f"plan check: the plan covers only {best} images/chip at full depth (it fits); {per_chip:g} is "
+              "unverified, launching")
         return 0
     if force:
         print("plan check: the plan says this batch does not fit; --force-batch given, launching anyway")

@@ -118,6 +118,17 @@ def test_launch_plan_check_refuses_a_batch_that_does_not_fit(tmp_path, monkeypat
     assert plan_check.main(["v5p-16", config, "--config.model.remat_policy=dots"]) == 1
     assert "remat dots" in capsys.readouterr().out
     assert plan_check.main(["v5p-16", config, "--config.model.remat=False"]) == 0  # no "off" plan
+    # Without a remat override, a faster variant that fits with 10 % headroom is suggested (not applied).
+    off_rows = [{**r, "mfu": 0.6} for r in rows]
+    plan["medium@v5p:2x2x1/remat=off"] = {**plan["medium@v5p:2x2x1"], "rows": off_rows,
+                                          "max_batch_per_chip": 6, "max_batch_per_chip_10pct_headroom": 5}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    capsys.readouterr()
+    assert plan_check.main(["v5p-32", config]) == 0  # 4 per chip
+    assert "remat off fits this batch with 10 % headroom and is faster (estimated MFU 0.60 vs 0.40): add " \
+           "--config.model.remat=False" in capsys.readouterr().out
+    assert plan_check.main(["v5p-16", config, "--config.train.batch_size=48"]) == 0  # 6 per chip: off does not fit
+    assert "is faster" not in capsys.readouterr().out
     plan["medium@v5p:2x2x1"]["max_batch_is_lower_bound"] = True  # only 7 compiled: 8 is unverified, not refused
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     assert plan_check.main(["v5p-16", config]) == 0
