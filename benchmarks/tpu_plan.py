@@ -314,6 +314,25 @@ def _print(rows):
     print("GiB per chip; * extrapolated linearly in depth from the cut models above")
 
 
+def markdown(plans: dict) -> str:
+    """Every plan of a plan file as one markdown table (compiled cut-depth rows, then the full-depth rows)."""
+    out = ["| model | topology | remat | blocks | images/chip | arguments | temporaries | peak GiB/chip (HBM) | "
+           "TFLOP/chip | s/iteration (≥) | images/s | MFU (≤) | compile |", "|" + "---|" * 13]
+    for key, plan in sorted(plans.items()):
+        for r in sorted(plan["rows"], key=lambda r: (r["extrapolated"], r["batch_per_chip"], r["blocks"])):
+            blocks = f"**{r['blocks']}, extrapolated**" if r["extrapolated"] else str(r["blocks"])
+            out.append(f"| {r['model']} | {r['topology']} | {r.get('remat', 'full')} | {blocks} | "
+                       f"{r['batch_per_chip']} | {r['arguments_gib']:.2f} | {r['temp_gib']:.1f} | "
+                       f"{r['peak_gib']:.1f} ({r['hbm_gib']:.0f}) | {r['flops_per_chip'] / 1e12:.0f} | "
+                       f"{r['seconds']:.3f} | {r['images_per_s']:.1f} | {r['mfu']:.2f} | "
+                       + (f"{r['compile_s']:.0f} s |" if r.get("compile_s") else "- |"))
+        fit, safe = plan["max_batch_per_chip"], plan["max_batch_per_chip_10pct_headroom"]
+        bound = " (only this batch compiled: a lower bound)" if plan.get("max_batch_is_lower_bound") else ""
+        out.append(f"| {plan['model']} | {plan['topology']} | {plan.get('remat', 'full')} | largest batch/chip "
+                   f"that fits: {fit}, with 10 % headroom: {safe}{bound} |" + " |" * 9)
+    return "\n".join(out)
+
+
 def plan_key(model: str, topo: str, remat: str = "full") -> str:
     """The plan file's key: 'medium@v5p:2x2x1', with '/remat=dots' for a policy other than the default."""
     return f"{model}@{topo}" + ("" if remat == "full" else f"/remat={remat}")
@@ -345,7 +364,13 @@ def main(argv=None):
     ap.add_argument("--hlo-dir", default="", help="write each compiled program's HLO text (gzip) here")
     ap.add_argument("--json", default="", help="rows are kept in (and reused from) this file; launch/tpu_pod.sh "
                     "reads benchmarks/tpu_plan.json")
+    ap.add_argument("--table", action="store_true", help="print the --json file's plans as a markdown table, "
+                    "compile nothing")
     a = ap.parse_args(argv)
+    if a.table:
+        with open(a.json) as f:
+            print(markdown(json.load(f)))
+        return
     shape = SHAPES[a.model]
     batches = [int(b) for b in a.batch.split(",")] if a.batch else [shape.batch_per_device]
     depths = [int(n) for n in a.blocks.split(",")] if a.blocks else [None]

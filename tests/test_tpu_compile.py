@@ -94,6 +94,10 @@ def test_plan_extrapolates_depth_and_batch(tmp_path, capsys):
     path.write_text(json.dumps({"medium@v5p:2x2x1": {"rows": rows}}))
     tpu_plan.main(["--model", "medium", "--blocks", "2,4", "--batch", "4,8", "--json", str(path)])
     assert "largest batch/chip that fits 95 GiB: 2 (with 10% headroom: 2)" in capsys.readouterr().out
+    tpu_plan.main(["--table", "--json", str(path)])  # the README's table, from the plan file
+    table = capsys.readouterr().out
+    assert "| m | v5p:2x2x1 | full | **24, extrapolated** | 8 |" in table
+    assert "largest batch/chip that fits: 2, with 10 % headroom: 2 |" in table
 
 
 def test_launch_plan_check_refuses_a_batch_that_does_not_fit(tmp_path, monkeypatch, capsys):
