@@ -4,7 +4,7 @@
 whole iteration of `make_iteration`, state donated, FSDP-sharded base) on abstract inputs, so
 `.compile().memory_analysis()` gives the per-device memory and `.cost_analysis()` the FLOPs, without one
 byte of weights. The models are assembled as `train.setup.build_run` does (same config fields, same
-optimisers), the base from the MMDiT presets with the published SD3.5 shapes.
+optimisers, the backbone of the model config: SD3.5's MMDiT or FLUX), the base from the published shapes.
 """
 from __future__ import annotations
 
@@ -20,15 +20,17 @@ import optax
 from benchmarks.tiny import MICRO
 from configs.common import base_config
 from swd_jax.train import sharding
-from swd_jax.convert.transformer import boxed_params, example_inputs
 from swd_jax.discriminator import DiscriminatorHead
+from swd_jax.models.flux import FLUX_DEV, FluxConfig
 from swd_jax.models.layers import LORA, LoraConfig
-from swd_jax.models.mmdit import SD35_LARGE, SD35_MEDIUM, MMDiT, MMDiTConfig
+from swd_jax.models.mmdit import SD35_LARGE, SD35_MEDIUM, MMDiTConfig
 from swd_jax.schedule import ScaleSchedule
+from swd_jax.train.backbone import backbone_of, model_guidance
 from swd_jax.train.setup import DTYPES, loss_config, make_optimizer, make_schedule
 from swd_jax.train.steps import SwDModels, init_state, make_iteration
 
 SD35_TEXT_TOKENS = 77 + 256  # CLIP-L/G (77) joined with T5-XXL (256) on the token axis, width 4096
+FLUX_TEXT_TOKENS = 512  # T5-XXL at the published FLUX-SwD max length, width 4096
 GiB = 1024 ** 3
 
 
@@ -36,7 +38,7 @@ GiB = 1024 ** 3
 class TrainShape:
     """One SwD training setup: model shape, schedule, per-device batch and the loss settings that change cost."""
     name: str
-    model: MMDiTConfig
+    model: MMDiTConfig | FluxConfig
     schedule: str | ScaleSchedule  # a preset name of swd_jax.schedule, or a schedule
     batch_per_device: int
     cls_block: int
@@ -44,16 +46,21 @@ class TrainShape:
     text_tokens: int = SD35_TEXT_TOKENS
     lora_rank: int = 64
     remat: bool = True
+    remat_policy: str = "full"
     attention_impl: str = "xla"
     dtype: str = "bfloat16"
     param_dtype: str = "bfloat16"
     n_fake_steps: int = 5
+    guidance: float | None = None  # FLUX-dev: the guidance-embedding input of student, fake model and teacher
+    lora_targets: tuple[str, ...] | None = None  # None: configs/common.py's
 
     def config(self) -> ml_collections.ConfigDict:
         """The run config (configs/common.py defaults) this shape stands for."""
         c = base_config()
         c.model.dtype, c.model.param_dtype, c.model.remat = self.dtype, self.param_dtype, self.remat
-        c.model.attention_impl = self.attention_impl
+        c.model.remat_policy, c.model.attention_impl = self.remat_policy, self.attention_impl
+        if self.lora_targets is not None:
+            c.lora.targets = self.lora_targets
         c.lora.rank, c.lora.alpha = self.lora_rank, float(self.lora_rank)
         if isinstance(self.schedule, str):
             c.schedule.preset = self.schedule
@@ -63,29 +70,45 @@ class TrainShape:
         c.loss.cls_blocks = c.loss.mmd_blocks = (self.cls_block,)
         c.loss.cfg_teacher = self.cfg_teacher
         c.loss.n_fake_steps = self.n_fake_steps
+        if self.guidance is not None:
+            c.model.guidance = c.loss.guidance_teacher = self.guidance
         return c
 
 
 # The reference runs (METHOD.md s.5): 8 GPUs x 8 images (Medium), x 4 (Large); bf16 compute and base weights.
 MEDIUM = TrainShape("SD3.5-Medium", SD35_MEDIUM, "sd35_medium_4", batch_per_device=8, cls_block=11, cfg_teacher=7.0)
 LARGE = TrainShape("SD3.5-Large", SD35_LARGE, "sd35_large_4", batch_per_device=4, cls_block=20, cfg_teacher=4.5)
+# configs/flux_dev.py: scales 64-128 on the 28-step grid, guidance 4.5 through the embedding (no CFG batch),
+# feature block 26 of 57, LoRA on both streams' attention/MLPs and the single blocks' projections.
+FLUX = TrainShape("FLUX.1-dev", FLUX_DEV, ScaleSchedule((64, 80, 96, 128), (0, 7, 14, 18, 28)), batch_per_device=4,
+                  cls_block=26, cfg_teacher=1.0, text_tokens=FLUX_TEXT_TOKENS, guidance=4.5,
+                  lora_targets=("to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2", "proj_mlp", "proj_out"))
 
 
 # A seconds-long stand-in for the tests: the benchmarks' micro model at latents 8 and 16, one fake update.
 MICRO_TRAIN = TrainShape("micro", MMDiTConfig(**MICRO.mmdit_fields()), ScaleSchedule((8, 16), (0, 14, 28)),
                          batch_per_device=1, cls_block=0, cfg_teacher=7.0, text_tokens=MICRO.text_tokens, lora_rank=4,
                          dtype="float32", param_dtype="float32", n_fake_steps=1)
+# Its FLUX-dev counterpart: one double- and two single-stream blocks, guidance through the embedding.
+MICRO_FLUX_TRAIN = dataclasses.replace(
+    MICRO_TRAIN, name="micro-flux", cls_block=1, cfg_teacher=1.0, guidance=4.5, lora_targets=FLUX.lora_targets,
+    model=FluxConfig(in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                     joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6)))
 
 
 def build_models(shape: TrainShape) -> SwDModels:
     """The SwD models of a run with this shape, assembled as `train.setup.build_run` does."""
     c = shape.config()
     dtype, pdt = DTYPES[shape.dtype], DTYPES[shape.param_dtype]
-    mmdit = MMDiT(shape.model, lora=LoraConfig(rank=c.lora.rank, alpha=c.lora.alpha), dtype=dtype, param_dtype=pdt,
-                  remat=shape.remat, attention_impl=c.model.attention_impl)
+    lora = LoraConfig(rank=c.lora.rank, alpha=c.lora.alpha, targets=tuple(c.lora.targets))
+    transformer = backbone_of(shape.model).module_cls(shape.model, lora=lora, dtype=dtype, param_dtype=pdt,
+                                                      remat=shape.remat, remat_policy=shape.remat_policy,
+                                                      attention_impl=c.model.attention_impl)
     head = DiscriminatorHead(shape.model.inner_dim, c.head.num_layers, dtype=dtype)
-    return SwDModels(mmdit, head, make_schedule(c), loss_config(c),
-                     make_optimizer(c.optim.lr, c.optim), make_optimizer(c.optim.lr_fake, c.optim))
+    loss = loss_config(c)
+    guidance = model_guidance(shape.model, c.model.get("guidance", None), loss.cfg_teacher, loss.guidance_teacher)
+    return SwDModels(transformer, head, make_schedule(c), loss,
+                     make_optimizer(c.optim.lr, c.optim), make_optimizer(c.optim.lr_fake, c.optim), guidance)
 
 
 def _with_sharding(tree, shardings):
@@ -94,9 +117,10 @@ def _with_sharding(tree, shardings):
 
 def abstract_state(m: SwDModels, mesh, rules=sharding.DEFAULT_RULES):
     """(abstract state, state shardings): LoRA/head/optimiser leaves carry the shardings build_run gives them."""
-    cfg = m.mmdit.config
-    lora_model = MMDiT(cfg, lora=m.mmdit.lora, param_dtype=jnp.float32)
-    boxed_lora = jax.eval_shape(lambda k: lora_model.init(k, *example_inputs(cfg, 1))[LORA], jax.random.key(0))
+    cfg = m.transformer.config
+    bb = backbone_of(cfg)
+    lora_model = bb.module_cls(cfg, lora=m.transformer.lora, param_dtype=jnp.float32)
+    boxed_lora = jax.eval_shape(lambda k: lora_model.init(k, *bb.example_inputs(cfg, 1))[LORA], jax.random.key(0))
     boxed_head = jax.eval_shape(lambda k: m.head.init(k, jnp.zeros((1, 1, cfg.inner_dim)))["params"],
                                 jax.random.key(0))
     lora, head = nn.unbox(boxed_lora), nn.unbox(boxed_head)
@@ -116,7 +140,7 @@ def abstract_state(m: SwDModels, mesh, rules=sharding.DEFAULT_RULES):
 
 def abstract_base(shape: TrainShape, mesh, rules=sharding.DEFAULT_RULES):
     """(abstract base weights in param_dtype, their FSDP shardings) as `train.setup.load_base` places them."""
-    boxed = boxed_params(shape.model, DTYPES[shape.param_dtype])
+    boxed = backbone_of(shape.model).boxed_params(shape.model, DTYPES[shape.param_dtype])
     sh = sharding.boxed_shardings(boxed, mesh, rules)
     return _with_sharding(nn.unbox(boxed), sh), sh
 
@@ -127,8 +151,9 @@ def abstract_batches(shape: TrainShape, m: SwDModels, mesh, k: int):
     n, B = m.loss.n_fake_steps + 1, shape.batch_per_device * sharding.batch_divisor(mesh)
     sh = sharding.batch_sharding(mesh, leading_axes=1)
     f32 = lambda *dims: jax.ShapeDtypeStruct((n, B) + dims, jnp.float32, sharding=sh)
-    batches = {"x": f32(s.scale(k), s.scale(k), cfg.in_channels),
-               "x_prev": f32(s.prev_scale(k), s.prev_scale(k), cfg.in_channels),
+    channels = cfg.latent_channels if isinstance(cfg, FluxConfig) else cfg.in_channels
+    batches = {"x": f32(s.scale(k), s.scale(k), channels),
+               "x_prev": f32(s.prev_scale(k), s.prev_scale(k), channels),
                "context": f32(shape.text_tokens, cfg.joint_attention_dim),
                "pooled": f32(cfg.pooled_projection_dim)}
     rep = sharding.replicated(mesh)

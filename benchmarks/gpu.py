@@ -93,8 +93,8 @@ def random_base(cfg, dtype, key) -> dict:
 def fresh_state(m, key) -> dict:
     """A new train state (LoRA A ~ N(0, 1/r^2), B = 0, head init, optimiser states) without a model init."""
     from swd_jax.models.layers import LORA
-    cfg, r = m.mmdit.config, m.mmdit.lora.rank
-    lora_model = MMDiT(cfg, lora=m.mmdit.lora, param_dtype=jnp.float32)
+    cfg, r = m.transformer.config, m.transformer.lora.rank
+    lora_model = MMDiT(cfg, lora=m.transformer.lora, param_dtype=jnp.float32)
     abstract = nn.unbox(jax.eval_shape(lambda k: lora_model.init(k, *example_inputs(cfg, 1))[LORA], key))
 
     def lora(k):
@@ -214,7 +214,7 @@ def train_iteration_jax(s: Setup, repeats: int) -> dict:
     med, times = _median_time(step, repeats)
     # Model FLOPs: XLA's count before optimisation of the iteration without remat (re-traced if remat is on).
     if t.remat:
-        no_remat = dataclasses.replace(m, mmdit=m.mmdit.clone(remat=False))
+        no_remat = dataclasses.replace(m, transformer=m.transformer.clone(remat=False))
         lowered = jax.jit(make_iteration(no_remat, k)).lower(state, base, batches, uncond)
     model_flops = float(lowered.cost_analysis()["flops"])
     hw = compiled.cost_analysis()

@@ -23,10 +23,12 @@ a 2-core machine: run one at a time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import re
 import time
 from unittest import mock
 
@@ -37,6 +39,7 @@ import flax.linen as nn
 import jax
 
 from benchmarks.abstract_train import (
+    FLUX,
     LARGE,
     MEDIUM,
     TrainShape,
@@ -47,7 +50,8 @@ from benchmarks.abstract_train import (
     lower_iteration,
     memory_per_device,
 )
-from swd_jax.models import mmdit
+from swd_jax.models import flux, mmdit
+from swd_jax.models.flux import FluxConfig
 from swd_jax.train import sharding
 from swd_jax.train.steps import fake_loss
 
@@ -60,7 +64,9 @@ class Chip:
 
 
 CHIPS = {"v5p": Chip(95.0, 459e12), "v6e": Chip(32.0, 918e12), "v4": Chip(32.0, 275e12)}
-SHAPES = {"medium": MEDIUM, "large": LARGE}
+SHAPES = {"medium": MEDIUM, "large": LARGE, "flux": FLUX}
+REMAT = {"full": dict(remat=True, remat_policy="full"), "dots": dict(remat=True, remat_policy="dots"),
+         "off": dict(remat=False)}
 HEADROOM = 0.10  # the goal: peak within 90 % of HBM
 
 
@@ -74,14 +80,28 @@ def topology(name: str):
     return devices, math.prod(int(d) for d in dims.split("x"))
 
 
-def cut(shape: TrainShape, blocks: int | None, batch: int) -> TrainShape:
-    """`shape` at `batch` images per chip, with only `blocks` blocks (dual-attention and feature block scaled)."""
-    shape = dataclasses.replace(shape, batch_per_device=batch, attention_impl="splash")
-    full = shape.model.num_layers
+def depth(shape: TrainShape) -> int:
+    """Blocks of the model: MMDiT's joint blocks; FLUX's double- plus single-stream blocks."""
+    cfg = shape.model
+    return cfg.num_blocks if isinstance(cfg, FluxConfig) else cfg.num_layers
+
+
+def cut(shape: TrainShape, blocks: int | None, batch: int, remat: str = "full") -> TrainShape:
+    """`shape` at `batch` images per chip, with only `blocks` blocks (block kinds and feature block scaled).
+
+    MMDiT: the first round(dual x blocks / depth) blocks have dual attention. FLUX: double-stream blocks in
+    their proportion (19 of 57; depths that are multiples of 3 keep it exactly), the rest single-stream.
+    """
+    shape = dataclasses.replace(shape, batch_per_device=batch, attention_impl="splash", **REMAT[remat])
+    full = depth(shape)
     if not blocks or blocks == full:
         return shape
-    dual = round(len(shape.model.dual_attention_layers) * blocks / full)
-    model = dataclasses.replace(shape.model, num_layers=blocks, dual_attention_layers=tuple(range(dual)))
+    if isinstance(shape.model, FluxConfig):
+        double = max(1, round(shape.model.num_layers * blocks / full))
+        model = dataclasses.replace(shape.model, num_layers=double, num_single_layers=blocks - double)
+    else:
+        dual = round(len(shape.model.dual_attention_layers) * blocks / full)
+        model = dataclasses.replace(shape.model, num_layers=blocks, dual_attention_layers=tuple(range(dual)))
     cls = min(blocks - 1, round(shape.cls_block * blocks / full))
     return dataclasses.replace(shape, model=model, cls_block=cls, name=f"{shape.name}[{blocks} blocks]")
 
@@ -97,8 +117,11 @@ def model_flops(shape: TrainShape, chips: int, attention: bool = True) -> tuple[
     """
     plain = dataclasses.replace(shape, remat=False, attention_impl="xla", batch_per_device=shape.batch_per_device * chips)
     one = sharding.make_mesh((1, 1, 1), devices=jax.devices("cpu")[:1])
-    no_attention = lambda q_BLHD, k_BSHD, v_BSHD, *_: q_BLHD
-    with mock.patch.object(mmdit, "dot_product_attention", mmdit.dot_product_attention if attention else no_attention):
+    no_attention = lambda q_BLHD, k_BSHD, v_BSHD, *_, **__: q_BLHD
+    with contextlib.ExitStack() as stack:
+        if not attention:
+            for module in (mmdit, flux):
+                stack.enter_context(mock.patch.object(module, "dot_product_attention", no_attention))
         iteration = float(lower_iteration(plain, one).cost_analysis()["flops"])
         m = build_models(plain)
         k = m.schedule.num_intervals - 1
@@ -113,13 +136,80 @@ def model_flops(shape: TrainShape, chips: int, attention: bool = True) -> tuple[
     return iteration, body
 
 
-def figures(shape: TrainShape, topo: str, compiler_flops: float, compiler_seconds: float) -> dict:
+# FLOPs of one splash kernel per (batch x heads x query rows x key rows x head dim): forward q k^T and p v; dq
+# recomputes q k^T and forms dp = do v^T and dq = ds k; dkv recomputes q k^T and forms dv, dp and dk.
+SPLASH_FLOPS = {"fwd": 4, "dq": 6, "dkv": 8}
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_KERNEL = re.compile(r"%splash_mha_(fwd|dq|dkv)\w*\.\d+ = .*operand_layout_constraints=\{(.*)")
+_CALLEE = re.compile(r"(body|condition|to_apply|calls)=%([\w.\-]+)")
+_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_LIMIT = re.compile(r"= s32\[\]\S* constant\((\d+)\)")
+
+
+def splash_flops(hlo_text: str) -> float:
+    """FLOPs the splash kernels of a compiled per-device program execute, from their operand shapes.
+
+    Counts what runs: padded sequences, the forwards that remat repeats, kernels in the fake-update loop times
+    its trip count (a while body called from a computation that runs m times runs m x trips times). The trip
+    count is the compiler's `known_trip_count`, else the s32 constant its condition compares the counter with
+    (a `scan` counts from 0 while i < n).
+    """
+    kernels, calls, limits, name = {}, {}, {}, None
+    for line in hlo_text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m:
+            name = m.group(1)
+            kernels[name], calls[name], limits[name] = 0.0, [], []
+            if line.startswith("ENTRY"):
+                entry = name
+            continue
+        if name is None:
+            continue
+        limits[name] += [int(n) for n in _LIMIT.findall(line)]
+        k = _KERNEL.search(line)
+        if k:  # operands: 3 scalar-prefetch masks, then q [.., L, D], k [.., S, D], v, ...
+            shapes = re.findall(r"\w+\[([\d,]*)\]\{", k.group(2))
+            q, kv = [int(d) for d in shapes[3].split(",")], [int(d) for d in shapes[4].split(",")]
+            kernels[name] += SPLASH_FLOPS[k.group(1)] * math.prod(q) * kv[-2]
+        trips = _TRIPS.search(line)
+        callees = dict((kind, callee) for kind, callee in _CALLEE.findall(line))
+        for kind, callee in callees.items():
+            calls[name].append((callee, (kind, int(trips.group(1)) if trips else callees.get("condition"))))
+    order, seen = [], set()
+
+    def visit(c):  # depth-first post-order: every caller lands after all of its callees
+        seen.add(c)
+        for callee, _ in calls.get(c, []):
+            if callee not in seen:
+                visit(callee)
+        order.append(c)
+
+    def times(kind, trips) -> int:
+        if kind != "body":
+            return 1
+        if isinstance(trips, int):
+            return trips
+        if len(limits.get(trips, [])) != 1:
+            raise ValueError(f"while loop with condition {trips}: no known trip count and no single s32 limit")
+        return limits[trips][0]
+
+    visit(entry)
+    runs = {entry: 1}
+    for caller in reversed(order):  # callers before callees: each callee gets every path's count
+        for callee, how in calls.get(caller, []):
+            runs[callee] = runs.get(callee, 0) + runs.get(caller, 0) * times(*how)
+    return sum(kernels[c] * r for c, r in runs.items() if c in kernels)
+
+
+def figures(shape: TrainShape, topo: str, compiler_flops: float, compiler_seconds: float,
+            splash_per_chip: float | None = None) -> dict:
     """FLOPs per chip, seconds, images/s and MFU of an iteration from the TPU compiler's per-chip counts.
 
     Two corrections: the compiler counts the fake-update loop once (scaled up by the model FLOPs' ratio), and
     it gives the Mosaic splash kernels no FLOPs and no time (checked: a splash-only program counts 1e-4 of the
-    attention's FLOPs) -- their FLOPs are added at the chip's peak, so the seconds are a lower bound and the
-    MFU an upper bound (SD3.5's head dim 64 fills half of v5p's 128-deep MXU in q k^T: expect less).
+    attention's FLOPs) -- the FLOPs the kernels execute (`splash_flops`: padding and remat's repeated forwards
+    included; the model's attention FLOPs if not given) are added at the chip's peak, so the seconds are a
+    lower bound and the MFU an upper bound (SD3.5's head dim 64 fills half of v5p's 128-deep MXU in q k^T).
     """
     _, chips = topology(topo)
     chip = CHIPS[topo.split(":")[0]]
@@ -128,15 +218,16 @@ def figures(shape: TrainShape, topo: str, compiler_flops: float, compiler_second
     counted_na, body_na = model_flops(shape, chips, attention=False)
     total, rest = counted + (n - 1) * body, counted_na + (n - 1) * body_na
     attention, loop = total - rest, rest / counted_na
-    seconds = compiler_seconds * loop + attention / (chips * chip.peak_flops)
+    splash = attention / chips if splash_per_chip is None else splash_per_chip
+    seconds = compiler_seconds * loop + splash / chip.peak_flops
     images = (n + 1) * shape.batch_per_device * chips
     return {"compiler_flops": compiler_flops, "compiler_seconds": compiler_seconds, "loop_correction": loop,
-            "attention_flops": attention, "model_flops": total, "flops_per_chip": compiler_flops * loop
-            + attention / chips, "seconds": seconds, "images_per_s": images / seconds,
+            "attention_flops": attention, "splash_flops_per_chip": splash, "model_flops": total,
+            "flops_per_chip": compiler_flops * loop + splash, "seconds": seconds, "images_per_s": images / seconds,
             "mfu": total / (chips * chip.peak_flops * seconds)}
 
 
-def compile_plan(shape: TrainShape, topo: str) -> dict:
+def compile_plan(shape: TrainShape, topo: str, hlo_dir: str = "") -> dict:
     """Per-chip memory, FLOPs, estimated time and MFU of `shape`'s iteration compiled for the slice `topo`."""
     devices, chips = topology(topo)
     per_chip = len(devices) // chips  # devices per chip (2 on v4: one per TensorCore)
@@ -145,17 +236,29 @@ def compile_plan(shape: TrainShape, topo: str) -> dict:
     compiled = lower_iteration(dataclasses.replace(shape, batch_per_device=shape.batch_per_device // per_chip
                                                    or 1), mesh).compile()
     compile_s = time.perf_counter() - t
-    cost = compiled.cost_analysis()
+    cost, hlo = compiled.cost_analysis(), compiled.as_text()
+    if hlo_dir:  # the per-chip program as the TPU compiler left it, to read or recount
+        import gzip
+        os.makedirs(hlo_dir, exist_ok=True)
+        name = f"{shape.name}-{topo}-b{shape.batch_per_device}-remat_{remat_name(shape)}.hlo.gz".replace(" ", "_")
+        with gzip.open(os.path.join(hlo_dir, name), "wt") as f:
+            f.write(hlo)
     mem = {k: v * per_chip for k, v in memory_per_device(compiled).items()}
-    return {"model": shape.name, "blocks": shape.model.num_layers, "topology": topo, "chips": chips,
-            "batch_per_chip": shape.batch_per_device, **mem, "hbm_gib": CHIPS[topo.split(":")[0]].hbm_gib,
-            **figures(shape, topo, float(cost["flops"]) * per_chip, float(cost["optimal_seconds"])),
-            "mosaic_kernels": compiled.as_text().count('custom_call_target="tpu_custom_call"'),
+    return {"model": shape.name, "blocks": depth(shape), "topology": topo, "chips": chips,
+            "batch_per_chip": shape.batch_per_device, "remat": remat_name(shape), **mem,
+            "hbm_gib": CHIPS[topo.split(":")[0]].hbm_gib,
+            **figures(shape, topo, float(cost["flops"]) * per_chip, float(cost["optimal_seconds"]),
+                      splash_flops(hlo) * per_chip),
+            "mosaic_kernels": hlo.count('custom_call_target="tpu_custom_call"'),
             "compile_s": compile_s, "extrapolated": False}
 
 
+def remat_name(shape: TrainShape) -> str:
+    return shape.remat_policy if shape.remat else "off"
+
+
 LINEAR = ("arguments_gib", "outputs_gib", "temp_gib", "alias_gib", "peak_gib", "flops_per_chip", "model_flops",
-          "seconds", "attention_flops", "compiler_flops", "compiler_seconds")
+          "seconds", "attention_flops", "compiler_flops", "compiler_seconds", "splash_flops_per_chip")
 
 
 def _line(x0, y0, x1, y1, x):
@@ -211,48 +314,64 @@ def _print(rows):
     print("GiB per chip; * extrapolated linearly in depth from the cut models above")
 
 
+def plan_key(model: str, topo: str, remat: str = "full") -> str:
+    """The plan file's key: 'medium@v5p:2x2x1', with '/remat=dots' for a policy other than the default."""
+    return f"{model}@{topo}" + ("" if remat == "full" else f"/remat={remat}")
+
+
+def save_plan(path: str, key: str, plan: dict) -> None:
+    """Set `key` in the plan file, keeping the other keys (other runs may write theirs meanwhile): locked, atomic."""
+    import fcntl
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        plans = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                plans = json.load(f)
+        plans[key] = plan
+        with open(path + ".tmp", "w") as f:
+            json.dump(dict(sorted(plans.items())), f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="medium", choices=sorted(SHAPES))
     ap.add_argument("--topology", default="v5p:2x2x1", help="e.g. v5p:2x2x1, v5p:2x2x2, v6e:2x2, v4:2x2x1")
     ap.add_argument("--batch", default="", help="comma-separated per-chip batches (default: the reference)")
     ap.add_argument("--blocks", default="", help="comma-separated depths to compile (default: the full model)")
+    ap.add_argument("--remat", default="full", choices=sorted(REMAT),
+                    help="model.remat / model.remat_policy: full (the default), dots, off")
+    ap.add_argument("--hlo-dir", default="", help="write each compiled program's HLO text (gzip) here")
     ap.add_argument("--json", default="", help="rows are kept in (and reused from) this file; launch/tpu_pod.sh "
                     "reads benchmarks/tpu_plan.json")
     a = ap.parse_args(argv)
     shape = SHAPES[a.model]
     batches = [int(b) for b in a.batch.split(",")] if a.batch else [shape.batch_per_device]
     depths = [int(n) for n in a.blocks.split(",")] if a.blocks else [None]
-    full, hbm, key = shape.model.num_layers, CHIPS[a.topology.split(":")[0]].hbm_gib, f"{a.model}@{a.topology}"
+    full, hbm = depth(shape), CHIPS[a.topology.split(":")[0]].hbm_gib
+    key = plan_key(a.model, a.topology, a.remat)
     plans = {}
     if a.json and os.path.exists(a.json):
         with open(a.json) as f:
             plans = json.load(f)
     rows = [r for r in plans.get(key, {}).get("rows", []) if not r["extrapolated"]]  # compiled before: reused
-    for r in rows:
-        if "loop_correction" in r and "compiler_seconds" not in r:  # a row of the first version: loop-corrected only, recounted here
-            raw = (r["flops_per_chip"] / r["loop_correction"], r["seconds"] / r["loop_correction"])
-            r.update(figures(cut(shape, r["blocks"], r["batch_per_chip"]), a.topology, *raw))
     for n in depths:
         for b in batches:
-            s = cut(shape, n, b)
-            if any((r["blocks"], r["batch_per_chip"]) == (s.model.num_layers, b) for r in rows):
-                print(f"{s.name} on {a.topology}, {b} images/chip: in {a.json} already", flush=True)
+            s = cut(shape, n, b, a.remat)
+            if any((r["blocks"], r["batch_per_chip"]) == (depth(s), b) for r in rows):
+                print(f"{s.name} on {a.topology}, {b} images/chip, remat {a.remat}: in {a.json} already", flush=True)
                 continue
-            print(f"{s.name} on {a.topology}, {b} images/chip: compiling ...", flush=True)
-            rows.append(compile_plan(s, a.topology))
+            print(f"{s.name} on {a.topology}, {b} images/chip, remat {a.remat}: compiling ...", flush=True)
+            rows.append(compile_plan(s, a.topology, a.hlo_dir))
             r = rows[-1]
             print(f"  {r['compile_s']:.0f} s: peak {r['peak_gib']:.1f} GiB/chip (arguments {r['arguments_gib']:.2f}, "
                   f"temporaries {r['temp_gib']:.1f}), {r['seconds']:.3f} s/iteration, MFU {r['mfu']:.2f}", flush=True)
             if a.json:  # written after every compile: a long run keeps what it measured
-                plans[key] = _summary(a, shape, rows, full, hbm)
-                with open(a.json, "w") as f:
-                    json.dump(plans, f, indent=1)
+                save_plan(a.json, key, _summary(a, shape, rows, full, hbm))
     summary = _summary(a, shape, rows, full, hbm)
-    if a.json:  # rows recounted by a newer version land in the file too
-        plans[key] = summary
-        with open(a.json, "w") as f:
-            json.dump(plans, f, indent=1)
+    if a.json:
+        save_plan(a.json, key, summary)
     _print(sorted(summary["rows"], key=lambda r: (r["blocks"], r["batch_per_chip"])))
     print(f"largest batch/chip that fits {hbm:.0f} GiB: {summary['max_batch_per_chip']} "
           f"(with {HEADROOM:.0%} headroom: {summary['max_batch_per_chip_10pct_headroom']})")
@@ -261,7 +380,7 @@ def main(argv=None):
 def _summary(a, shape: TrainShape, rows: list[dict], full: int, hbm: float) -> dict:
     rows = rows + extrapolate(rows, full)
     final = [r for r in rows if r["blocks"] == full]
-    return {"model": shape.name, "topology": a.topology, "hbm_gib": hbm,
+    return {"model": shape.name, "topology": a.topology, "remat": a.remat, "hbm_gib": hbm,
             "max_batch_per_chip": largest_batch(final, hbm),
             "max_batch_per_chip_10pct_headroom": largest_batch(final, hbm, HEADROOM),
             "max_batch_is_lower_bound": len({r["batch_per_chip"] for r in final}) < 2,  # one batch measured

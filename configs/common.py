@@ -7,7 +7,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Where the frozen base (teacher) weights come from: "auto" (model.path is recognised: a converted checkpoint,
     # a diffusers pipeline or transformer folder), "random" (tiny tests), "diffusers" (a pipeline or transformer
     # folder, converted on load), "converted" (the output of `swd-convert`).
-    c.model = dict(source="auto", path="", dtype="bfloat16", param_dtype="bfloat16", remat=True,
+    # remat: rematerialise each block; remat_policy: what it keeps for the backward, "full" (its inputs only, as
+    # the reference's gradient checkpointing) or "dots" (also the matmul outputs: less recompute, more memory).
+    c.model = dict(source="auto", path="", dtype="bfloat16", param_dtype="bfloat16", remat=True, remat_policy="full",
                    # "xla" | "chunked" (any backend, flash-like memory) | "splash" (TPU) | "cudnn" (GPU);
                    # attention_chunk: query rows per chunk of "chunked".
                    attention_impl="xla", attention_chunk=512,

@@ -17,21 +17,77 @@ import sys
 
 PLAN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "tpu_plan.json")
 CORES_PER_CHIP = {"v5p": 2, "v4": 2, "v6e": 1}  # accelerator names count TensorCores (v5p-16 = 8 chips)
-MODELS = {"sd35_medium": "medium", "sd35_large": "large"}
+MODELS = {"sd35_medium": "medium", "sd35_large": "large", "flux_dev": "flux"}
+
+
+def config_value(config: str, overrides: list[str], field: str, pattern: str) -> str | None:
+    """`--config.FIELD=VALUE` from the overrides, else the config file's assignment, else configs/common.py's."""
+    section, name = field.split(".")
+    for o in reversed(overrides):
+        m = re.fullmatch(rf"--config\.{section}\.{name}=({pattern})", o)
+        if m:
+            return m.group(1)
+    for path in (config, os.path.join(os.path.dirname(config), "common.py")):
+        with open(path) as f:
+            m = re.search(rf"\b{name}\s*=\s*[\"']?({pattern})", f.read())
+        if m:
+            return m.group(1)
+    return None
 
 
 def global_batch(config: str, overrides: list[str]) -> int:
     """train.batch_size from the overrides, else the config file's assignment, else configs/common.py's."""
-    for o in reversed(overrides):
-        m = re.fullmatch(r"--config\.train\.batch_size=(\d+)", o)
-        if m:
-            return int(m.group(1))
-    for path in (config, os.path.join(os.path.dirname(config), "common.py")):
-        with open(path) as f:
-            m = re.search(r"batch_size\s*=\s*(\d+)", f.read())
-        if m:
-            return int(m.group(1))
-    raise SystemExit(f"plan check: no train.batch_size in {config} or its common.py")
+    batch = config_value(config, overrides, "train.batch_size", r"\d+")
+    if batch is None:
+        raise SystemExit(f"plan check: no train.batch_size in {config} or its common.py")
+    return int(batch)
+
+
+def remat_of(config: str, overrides: list[str]) -> str:
+    """The plan's remat variant of the run: 'off' (model.remat False), else model.remat_policy ('full')."""
+    if config_value(config, overrides, "model.remat", r"True|False|true|false|0|1") in ("False", "false", "0"):
+        return "off"
+    return config_value(config, overrides, "model.remat_policy", r"\w+") or "full"
+
+
+REMAT_FLAGS = {"full": "", "dots": "--config.model.remat_policy=dots", "off": "--config.model.remat=False"}
+
+
+def pick_plan(plans: dict, model: str, gen: str, remat: str, chips: int) -> dict | None:
+    """The plan of `model` on generation `gen` with that remat variant closest to a slice of `chips` chips."""
+    suffix = "" if remat == "full" else f"/remat={remat}"
+    same = [p for key, p in plans.items() if key.startswith(f"{model}@{gen}:") and key.endswith(suffix)
+            and ("/" in key) == bool(suffix)]
+    if not same:
+        return None
+    # Per-chip memory shrinks a little with more chips (sharded state): the plan of the largest slice not
+    # bigger than this one is the conservative one; else the smallest planned.
+    chips_of = lambda p: max(r["chips"] for r in p["rows"])
+    smaller = [p for p in same if chips_of(p) <= chips]
+    return max(smaller, key=chips_of) if smaller else min(same, key=chips_of)
+
+
+def _full_depth_mfu(plan: dict, per_chip: float) -> float | None:
+    full = max(r["blocks"] for r in plan["rows"])
+    rows = sorted((r for r in plan["rows"] if r["blocks"] == full), key=lambda r: abs(r["batch_per_chip"] - per_chip))
+    return rows[0]["mfu"] if rows else None
+
+
+def suggest_remat(plans: dict, model: str, gen: str, chips: int, per_chip: float, remat: str, plan: dict) -> None:
+    """Print the remat variant the plan says is fastest among those that fit this batch with 10 % headroom."""
+    ours = _full_depth_mfu(plan, per_chip)
+    options = []
+    for other in REMAT_FLAGS:
+        p = pick_plan(plans, model, gen, other, chips)
+        safe = p and p["max_batch_per_chip_10pct_headroom"]
+        if other != remat and safe and per_chip <= safe and not (p.get("max_batch_is_lower_bound") and per_chip > safe):
+            mfu = _full_depth_mfu(p, per_chip)
+            if mfu is not None and ours is not None and mfu > ours:
+                options.append((mfu, other))
+    if options:
+        mfu, other = max(options)
+        print(f"plan check: remat {other} fits this batch with 10 % headroom and is faster (estimated MFU {mfu:.2f} "
+              f"vs {ours:.2f}): add {REMAT_FLAGS[other]}")
 
 
 def main(argv: list[str]) -> int:
@@ -52,29 +108,29 @@ def main(argv: list[str]) -> int:
     if os.path.exists(PLAN):
         with open(PLAN) as f:
             plans = json.load(f)
-    same = [p for key, p in plans.items() if key.startswith(f"{model}@{gen}:")]
-    if not same:
-        print(f"plan check: {PLAN} has no {model} plan for {gen}; launching without a batch check")
+    remat = remat_of(config, rest)
+    plan = pick_plan(plans, model, gen, remat, chips)
+    if plan is None:
+        print(f"plan check: {PLAN} has no {model} plan for {gen} with remat {remat}; launching without a batch "
+              "check")
         return 0
-    # Per-chip memory shrinks a little with more chips (sharded state): the plan of the largest slice not
-    # bigger than this one is the conservative one; else the smallest planned.
-    chips_of = lambda p: max(r["chips"] for r in p["rows"])
-    smaller = [p for p in same if chips_of(p) <= chips]
-    plan = max(smaller, key=chips_of) if smaller else min(same, key=chips_of)
     best, safe = plan["max_batch_per_chip"], plan["max_batch_per_chip_10pct_headroom"]
     note = " (extrapolated from cut-depth compiles)" if plan.get("extrapolated") else ""
-    print(f"TPU plan for {plan['model']} on {plan['topology']}{note}, HBM {plan['hbm_gib']:.0f} GiB/chip:")
+    print(f"TPU plan for {plan['model']} on {plan['topology']}, remat {remat}{note}, HBM {plan['hbm_gib']:.0f} "
+          "GiB/chip:")
     print(f"  {'batch/chip':>10s} {'peak GiB':>9s} {'s/iter':>7s} {'MFU':>5s}")
     full = max(r["blocks"] for r in plan["rows"])
     for r in sorted((r for r in plan["rows"] if r["blocks"] == full), key=lambda r: r["batch_per_chip"]):
         print(f"  {r['batch_per_chip']:10d} {r['peak_gib']:9.1f} {r['seconds']:7.3f} {r['mfu']:5.2f}")
     print(f"  largest batch/chip that fits: {best}; with 10 % headroom: {safe}")
     print(f"this launch: global batch {batch} on {accel} ({chips} chips) = {per_chip:g} images/chip")
+    if not any(o.startswith(("--config.model.remat=", "--config.model.remat_policy=")) for o in rest):
+        suggest_remat(plans, model, gen, chips, per_chip, remat, plan)
     if best is not None and per_chip <= best:
         return 0
     if best is not None and plan.get("max_batch_is_lower_bound"):
-        print(f"plan check: the plan covers only {best} images/chip at full depth (it fits); {per_chip:g} is unverified, "
-              "launching")
+        print(f"plan check: the plan covers only {best} images/chip at full depth (it fits); {per_chip:g} is "
+              "unverified, launching")
         return 0
     if force:
         print("plan check: the plan says this batch does not fit; --force-batch given, launching anyway")

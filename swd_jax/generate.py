@@ -4,13 +4,18 @@
         --prompt "a cat reading a newspaper" --out samples/
     python -m swd_jax.generate --model /models/FLUX.1-dev --lora /models/FLUX-SwD-adapter \
         --prompt "a cat reading a newspaper" --out samples/     # flux_4, guidance 4.5 embedded, 512 T5 tokens
+    python -m swd_jax.generate --model /models/FLUX.1-dev --sampler teacher --steps 28 --guidance 3.5 \
+        --prompt "a cat reading a newspaper" --out teacher/     # FluxPipeline's FLUX-dev baseline, 1024 px
 
 --lora: a run's workdir (its latest student and its schedule), a PEFT adapter folder or a diffusers LoRA file.
 --converted: our converted params (python -m swd_jax.convert) instead of MODEL/transformer.
 --sampler scale_wise (default; --schedule PRESET or --scales + --sigmas), full_resolution (the schedule's
-sigmas at one size) or teacher (--steps Euler steps with CFG --guidance, the base model without the LoRA; SD3).
+sigmas at one size) or teacher (the base model without the LoRA, --steps Euler steps at --size; SD3: the
+flow-matching grid with shift 3 and CFG --guidance, default 7).
 FLUX (the transformer's _class_name says): --guidance is FLUX-dev's embedded guidance (default 4.5; schnell:
-none), the default schedule flux_4 and 512 T5 tokens.
+none), the default schedule flux_4 and 512 T5 tokens. The FLUX teacher samples as diffusers' FluxPipeline: the
+sigmas of MODEL/scheduler/scheduler_config.json (else FLUX.1-dev's: dynamic shifting, mu from the latent size),
+embedded guidance 3.5 by default, no CFG, 28 steps, latent size 128 (1024 px).
 Prompts: --prompt (repeatable) and/or --prompts FILE (.txt: one per line; .csv: the column --prompt-column,
 else the first of caption/prompt/captions/text). Writes OUT/00000.png ..., OUT/grid.png (the first 16) and
 OUT/images.json: a list of {"file", "prompt", "seed", "index", + every setting}; prints ms/image. Batches are
@@ -68,9 +73,9 @@ def parse_args(argv: list[str] | None):
                    "flux_4 (FLUX default)")
     p.add_argument("--scales", type=_ints, help="explicit latent sizes, e.g. 32,48,64,80,96,128")
     p.add_argument("--sigmas", type=_floats, help="explicit sigmas (one more than scales, last 0)")
-    p.add_argument("--steps", type=int, default=28, help="teacher Euler steps")
+    p.add_argument("--steps", type=int, default=28, help="teacher Euler steps (SD3 and FLUX: 28)")
     p.add_argument("--guidance", type=float, help="CFG scale (default: 1 student, 7 teacher); FLUX-dev: the "
-                   "embedded guidance (default 4.5)")
+                   "embedded guidance (default 4.5 student, 3.5 teacher), no CFG")
     p.add_argument("--size", type=int, help="latent size of full_resolution / teacher (default: last scale)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a .txt (one per line) or .csv prompt file")

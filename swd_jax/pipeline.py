@@ -12,7 +12,8 @@ workdir (its latest checkpointed student, with the run's LoRA config and scale s
 a PEFT adapter folder (the published SwD adapters; with or without the text-stream targets) or a diffusers LoRA
 file. Samplers (`SamplerSettings`): "scale_wise" (the student's: K steps, upscaling between scales; presets of
 `swd_jax.schedule.PRESETS` or explicit scales + sigmas), "full_resolution" (the same sigmas at one size) and
-"teacher" (many-step Euler + CFG, the base model without the LoRA). Batches are sharded over `devices` (data
+"teacher" (the base model without the LoRA, many-step Euler: SD3 with CFG; FLUX as diffusers' FluxPipeline, its
+dynamic-shift sigmas for the latent size, embedded guidance 3.5, no CFG). Batches are sharded over `devices` (data
 parallel, a 1-D mesh; parameters replicated); every sampling step, the text encoders and the VAE decoder are
 compiled once per shape and reused. Image n (prompt n // num_per_prompt) gets its own seed `seed + n`, so an
 image does not depend on the batch size or the device count.
@@ -42,7 +43,13 @@ from swd_jax.models.mmdit import MMDiTConfig
 from swd_jax.models.vae import decode_latents
 from swd_jax.prompt_encoding import SD3PromptEncoder
 from swd_jax.sampler import SamplerNoise, euler_sample, scale_wise_sample
-from swd_jax.schedule import ScaleSchedule, flow_match_sigmas, get_schedule
+from swd_jax.schedule import (
+    FLUX_DEV_SCHEDULER,
+    ScaleSchedule,
+    flow_match_sigmas,
+    flux_dynamic_sigmas,
+    get_schedule,
+)
 from swd_jax.train.backbone import backbone_of, backbone_of_class
 
 SAMPLERS = ("scale_wise", "full_resolution", "teacher")
@@ -50,6 +57,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DEFAULT_PRESET = "sd35_medium_6"  # the published SwD-Medium default
 TEACHER_GUIDANCE = 7.0  # the reference's SD3.5-Medium CFG (Large: 4.5)
 FLUX_GUIDANCE = 4.5  # the published FLUX-SwD's embedded guidance scale (FLUX-dev)
+FLUX_TEACHER_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale (FLUX-dev's embedded guidance)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +78,11 @@ class SamplerSettings:
 
 def make_sampler(kind: str = "scale_wise", schedule: str | ScaleSchedule | tuple | None = None, *, steps: int = 28,
                  shift: float = 3.0, guidance_scale: float | None = None, size: int | None = None,
-                 patch_size: int = 2) -> SamplerSettings:
+                 patch_size: int = 2, flux_scheduler: dict | None = None) -> SamplerSettings:
     """Validated SamplerSettings. `schedule`: a preset name, a ScaleSchedule or (scales, sigmas) with K+1 sigmas
     ending in 0. full_resolution: the schedule's sigmas, every step at `size` (default its last scale). teacher:
-    `steps` Euler steps on the flow-matching grid with `shift`, at `size`, CFG `guidance_scale` (default 7)."""
+    `steps` Euler steps on the flow-matching grid with `shift`, at `size`, CFG `guidance_scale` (default 7); with
+    `flux_scheduler` (a FLUX folder's scheduler config) FluxPipeline's sigmas for `size` instead, and no CFG."""
     if kind not in SAMPLERS:
         raise ValueError(f"sampler {kind!r}; choose one of {SAMPLERS}")
     if isinstance(schedule, str):
@@ -98,8 +107,12 @@ def make_sampler(kind: str = "scale_wise", schedule: str | ScaleSchedule | tuple
     else:
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"teacher steps must be a positive int, got {steps!r}")
-        scales, default_g = (size,), TEACHER_GUIDANCE
-        sigmas = tuple(float(s) for s in flow_match_sigmas(steps, shift))
+        if flux_scheduler is None:
+            scales, default_g = (size,), TEACHER_GUIDANCE
+            sigmas = tuple(float(s) for s in flow_match_sigmas(steps, shift))
+        else:  # FluxPipeline: image_seq_len = the packed 2x2 tokens; guidance only through the embedding
+            scales, default_g = (size,), 1.0
+            sigmas = tuple(float(s) for s in flux_dynamic_sigmas(steps, (size // 2) ** 2, flux_scheduler))
     g = default_g if guidance_scale is None else float(guidance_scale)
     if g < 0:
         raise ValueError(f"guidance_scale must be >= 0, got {g}")
@@ -268,16 +281,16 @@ class SwDPipeline:
     def sampler(self, kind: str = "scale_wise", schedule=None, *, guidance_scale: float | None = None,
                 **kwargs) -> SamplerSettings:
         """`make_sampler` with this pipeline's defaults: the run's schedule when the LoRA is a run's student, else
-        the family's preset (SD3: sd35_medium_6, FLUX: flux_4). FLUX: `guidance_scale` is the embedded one."""
+        the family's preset (SD3: sd35_medium_6, FLUX: flux_4). FLUX: `guidance_scale` is the embedded one; the
+        FLUX teacher is FluxPipeline's: the folder's scheduler config (dynamic shifting), embedded guidance 3.5."""
         if schedule is None and self.student is not None and self.student.schedule is not None:
             schedule = self.student.schedule
         schedule = self.backbone.sample_preset if schedule is None else schedule
         embedded = None
         if isinstance(self.cfg, FluxConfig):
+            embedded, guidance_scale = self.embedded_guidance(guidance_scale, teacher=kind == "teacher"), None
             if kind == "teacher":
-                raise ValueError("the teacher sampler is SD3's (Euler + CFG); for FLUX use scale_wise or "
-                                 "full_resolution")
-            embedded, guidance_scale = self.embedded_guidance(guidance_scale), None
+                kwargs["flux_scheduler"] = self.flux_scheduler()[1]
         s = make_sampler(kind, schedule, patch_size=self.backbone.latent_multiple(self.cfg),
                          guidance_scale=guidance_scale, **kwargs)
         s = dataclasses.replace(s, embedded_guidance=embedded)
@@ -287,27 +300,47 @@ class SwDPipeline:
                                  f"(pos_embed_max_size x patch size)")
         return s
 
-    def embedded_guidance(self, given: float | None) -> float | None:
-        """FLUX-dev's guidance-embedding input: `given`, else the run's model.guidance, else 4.5; schnell: None."""
+    def embedded_guidance(self, given: float | None, teacher: bool = False) -> float | None:
+        """FLUX-dev's guidance-embedding input: `given`, else (student) the run's model.guidance, else 4.5 (teacher:
+        FluxPipeline's 3.5); schnell: None."""
         if not getattr(self.cfg, "guidance_embeds", False):
             if given is not None:
                 raise ValueError(f"guidance {given}: this FLUX model has no guidance embedding (FLUX-schnell) and "
                                  "no CFG here; leave the guidance unset")
             return None
-        if given is None and self.student is not None and self.student.run_config:
+        if given is None and not teacher and self.student is not None and self.student.run_config:
             given = self.student.run_config.get("model", {}).get("guidance")
-        g = FLUX_GUIDANCE if given is None else float(given)
+        g = (FLUX_TEACHER_GUIDANCE if teacher else FLUX_GUIDANCE) if given is None else float(given)
         if not g > 0:
             raise ValueError(f"guidance {g}: FLUX-dev's embedded guidance scale must be positive (e.g. 4.5)")
         return g
 
+    def flux_scheduler(self) -> tuple[str, dict]:
+        """(source, config) of the FLUX teacher's sigmas: the folder's scheduler/scheduler_config.json, else
+        FLUX.1-dev's values (`swd_jax.schedule.FLUX_DEV_SCHEDULER`)."""
+        path = os.path.join(self.model_folder, "scheduler", "scheduler_config.json")
+        if not os.path.isfile(path):
+            return "FLUX.1-dev defaults", dict(FLUX_DEV_SCHEDULER)
+        try:
+            with open(path) as f:
+                config = json.load(f)
+            name = config.get("_class_name", "FlowMatchEulerDiscreteScheduler")
+            if name != "FlowMatchEulerDiscreteScheduler":
+                raise ValueError(f"_class_name {name!r}; the FLUX teacher needs FlowMatchEulerDiscreteScheduler")
+            flux_dynamic_sigmas(1, 1, config)  # checks its fields
+        except ValueError as e:  # json.JSONDecodeError included
+            raise ValueError(f"{path}: {e}") from None
+        return path, config
+
     def settings(self, sampler: SamplerSettings) -> dict:
         """Every setting an image depends on (besides its prompt and seed), for images.json."""
         uses_lora = sampler.kind != "teacher" and self.student is not None
+        flux_teacher = sampler.kind == "teacher" and isinstance(self.cfg, FluxConfig)
         return {**sampler.to_json(), "model": self.model_folder, "transformer": self.transformer_source,
                 "lora": self.student.source if uses_lora else None, "dtype": self.dtype,
                 "max_sequence_length": self.encoder.max_sequence_length,
-                "size_px": sampler.scales[-1] * self.vae_factor}
+                "size_px": sampler.scales[-1] * self.vae_factor,
+                **({"scheduler": self.flux_scheduler()[0]} if flux_teacher else {})}
 
     def encode(self, prompts: Sequence[str]) -> dict:
         """Prompts (a multiple of the device count) -> {context, pooled} sharded over the batch."""
@@ -333,6 +366,8 @@ class SwDPipeline:
         guided = sampler.guidance_scale > 1.0
         uncond = self._uncond(b) if guided else None
         if sampler.kind == "teacher":
+            # timestep float32(sigma) * 1000 = the scheduler's; FluxPipeline passes it / 1000 and diffusers' FLUX
+            # multiplies by 1000 again, a float32 round trip that returns the same value (1e6 random sigmas checked)
             return euler_sample(self._teacher, {"base": self.base}, noise.init_BHWC, sampler.sigmas, cond,
                                 uncond=uncond, guidance_scale=sampler.guidance_scale)
         params = {"base": self.base} if self.lora is None else {"base": self.base, "lora": self.lora}

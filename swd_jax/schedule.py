@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax.numpy as jnp
 import numpy as np
@@ -52,6 +53,48 @@ def flow_match_sigmas(num_steps: int, shift: float) -> np.ndarray:
 def flow_match_timesteps(num_steps: int, shift: float) -> np.ndarray:
     """Model timesteps 1000 * sigma[:-1] (float32), as diffusers' `scheduler.timesteps`."""
     return _grid(num_steps, float(shift))[1]
+
+
+# FLUX.1-dev's scheduler/scheduler_config.json (the fields FluxPipeline's sigmas depend on): the fallback when a
+# pipeline folder has no scheduler config.
+FLUX_DEV_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True,
+                      "base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+# FlowMatchEulerDiscreteScheduler's own defaults (diffusers' __init__), for the fields a config file leaves out; then
+# the fields this sigma grid does not implement (set to anything true, they raise).
+FLOW_MATCH_SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False,
+                                 "base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5,
+                                 "max_shift": 1.15}
+_UNSUPPORTED_SCHEDULER = ("shift_terminal", "invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas",
+                         "use_beta_sigmas", "stochastic_sampling", "use_flow_sigmas")  # only unset / false
+
+
+def flux_dynamic_sigmas(steps: int, image_seq_len: int, scheduler: dict = FLUX_DEV_SCHEDULER) -> np.ndarray:
+    """FluxPipeline's sigmas, diffusers-exact: linspace(1, 1/steps, steps) in float32, time-shifted by
+    exp(mu) / (exp(mu) + (1/s - 1)) with mu = calculate_shift(image_seq_len, ...) (use_dynamic_shifting) or by the
+    static `shift` (FLUX-schnell: 1), then a final 0; steps+1 float32 values. `image_seq_len` = packed tokens,
+    (latent_h / 2) * (latent_w / 2); `scheduler` = a FlowMatchEulerDiscreteScheduler config (missing fields: its
+    defaults)."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    c = {**FLOW_MATCH_SCHEDULER_DEFAULTS, **scheduler}
+    for field in _UNSUPPORTED_SCHEDULER:
+        if c.get(field):
+            raise ValueError(f"scheduler config {field}={c[field]!r} is not supported (only unset or false)")
+    if c.get("time_shift_type", "exponential") != "exponential":
+        raise ValueError(f"scheduler config time_shift_type={c['time_shift_type']!r} is not supported "
+                         "(only 'exponential')")
+    if c["num_train_timesteps"] != NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"scheduler config num_train_timesteps={c['num_train_timesteps']} is not supported "
+                         f"(only {NUM_TRAIN_TIMESTEPS})")
+    # The same numpy expressions as FluxPipeline.__call__ and FlowMatchEulerDiscreteScheduler.set_timesteps.
+    s = np.array(np.linspace(1.0, 1 / steps, steps)).astype(np.float32)
+    if c["use_dynamic_shifting"]:
+        m = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
+        mu = image_seq_len * m + (c["base_shift"] - m * c["base_image_seq_len"])  # calculate_shift
+        s = math.exp(mu) / (math.exp(mu) + (1 / s - 1) ** 1.0)
+    else:
+        s = c["shift"] * s / (1 + (c["shift"] - 1) * s)
+    return np.concatenate([s.astype(np.float32), np.zeros(1, np.float32)])
 
 
 def add_noise(x0: jnp.ndarray, eps: jnp.ndarray, sigma: jnp.ndarray) -> jnp.ndarray:

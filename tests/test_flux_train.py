@@ -60,12 +60,12 @@ def test_flux_training_runs_resumes_and_exports(tmp_path):
 
 def test_flux_teacher_is_one_guided_pass():
     run = build_run(flux_config(**{"loss.do_gan": False, "loss.do_pdm": False}), jax.devices()[:1])
-    m, base, cfg = run.models, run.base, run.mmdit_config
+    m, base, cfg = run.models, run.base, run.transformer_config
     assert m.guidance == 4.5
     key = jax.random.key(0)
     x = jax.random.normal(key, (2, 8, 8, 1))
     sigma, ctx, pooled = jnp.array([0.3, 0.8]), jax.random.normal(key, (2, 5, 32)), jnp.ones((2, 16))
-    direct = m.mmdit.apply({"params": base}, x, 1000.0 * sigma, ctx, pooled, guidance_B=jnp.full((2,), 4.5))
+    direct = m.transformer.apply({"params": base}, x, 1000.0 * sigma, ctx, pooled, guidance_B=jnp.full((2,), 4.5))
     np.testing.assert_array_equal(m.velocity(base, None, x, sigma, ctx, pooled), direct)
     assert not np.allclose(m.velocity(base, None, x, sigma, ctx, pooled, guidance=1.0), direct)
 

@@ -120,7 +120,7 @@ def pdm_only_run():
     from tests.test_train import small_config
     c = small_config(**{"loss.do_dmd": False, "loss.do_gan": False, "mesh.shape": (1, 1, 1)})
     run = build_run(c, jax.devices()[:1])
-    source = make_source(c, run.models.schedule, run.mmdit_config)
+    source = make_source(c, run.models.schedule, run.transformer_config)
     return c, run, source, compile_iterations(run, source)[0]
 
 

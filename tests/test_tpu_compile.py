@@ -11,11 +11,12 @@ import jax
 import pytest
 
 from benchmarks import tpu_plan
-from benchmarks.abstract_train import MICRO_TRAIN
+from benchmarks.abstract_train import MICRO_FLUX_TRAIN, MICRO_TRAIN
 from launch import plan_check
 
-TINY_TPU = dataclasses.replace(MICRO_TRAIN, name="micro-tpu", batch_per_device=2, dtype="bfloat16",
-                               param_dtype="bfloat16", attention_impl="splash")
+TPU_KW = dict(batch_per_device=2, dtype="bfloat16", param_dtype="bfloat16", attention_impl="splash")
+TINY_TPU = dataclasses.replace(MICRO_TRAIN, name="micro-tpu", **TPU_KW)
+TINY_FLUX_TPU = dataclasses.replace(MICRO_FLUX_TRAIN, name="micro-flux-tpu", **TPU_KW)
 
 
 @pytest.fixture
@@ -37,6 +38,41 @@ def test_tiny_swd_iteration_compiles_for_v5p(no_compilation_cache):
     assert 0 < row["arguments_gib"] < row["peak_gib"] < 1.0 and row["temp_gib"] > 0
     assert row["flops_per_chip"] > 0 and row["model_flops"] > 0 and row["seconds"] > 0
     assert 0 < row["mfu"] < 1 and row["images_per_s"] > 0
+    # The kernels execute at least the model's attention FLOPs (more: padding to the 128 blocks)
+    assert row["splash_flops_per_chip"] * row["chips"] >= row["attention_flops"] > 0
+
+
+def test_tiny_flux_swd_iteration_compiles_for_v5p(no_compilation_cache):
+    """FLUX-dev's iteration (guidance embedding, double and single blocks) with splash and remat 'dots'."""
+    pytest.importorskip("libtpu", reason="libtpu (requirements-test.txt) is the TPU compiler for AOT compiles")
+    shape = tpu_plan.cut(TINY_FLUX_TPU, None, 2, remat="dots")
+    with jax.default_matmul_precision("default"):
+        row = tpu_plan.compile_plan(shape, "v5p:2x2x1")
+    assert row["mosaic_kernels"] > 0 and row["remat"] == "dots" and row["blocks"] == 3
+    assert 0 < row["arguments_gib"] < row["peak_gib"] < 1.0 and 0 < row["mfu"] < 1
+    assert row["splash_flops_per_chip"] * row["chips"] >= row["attention_flops"] > 0
+
+
+def test_splash_flops_count_loops_and_callers():
+    """Kernel FLOPs from operand shapes; a while body counts its trip count times per run of its caller."""
+    ops = "s8[1,1,1]{2,1,0}, s8[1,1,1]{2,1,0}, s8[1,1,1]{2,1,0}, bf16[2,3,128,16]{3,2,1,0}, bf16[2,3,256,16]{3,2,1,0}"
+    kernel = lambda kind: (f"  %splash_mha_{kind}_residuals.1 = (f32[1]) custom-call(%a), "
+                           f'custom_call_target="tpu_custom_call", operand_layout_constraints={{{ops}}}, x={{}}')
+    hlo = "\n".join([
+        "%body.1 (p: f32[]) -> f32[] {", kernel("fwd"), kernel("dq"), "}",
+        "%cond.1 (p: f32[]) -> pred[] {", "  ROOT %c = pred[] constant(true)", "}",
+        "%sub.1 (p: f32[]) -> f32[] {", kernel("dkv"),
+        '  %w = f32[] while(%p), condition=%cond.1, body=%body.1, backend_config={"known_trip_count":{"n":"5"}}',
+        "}",
+        "ENTRY %main.1 (p: f32[]) -> f32[] {", kernel("fwd"), "  %a = f32[] call(%p), to_apply=%sub.1",
+        "  %b = f32[] call(%p), to_apply=%sub.1", "}"])
+    unit = 2 * 3 * 128 * 16 * 256  # batch x heads x L x D x S
+    # entry: 1 fwd; sub runs twice: 1 dkv + 5 x (fwd + dq) each
+    assert tpu_plan.splash_flops(hlo) == unit * (4 + 2 * (8 + 5 * (4 + 6)))
+    # Without known_trip_count (what libtpu writes for a scan): the s32 limit the condition compares with.
+    hlo = hlo.replace(', backend_config={"known_trip_count":{"n":"5"}}', "").replace(
+        "  ROOT %c = pred[] constant(true)", "  %n = s32[]{:T(128)} constant(3)\n  ROOT %c = pred[] compare(%i, %n)")
+    assert tpu_plan.splash_flops(hlo) == unit * (4 + 2 * (8 + 3 * (4 + 6)))
 
 
 def test_plan_extrapolates_depth_and_batch(tmp_path, capsys):
@@ -75,6 +111,24 @@ def test_launch_plan_check_refuses_a_batch_that_does_not_fit(tmp_path, monkeypat
     assert plan_check.main(["v5p-32", config]) == 0
     assert plan_check.main(["v5p-16", config, "--config.train.batch_size=48"]) == 0  # 6 per chip
     assert plan_check.main(["v6e-8", config]) == 0  # no v6e plan: no check
+    # A run with another remat policy is checked against that policy's plan only (none here: no check).
+    assert plan_check.main(["v5p-16", config, "--config.model.remat_policy=dots"]) == 0
+    plan["medium@v5p:2x2x1/remat=dots"] = {**plan["medium@v5p:2x2x1"], "max_batch_per_chip": 5}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    assert plan_check.main(["v5p-16", config, "--config.model.remat_policy=dots"]) == 1
+    assert "remat dots" in capsys.readouterr().out
+    assert plan_check.main(["v5p-16", config, "--config.model.remat=False"]) == 0  # no "off" plan
+    # Without a remat override, a faster variant that fits with 10 % headroom is suggested (not applied).
+    off_rows = [{**r, "mfu": 0.6} for r in rows]
+    plan["medium@v5p:2x2x1/remat=off"] = {**plan["medium@v5p:2x2x1"], "rows": off_rows,
+                                          "max_batch_per_chip": 6, "max_batch_per_chip_10pct_headroom": 5}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    capsys.readouterr()
+    assert plan_check.main(["v5p-32", config]) == 0  # 4 per chip
+    assert "remat off fits this batch with 10 % headroom and is faster (estimated MFU 0.60 vs 0.40): add " \
+           "--config.model.remat=False" in capsys.readouterr().out
+    assert plan_check.main(["v5p-16", config, "--config.train.batch_size=48"]) == 0  # 6 per chip: off does not fit
+    assert "is faster" not in capsys.readouterr().out
     plan["medium@v5p:2x2x1"]["max_batch_is_lower_bound"] = True  # only 7 compiled: 8 is unverified, not refused
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     assert plan_check.main(["v5p-16", config]) == 0

@@ -36,7 +36,7 @@ def small_config(**overrides):
 
 def one_iteration(c, devices):
     run = build_run(c, devices)
-    source = make_source(c, run.models.schedule, run.mmdit_config)
+    source = make_source(c, run.models.schedule, run.transformer_config)
     uncond = {k: jax.device_put(np.asarray(v)) for k, v in source.uncond().items()}
     fn = compile_iterations(run, source)[0]
     with jax.set_mesh(run.mesh):

@@ -70,9 +70,9 @@ class DigitsSource:
         return {"context": self.class_context[labels], "pooled": self.class_pooled[labels]}
 
 
-def _make(c, schedule: ScaleSchedule, mmdit_config, position: int = 0, devices=None) -> DigitsSource:
-    return DigitsSource(schedule, mmdit_config.joint_attention_dim, mmdit_config.pooled_projection_dim,
-                        c.train.batch_size, c.data.seed, mmdit_config.latent_channels, position, c.data.path)
+def _make(c, schedule: ScaleSchedule, transformer_config, position: int = 0, devices=None) -> DigitsSource:
+    return DigitsSource(schedule, transformer_config.joint_attention_dim, transformer_config.pooled_projection_dim,
+                        c.train.batch_size, c.data.seed, transformer_config.latent_channels, position, c.data.path)
 
 
 register_source("digits", _make)

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swd_jax.models.layers import LoraConfig, LoraDense, RMSNorm, dot_product_attention, layer_norm, timestep_embedding
+from swd_jax.models.layers import (LoraConfig, LoraDense, RMSNorm, dot_product_attention, layer_norm, remat_block,
+                                   timestep_embedding)
 from swd_jax.models.mmdit import FeedForward, _Common, modulate
 
 _DIFFUSERS_META = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
@@ -281,6 +282,7 @@ class Flux(nn.Module):
     remat: bool = False
     attention_impl: str = "xla"
     attention_chunk: int | None = None
+    remat_policy: str = "full"  # with remat: what a block keeps for the backward (layers.REMAT_POLICIES)
 
     def check_latent_size(self, height: int, width: int):
         for name, s in (("height", height), ("width", width)):
@@ -320,8 +322,8 @@ class Flux(nn.Module):
         cos, sin = (jnp.asarray(a) for a in rope_tables(T, h, w, cfg.axes_dims_rope))
 
         act_axes = ("activation_batch", "activation_tokens", "activation_embed")
-        double_cls = nn.remat(DoubleBlock) if self.remat else DoubleBlock
-        single_cls = nn.remat(SingleBlock) if self.remat else SingleBlock
+        double_cls = remat_block(DoubleBlock, self.remat, self.remat_policy)
+        single_cls = remat_block(SingleBlock, self.remat, self.remat_policy)
         feats = {}
         last = max(feature_blocks) if features_only else cfg.num_blocks - 1
         for i in range(min(last + 1, cfg.num_layers)):

@@ -100,6 +100,21 @@ class RMSNorm(nn.Module):
 
 
 ATTENTION_IMPLS = ("xla", "cudnn", "chunked", "splash")
+
+# What a rematerialised block keeps from its forward for the backward pass (`remat=True`): "full" keeps only the
+# block's inputs and recomputes everything else; "dots" also keeps every matmul output without batch dimensions
+# (the projections and MLPs: recomputes norms, activations, modulation and attention). More memory, less compute.
+REMAT_POLICIES = ("full", "dots")
+
+
+def remat_block(block_cls, remat: bool, policy: str = "full"):
+    """`block_cls` rematerialised with `policy` (one of REMAT_POLICIES) if `remat`, else as is."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy={policy!r}; expected one of {REMAT_POLICIES}")
+    if not remat:
+        return block_cls
+    saved = None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return nn.remat(block_cls, policy=saved)
 ATTENTION_CHUNK = 512  # query rows per chunk of the "chunked" attention
 
 

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from swd_jax.models.layers import (LoraConfig, LoraDense, RMSNorm, dot_product_attention, layer_norm,
+from swd_jax.models.layers import (LoraConfig, LoraDense, RMSNorm, dot_product_attention, layer_norm, remat_block,
                                    sincos_pos_embed_2d, timestep_embedding)
 
 _DIFFUSERS_META = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
@@ -250,6 +250,7 @@ class MMDiT(nn.Module):
     remat: bool = False
     attention_impl: str = "xla"
     attention_chunk: int | None = None  # "chunked" attention only: query rows per chunk
+    remat_policy: str = "full"  # with remat: what a block keeps for the backward (layers.REMAT_POLICIES)
 
     def check_latent_size(self, height: int, width: int):
         cfg = self.config
@@ -285,7 +286,7 @@ class MMDiT(nn.Module):
         c_BTD = LoraDense(D, ("joint", "embed"), True, None, self.dtype, self.param_dtype,
                           name="context_embedder")(context_BTJ)
 
-        block_cls = nn.remat(JointBlock) if self.remat else JointBlock
+        block_cls = remat_block(JointBlock, self.remat, self.remat_policy)
         feats = {}
         last = max(feature_blocks) if features_only else cfg.num_layers - 1
         for i in range(last + 1):

@@ -109,12 +109,12 @@ class TrainingEvaluator:
         vae, vae_params = load_vae(os.path.join(folder, "vae"), pdt, pdt)
         encoder = SD3PromptEncoder(folder, max_sequence_length=c.data.max_sequence_length, dtype=pdt, param_dtype=pdt,
                                    sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        lora = run.models.mmdit.lora
+        lora = run.models.transformer.lora
         student = Student(lora, jax.tree.map(np.zeros_like, _host(run.state["student"])), "training",
                           run.models.schedule)
         base = jax.tree.map(lambda x: np.asarray(x, pdt), _host(run.base))
-        return SwDPipeline(run.mmdit_config, base, encoder, vae, vae_params, student=student, dtype=dtype, mesh=mesh,
-                           model_folder=folder, transformer_source=c.model.path)
+        return SwDPipeline(run.transformer_config, base, encoder, vae, vae_params, student=student, dtype=dtype,
+                           mesh=mesh, model_folder=folder, transformer_source=c.model.path)
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0

@@ -191,7 +191,7 @@ def _train_locked(config, workdir: str, stop_after: int | None, devices, recorde
             "is a function of (seed, step) alone, so the data order is unchanged)")
         print(f"resumed from step {start} in {ckpt.directory}{note}", file=sys.stderr)
     local = [d for d in run.mesh.devices.flat if d.process_index == jax.process_index()]
-    source = make_source(c, m.schedule, run.mmdit_config, position, devices=local)
+    source = make_source(c, m.schedule, run.transformer_config, position, devices=local)
     uncond = {k: jax.device_put(np.asarray(v, np.float32), sharding.replicated(run.mesh))
               for k, v in source.uncond().items()}
     fns = compile_iterations(run, source)
@@ -317,8 +317,8 @@ def _make_validation(run: Run, source, workdir: str, writer: MetricsWriter):
         print("validation grids show latent channels 0-2: no vae/ in model.path nor beside the converted "
               "checkpoint's source transformer", file=sys.stderr)
         decode = lambda x: x[..., :3] / 3.0
-    sampler = StudentSampler(run.models.mmdit, run.models.schedule, run.mmdit_config.latent_channels, decode,
-                             guidance=run.models.guidance)
+    sampler = StudentSampler(run.models.transformer, run.models.schedule, run.transformer_config.latent_channels,
+                             decode, guidance=run.models.guidance)
     cond = {k: jax.device_put(v) for k, v in source.validation_cond(c.train.num_samples).items()}
 
     def validate(step: int, state):
@@ -344,7 +344,7 @@ def _export(run: Run, workdir: str):
         return
     student = jax.device_get(student)
     out = os.path.join(workdir, "student_peft")
-    export_peft(student, run.models.mmdit.lora, out, cfg=run.mmdit_config, overwrite=True)
-    export_diffusers_lora(student, run.models.mmdit.lora, out, cfg=run.mmdit_config,
+    export_peft(student, run.models.transformer.lora, out, cfg=run.transformer_config, overwrite=True)
+    export_diffusers_lora(student, run.models.transformer.lora, out, cfg=run.transformer_config,
                           overwrite=True)  # pytorch_lora_weights.safetensors: pipe.load_lora_weights(out) reads it
     print(f"student LoRA exported to {out}", file=sys.stderr)

@@ -17,7 +17,7 @@ from swd_jax.convert.converted import FAMILIES
 from swd_jax.convert.transformer import transformer_class
 from swd_jax.discriminator import DiscriminatorHead
 from swd_jax.models.flux import FluxConfig
-from swd_jax.models.layers import ATTENTION_IMPLS, LORA, LoraConfig
+from swd_jax.models.layers import ATTENTION_IMPLS, LORA, REMAT_POLICIES, LoraConfig
 from swd_jax.models.mmdit import MMDiTConfig
 from swd_jax.convert.converted import model_kind
 from swd_jax.schedule import PRESETS, ScaleSchedule, get_schedule
@@ -141,7 +141,7 @@ class Run:
     """A built run: models, mesh, base weights, sharded state and the shardings the steps are jitted with."""
     config: ml_collections.ConfigDict
     mesh: jax.sharding.Mesh
-    mmdit_config: MMDiTConfig | FluxConfig  # the transformer's config, whatever the backbone
+    transformer_config: MMDiTConfig | FluxConfig  # the transformer's config, whatever the backbone
     models: SwDModels
     base: dict
     base_shardings: Any
@@ -178,15 +178,18 @@ def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
     guidance = model_guidance(cfg, c.model.get("guidance", None), loss.cfg_teacher, loss.guidance_teacher)
     if c.model.attention_impl not in ATTENTION_IMPLS:
         raise ValueError(f"model.attention_impl={c.model.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+    if c.model.remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"model.remat_policy={c.model.remat_policy!r}; expected one of {REMAT_POLICIES}")
     if c.model.attention_chunk < 8:
         raise ValueError(f"model.attention_chunk={c.model.attention_chunk}; expected at least 8 query rows")
     dtype = _dtype(c.model.dtype, "model.dtype")
     lora = LoraConfig(rank=c.lora.rank, alpha=c.lora.alpha, targets=tuple(c.lora.targets))
-    mmdit = bb.module_cls(cfg, lora=lora, dtype=dtype, param_dtype=_dtype(c.model.param_dtype, "model.param_dtype"),
-                          remat=c.model.remat, attention_impl=c.model.attention_impl,
-                          attention_chunk=c.model.attention_chunk)
+    transformer = bb.module_cls(cfg, lora=lora, dtype=dtype,
+                                param_dtype=_dtype(c.model.param_dtype, "model.param_dtype"), remat=c.model.remat,
+                                remat_policy=c.model.remat_policy, attention_impl=c.model.attention_impl,
+                                attention_chunk=c.model.attention_chunk)
     head = DiscriminatorHead(cfg.inner_dim, c.head.num_layers, dtype=dtype)
-    models = SwDModels(mmdit, head, schedule, loss, make_optimizer(c.optim.lr, c.optim),
+    models = SwDModels(transformer, head, schedule, loss, make_optimizer(c.optim.lr, c.optim),
                        make_optimizer(c.optim.lr_fake, c.optim), guidance)
     base_shardings = jax.tree.map(lambda a: a.sharding, base)
 

@@ -232,24 +232,24 @@ class OnlineSource:
         return {"context": np.asarray(embeds, np.float32), "pooled": np.asarray(pooled, np.float32)}
 
 
-# data.kind -> factory(c, schedule, mmdit_config, position, devices); packages add their own kinds (the digits demo
-# registers "digits" from swd_jax.demo.digits_source), so the trainer imports nothing above it.
+# data.kind -> factory(c, schedule, transformer_config, position, devices); packages add their own kinds (the
+# digits demo registers "digits" from swd_jax.demo.digits_source), so the trainer imports nothing above it.
 SOURCES = {}
 
 
 def register_source(kind: str, factory) -> None:
-    """Make `data.kind=kind` build its source with `factory(c, schedule, mmdit_config, position, devices)`."""
+    """Make `data.kind=kind` build its source with `factory(c, schedule, transformer_config, position, devices)`."""
     SOURCES[kind] = factory
 
 
-def _precomputed(c, schedule, mmdit_config, position=0, devices=None):
+def _precomputed(c, schedule, transformer_config, position=0, devices=None):
     if not c.data.path:
         raise ValueError("data.kind='precomputed' needs data.path (the output folder of swd_jax.precompute)")
     return PrecomputedSource(c.data.path, schedule, c.train.batch_size, c.data.seed, position,
                              c.data.latent)
 
 
-def _images(c, schedule, mmdit_config, position=0, devices=None):
+def _images(c, schedule, transformer_config, position=0, devices=None):
     return OnlineSource(c.data.path, c.model.path, schedule, c.train.batch_size, c.data.seed, position,
                         c.data.max_sequence_length, c.model.dtype, devices, c.data.latent)
 
@@ -258,9 +258,9 @@ register_source("precomputed", _precomputed)
 register_source("images", _images)
 
 
-def make_source(c, schedule: ScaleSchedule, mmdit_config, position: int = 0, devices=None):
+def make_source(c, schedule: ScaleSchedule, transformer_config, position: int = 0, devices=None):
     """The configured data source; `devices`: this host's devices of the run's mesh (online encoding)."""
     if c.data.kind not in SOURCES:
         raise ValueError(f"data.kind={c.data.kind!r}; expected one of {sorted(SOURCES)} (other kinds register "
                          "themselves on import: 'digits' needs `import swd_jax.demo.digits_source` in the config)")
-    return SOURCES[c.data.kind](c, schedule, mmdit_config, position, devices)
+    return SOURCES[c.data.kind](c, schedule, transformer_config, position, devices)

@@ -73,10 +73,10 @@ class LossConfig:
 class SwDModels:
     """The one transformer module (teacher/student/fake by the `lora` pytree), the head, schedule and losses.
 
-    `mmdit` is the transformer of any backbone (MMDiT or Flux; the field keeps its first name). `guidance`:
+    `transformer` is the module of any backbone (MMDiT or Flux). `guidance`:
     FLUX-dev's guidance-embedding input of the student and fake passes (None for models without one).
     """
-    mmdit: MMDiT | Flux
+    transformer: MMDiT | Flux
     head: DiscriminatorHead
     schedule: ScaleSchedule
     loss: LossConfig
@@ -92,7 +92,7 @@ class SwDModels:
         if self.guidance is not None:
             g = self.guidance if guidance is None else guidance
             extra["guidance_B"] = jnp.full(sigma_B.shape, g, jnp.float32)
-        return self.mmdit.apply(variables, x_BHWC, 1000.0 * sigma_B, context, pooled,
+        return self.transformer.apply(variables, x_BHWC, 1000.0 * sigma_B, context, pooled,
                                 feature_blocks=tuple(feature_blocks), features_only=features_only, **extra)
 
 
