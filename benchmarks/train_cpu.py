@@ -7,7 +7,10 @@ tiny SD3.5-Medium-shaped model of `benchmarks/tiny.py` (6 layers, width 192, dua
 qk-norm, batch 4, fp32, LoRA rank 64) at interval `--interval` (default 3: latent 64, the costliest).
 Each framework runs in its own process (no shared thread pools); after one warm-up iteration each (ours
 compiles there), the parent alternates them iteration by iteration, so both see the same machine load, and
-reports the median. Memory: each process's resident set, sampled every 2 ms, peak during the timed
+reports the median and the CPU seconds each iteration used (CPU / wall = cores in use). `--threads N` pins each
+process to N cores (CPU affinity, set before either framework starts its thread pools) and sets torch's
+intra-op threads to N: XLA:CPU sizes its pool from the affinity and has no other thread switch
+(`--xla_cpu_multi_thread_eigen=false` does not stop it using every core). Memory: each process's resident set, sampled every 2 ms, peak during the timed
 iterations and its rise over the level just before each; for ours also XLA's compiled buffer sizes.
 """
 from __future__ import annotations
@@ -126,10 +129,21 @@ RUNNERS = {"jax": JaxRunner, "torch": TorchRunner}
 
 
 def _limit_threads(threads: int):
-    """Intra-op threads of both frameworks (set before either is imported in this process)."""
+    """Pin this process to `threads` cores and set OpenMP's thread count (before either framework is imported).
+
+    XLA:CPU's intra-op pool has as many threads as the process may run on; the affinity is the only limit it obeys.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    if threads > len(cores):
+        raise SystemExit(f"--threads {threads}: this process may run on only {len(cores)} cores")
+    os.sched_setaffinity(0, cores[:threads])
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    flags = "--xla_cpu_multi_thread_eigen=false" if threads == 1 else ""
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all its threads)."""
+    t = os.times()
+    return t.user + t.system
 
 
 def _worker(kind: str, shape: TinyShape, k: int, threads: int, conn):
@@ -148,11 +162,12 @@ def _worker(kind: str, shape: TinyShape, k: int, threads: int, conn):
     while True:
         msg = conn.recv()
         if msg == "iterate":
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), _cpu_seconds()
             loss, before, peak = sampler.measure(runner.iterate)
-            conn.send((time.perf_counter() - t, loss, before, peak))
+            conn.send((time.perf_counter() - t, loss, before, peak, _cpu_seconds() - cpu))
         elif msg == "extra":
-            conn.send({**runner.extra(), "process_peak_rss_mib": _hwm_bytes() / MiB})
+            conn.send({**runner.extra(), "process_peak_rss_mib": _hwm_bytes() / MiB,
+                       "cores_allowed": len(os.sched_getaffinity(0))})
         else:
             return
 
@@ -178,7 +193,8 @@ def benchmark(shape: TinyShape, k: int, repeats: int, kinds=("jax", "torch"), th
             for kind in order:
                 conns[kind].send("iterate")
                 rows[kind].append(conns[kind].recv())
-            log(f"round {r + 1}/{repeats}: " + ", ".join(f"{kd} {rows[kd][-1][0]:.2f} s" for kd in kinds))
+            log(f"round {r + 1}/{repeats}: " + ", ".join(f"{kd} {rows[kd][-1][0]:.2f} s (CPU {rows[kd][-1][4]:.1f} s)"
+                                                        for kd in kinds))
         out = {}
         for kind in kinds:
             conns[kind].send("extra")
@@ -186,6 +202,8 @@ def benchmark(shape: TinyShape, k: int, repeats: int, kinds=("jax", "torch"), th
             name = RUNNERS[kind.partition(":")[0]].name + (f", {kind.partition(':')[2]} attention" if ":" in kind else "")
             out[kind] = {"name": name, "median_s": statistics.median(times), "min_s": min(times),
                          "times_s": times, "loss": rows[kind][-1][1],
+                         "cpu_s": [row[4] for row in rows[kind]],
+                         "cores_used": statistics.median(row[4] / row[0] for row in rows[kind]),
                          "peak_rss_mib": max(row[3] for row in rows[kind]) / MiB,
                          "iteration_rss_rise_mib": max(row[3] - row[2] for row in rows[kind]) / MiB,
                          **conns[kind].recv()}
@@ -203,7 +221,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--interval", type=int, default=3, help="scale interval k (0..3); 3 = latent 64")
     ap.add_argument("--remat", action="store_true", help="gradient checkpointing in both implementations")
-    ap.add_argument("--threads", type=int, default=0, help="intra-op threads per framework (0: each one's default)")
+    ap.add_argument("--threads", type=int, default=0, help="cores (CPU affinity) and torch threads per framework (0: all cores, each one's default threads)")
     ap.add_argument("--attention", default="xla", help="ours: comma-separated attention_impl values, e.g. xla,chunked,chunked@128 (@ = chunk rows)")
     ap.add_argument("--micro", action="store_true", help="the seconds-long smoke shape instead of the tiny SD3.5-M")
     ap.add_argument("--json", default="", help="also write the figures here")
@@ -221,10 +239,11 @@ def main(argv=None):
     with open("/proc/loadavg") as f:
         load_after = f.read().split()[:3]
     t = res["torch"]
-    print(f"\n{'implementation':48s} {'s/iter (median)':>15s} {'min':>7s} {'peak RSS MiB':>13s} {'rise MiB':>9s}")
+    print(f"\n{'implementation':48s} {'s/iter (median)':>15s} {'min':>7s} {'cores used':>10s} {'peak RSS MiB':>13s} "
+          f"{'rise MiB':>9s}")
     for r in res.values():
-        print(f"{r['name']:48s} {r['median_s']:15.2f} {r['min_s']:7.2f} {r['peak_rss_mib']:13.0f} "
-              f"{r['iteration_rss_rise_mib']:9.0f}")
+        print(f"{r['name']:48s} {r['median_s']:15.2f} {r['min_s']:7.2f} {r['cores_used']:6.2f}/{r['cores_allowed']:<3d} "
+              f"{r['peak_rss_mib']:13.0f} {r['iteration_rss_rise_mib']:9.0f}")
     for kind in ours:
         j = res[kind]
         print(f"{j['name']}: speed-up (torch median / ours median) {t['median_s'] / j['median_s']:.2f}x; "

@@ -23,9 +23,10 @@ def test_memory_plan_compiled_and_rescaled_memory():
 
 
 def test_train_cpu_worker_protocol():
-    """The parent/worker protocol of train_cpu (the torch worker; ours is the gpu script's training path)."""
-    res = train_cpu.benchmark(MICRO, 1, repeats=1, kinds=("torch",), log=lambda s: None)["torch"]
+    """The parent/worker protocol of train_cpu (the torch worker; ours is the gpu script's training path), pinned to a core."""
+    res = train_cpu.benchmark(MICRO, 1, repeats=1, kinds=("torch",), threads=1, log=lambda s: None)["torch"]
     assert res["median_s"] > 0 and np.isfinite(res["loss"]) and res["peak_rss_mib"] > 0
+    assert res["cores_allowed"] == 1 and res["torch_threads"] == 1 and 0 < res["cores_used"] <= 1.2
 
 
 def test_sampling_flops_and_schedules():
