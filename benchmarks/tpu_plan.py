@@ -37,6 +37,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only use: no
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from benchmarks.abstract_train import (
     FLUX,
@@ -184,20 +185,26 @@ def splash_flops(hlo_text: str) -> float:
                 visit(callee)
         order.append(c)
 
-    def times(kind, trips) -> int:
+    visit(entry)
+    runs_kernels = {}
+    for c in order:  # callees first: does c, or anything it calls, run a splash kernel?
+        runs_kernels[c] = kernels.get(c, 0) > 0 or any(runs_kernels.get(callee) for callee, _ in calls.get(c, []))
+
+    def times(callee, kind, trips) -> int:
         if kind != "body":
             return 1
         if isinstance(trips, int):
             return trips
-        if len(limits.get(trips, [])) != 1:
+        if len(limits.get(trips, [])) == 1:
+            return limits[trips][0]
+        if runs_kernels[callee]:
             raise ValueError(f"while loop with condition {trips}: no known trip count and no single s32 limit")
-        return limits[trips][0]
+        return 1  # a loop without kernels (e.g. a collective matmul's windows): its count does not matter here
 
-    visit(entry)
     runs = {entry: 1}
     for caller in reversed(order):  # callers before callees: each callee gets every path's count
         for callee, how in calls.get(caller, []):
-            runs[callee] = runs.get(callee, 0) + runs.get(caller, 0) * times(*how)
+            runs[callee] = runs.get(callee, 0) + runs.get(caller, 0) * times(callee, *how)
     return sum(kernels[c] * r for c, r in runs.items() if c in kernels)
 
 
@@ -231,7 +238,12 @@ def compile_plan(shape: TrainShape, topo: str, hlo_dir: str = "") -> dict:
     """Per-chip memory, FLOPs, estimated time and MFU of `shape`'s iteration compiled for the slice `topo`."""
     devices, chips = topology(topo)
     per_chip = len(devices) // chips  # devices per chip (2 on v4: one per TensorCore)
-    mesh = sharding.make_mesh((1, len(devices), 1), devices=devices)
+    if per_chip == 1:
+        mesh = sharding.make_mesh((1, len(devices), 1), devices=devices)
+    else:  # jax.make_mesh wants one device per chip (megacore); v4's topology gives one per TensorCore
+        from jax.sharding import AxisType, Mesh
+        mesh = Mesh(np.array(devices).reshape(1, len(devices), 1), sharding.MESH_AXES,
+                    axis_types=(AxisType.Auto,) * 3)
     t = time.perf_counter()
     compiled = lower_iteration(dataclasses.replace(shape, batch_per_device=shape.batch_per_device // per_chip
                                                    or 1), mesh).compile()
