@@ -226,12 +226,21 @@ def figures(shape: TrainShape, topo: str, compiler_flops: float, compiler_second
     total, rest = counted + (n - 1) * body, counted_na + (n - 1) * body_na
     attention, loop = total - rest, rest / counted_na
     splash = attention / chips if splash_per_chip is None else splash_per_chip
-    seconds = compiler_seconds * loop + splash / chip.peak_flops
     images = (n + 1) * shape.batch_per_device * chips
-    return {"compiler_flops": compiler_flops, "compiler_seconds": compiler_seconds, "loop_correction": loop,
-            "attention_flops": attention, "splash_flops_per_chip": splash, "model_flops": total,
-            "flops_per_chip": compiler_flops * loop + splash, "seconds": seconds, "images_per_s": images / seconds,
-            "mfu": total / (chips * chip.peak_flops * seconds)}
+    out = {"compiler_flops": compiler_flops, "compiler_seconds": compiler_seconds, "loop_correction": loop,
+           "attention_flops": attention, "splash_flops_per_chip": splash, "model_flops": total,
+           "flops_per_chip": compiler_flops * loop + splash, "images": images}
+    return {**out, **timing(out, chips, chip)}
+
+
+def timing(row: dict, chips: int, chip: Chip) -> dict:
+    """Seconds, images/s and MFU of a row; None where the compiler gives no time (libtpu 0.0.42's v6e cost model
+    returns negative `optimal_seconds`)."""
+    if not row["compiler_seconds"] > 0:
+        return {"seconds": None, "images_per_s": None, "mfu": None}
+    seconds = row["compiler_seconds"] * row["loop_correction"] + row["splash_flops_per_chip"] / chip.peak_flops
+    return {"seconds": seconds, "images_per_s": row["images"] / seconds,
+            "mfu": row["model_flops"] / (chips * chip.peak_flops * seconds)}
 
 
 def compile_plan(shape: TrainShape, topo: str, hlo_dir: str = "") -> dict:
@@ -270,7 +279,12 @@ def remat_name(shape: TrainShape) -> str:
 
 
 LINEAR = ("arguments_gib", "outputs_gib", "temp_gib", "alias_gib", "peak_gib", "flops_per_chip", "model_flops",
-          "seconds", "attention_flops", "compiler_flops", "compiler_seconds", "splash_flops_per_chip")
+          "attention_flops", "compiler_flops", "compiler_seconds", "splash_flops_per_chip")
+
+
+def _f(x: float | None, width: int, digits: int) -> str:
+    """x formatted, or '-' where there is no figure."""
+    return f"{'-':>{width}s}" if x is None else f"{x:{width}.{digits}f}"
 
 
 def _line(x0, y0, x1, y1, x):
@@ -293,10 +307,7 @@ def extrapolate(rows: list[dict], full_blocks: int) -> list[dict]:
                "model": r1["model"].split("[")[0]}
         for k in (k for k in LINEAR if k in r0 and k in r1):
             row[k] = _line(r0["blocks"], r0[k], r1["blocks"], r1[k], full_blocks)
-        chip = CHIPS[row["topology"].split(":")[0]]
-        images = r1["images_per_s"] * r1["seconds"]
-        row.update(images_per_s=images / row["seconds"],
-                   mfu=row["model_flops"] / (row["chips"] * chip.peak_flops * row["seconds"]))
+        row.update(timing(row, row["chips"], CHIPS[row["topology"].split(":")[0]]))
         out.append(row)
     return out
 
@@ -322,7 +333,8 @@ def _print(rows):
     for r in rows:
         print(f"{r['model'] + (' *' if r['extrapolated'] else ''):24s} {r['topology']:10s} {r['batch_per_chip']:6d} "
               f"{r['arguments_gib']:6.1f} {r['temp_gib']:6.1f} {r['peak_gib']:6.1f} {r['hbm_gib']:4.0f} "
-              f"{r['flops_per_chip'] / 1e12:10.1f} {r['seconds']:7.3f} {r['images_per_s']:6.1f} {r['mfu']:5.2f}")
+              f"{r['flops_per_chip'] / 1e12:10.1f} {_f(r['seconds'], 7, 3)} {_f(r['images_per_s'], 6, 1)} "
+              f"{_f(r['mfu'], 5, 2)}")
     print("GiB per chip; * extrapolated linearly in depth from the cut models above")
 
 
@@ -336,7 +348,7 @@ def markdown(plans: dict) -> str:
             out.append(f"| {r['model']} | {r['topology']} | {r.get('remat', 'full')} | {blocks} | "
                        f"{r['batch_per_chip']} | {r['arguments_gib']:.2f} | {r['temp_gib']:.1f} | "
                        f"{r['peak_gib']:.1f} ({r['hbm_gib']:.0f}) | {r['flops_per_chip'] / 1e12:.0f} | "
-                       f"{r['seconds']:.3f} | {r['images_per_s']:.1f} | {r['mfu']:.2f} | "
+                       f"{_f(r['seconds'], 0, 3)} | {_f(r['images_per_s'], 0, 1)} | {_f(r['mfu'], 0, 2)} | "
                        + (f"{r['compile_s']:.0f} s |" if r.get("compile_s") else "- |"))
         fit, safe = plan["max_batch_per_chip"], plan["max_batch_per_chip_10pct_headroom"]
         bound = " (only this batch compiled: a lower bound)" if plan.get("max_batch_is_lower_bound") else ""
@@ -393,6 +405,9 @@ def main(argv=None):
         with open(a.json) as f:
             plans = json.load(f)
     rows = [r for r in plans.get(key, {}).get("rows", []) if not r["extrapolated"]]  # compiled before: reused
+    for r in rows:  # recounted with this version's timing (rows from before it had no "images")
+        r.setdefault("images", (shape.n_fake_steps + 1) * r["batch_per_chip"] * r["chips"])
+        r.update(timing(r, r["chips"], CHIPS[a.topology.split(":")[0]]))
     for n in depths:
         for b in batches:
             s = cut(shape, n, b, a.remat)
@@ -403,7 +418,8 @@ def main(argv=None):
             rows.append(compile_plan(s, a.topology, a.hlo_dir))
             r = rows[-1]
             print(f"  {r['compile_s']:.0f} s: peak {r['peak_gib']:.1f} GiB/chip (arguments {r['arguments_gib']:.2f}, "
-                  f"temporaries {r['temp_gib']:.1f}), {r['seconds']:.3f} s/iteration, MFU {r['mfu']:.2f}", flush=True)
+                  f"temporaries {r['temp_gib']:.1f}), {_f(r['seconds'], 0, 3)} s/iteration, MFU {_f(r['mfu'], 0, 2)}",
+                  flush=True)
             if a.json:  # written after every compile: a long run keeps what it measured
                 save_plan(a.json, key, _summary(a, shape, rows, full, hbm))
     summary = _summary(a, shape, rows, full, hbm)

@@ -80,7 +80,8 @@ def test_plan_extrapolates_depth_and_batch(tmp_path, capsys):
              "hbm_gib": 95.0, "extrapolated": False, "compile_s": 1.0, "arguments_gib": 1.0 * n,
              "outputs_gib": 0.0, "alias_gib": 0.0, "temp_gib": n * b, "peak_gib": 1.0 * n + n * b,
              "flops_per_chip": 1e12 * n * b, "model_flops": 4e12 * n * b, "seconds": 0.01 * n * b,
-             "images_per_s": 6 * b * 4 / (0.01 * n * b), "mfu": 0.5}
+             "compiler_seconds": 0.01 * n * b, "loop_correction": 1.0, "splash_flops_per_chip": 0.0,
+             "images": 6 * b * 4, "images_per_s": 6 * b * 4 / (0.01 * n * b), "mfu": 0.5}
             for n in (2, 4) for b in (4, 8)]
     full = tpu_plan.extrapolate(rows, 24)
     assert [r["batch_per_chip"] for r in full] == [4, 8] and all(r["extrapolated"] for r in full)
