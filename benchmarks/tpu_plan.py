@@ -433,7 +433,7 @@ def main(argv=None):
 def _summary(a, shape: TrainShape, rows: list[dict], full: int, hbm: float) -> dict:
     rows = rows + extrapolate(rows, full)
     final = [r for r in rows if r["blocks"] == full]
-    return {"model": shape.name, "topology": a.topology, "remat": a.remat, "hbm_gib": hbm,
+    return {"model": shape.name, "topology": a.topology, "remat": a.remat, "hbm_gib": hbm, "full_blocks": full,
             "max_batch_per_chip": largest_batch(final, hbm),
             "max_batch_per_chip_10pct_headroom": largest_batch(final, hbm, HEADROOM),
             "max_batch_is_lower_bound": len({r["batch_per_chip"] for r in final}) < 2,  # one batch measured

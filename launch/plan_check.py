@@ -57,7 +57,8 @@ def pick_plan(plans: dict, model: str, gen: str, remat: str, chips: int) -> dict
     """The plan of `model` on generation `gen` with that remat variant closest to a slice of `chips` chips."""
     suffix = "" if remat == "full" else f"/remat={remat}"
     same = [p for key, p in plans.items() if key.startswith(f"{model}@{gen}:") and key.endswith(suffix)
-            and ("/" in key) == bool(suffix)]
+            and ("/" in key) == bool(suffix)
+            and any(r["blocks"] == p.get("full_blocks", r["blocks"]) for r in p["rows"])]  # has full depth
     if not same:
         return None
     # Per-chip memory shrinks a little with more chips (sharded state): the plan of the largest slice not

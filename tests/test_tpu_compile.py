@@ -133,6 +133,15 @@ def test_launch_plan_check_refuses_a_batch_that_does_not_fit(tmp_path, monkeypat
     assert "remat off fits this batch with 10 % headroom and is faster (estimated MFU 0.60 vs 0.40): add " \
            "--config.model.remat=False" in capsys.readouterr().out
     assert plan_check.main(["v5p-16", config, "--config.train.batch_size=48"]) == 0  # 6 per chip: off does not fit
+    # A plan with only cut-depth compiles (no full-depth row) is not used for the check.
+    plan["medium@v5p:2x2x2"] = {"model": "SD3.5-Medium", "topology": "v5p:2x2x2", "hbm_gib": 95.0,
+                                "full_blocks": 24, "max_batch_per_chip": None,
+                                "max_batch_per_chip_10pct_headroom": None,
+                                "rows": [{**r, "chips": 8, "blocks": 2} for r in rows]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    capsys.readouterr()
+    assert plan_check.main(["v5p-16", config, "--config.train.batch_size=48"]) == 0
+    assert "TPU plan for SD3.5-Medium on v5p:2x2x1" in capsys.readouterr().out
     assert "is faster" not in capsys.readouterr().out
     plan["medium@v5p:2x2x1"]["max_batch_is_lower_bound"] = True  # only 7 compiled: 8 is unverified, not refused
     (tmp_path / "plan.json").write_text(json.dumps(plan))
