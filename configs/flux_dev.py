@@ -24,7 +24,9 @@ The published FLUX-SwD student (yandex-research/swd README): scales 64-80-96-128
    (FLUX's VAE and prompt encoder, chosen by the folder's model_index.json; or data.kind="images" online)
 3. Train:             python -m swd_jax.train --config configs/flux_dev.py --workdir /runs/flux_dev \
                          --config.model.path=/ckpt/flux_dev --config.data.path=/data/flux_pre
-Cost: not yet measured (12B parameters: about 2.4x SD3.5 Large's 8B per pass).
+Cost (benchmarks/README.md §5, the TPU compiler's plan, 1024 px = 4096 + 512 tokens, splash attention, remat):
+65.4 GiB per v5p chip at 2 images/chip (arguments 10.9: the 11.9 B bf16 base FSDP-sharded over 4 chips, LoRA
+and AdamW states), estimated MFU <= 0.48; the reference global batch 64 at 2 images/chip is a v5p-64 slice.
 Result: the trained student LoRA in WORKDIR/student_peft (PEFT format, FluxTransformer2DModel names).
 """
 import ml_collections
