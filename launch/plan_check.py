@@ -96,6 +96,9 @@ def main(argv: list[str]) -> int:
         print(__doc__.split("\n\n")[1])
         return 2
     accel, config, rest = argv[0], argv[1], argv[2:]
+    if not os.path.exists(config):  # a shipped config by name, as swd-train takes it: sd35_medium
+        config = os.path.join(os.path.dirname(PLAN), "..", "configs", os.path.basename(config).removesuffix(".py")
+                              + ".py")
     force = "--force-batch" in rest
     gen, _, n = accel.partition("-")
     model = MODELS.get(os.path.splitext(os.path.basename(config))[0])

@@ -114,6 +114,7 @@ def test_launch_plan_check_refuses_a_batch_that_does_not_fit(tmp_path, monkeypat
     assert "8 images/chip does not fit (7 does)" in capsys.readouterr().out
     assert plan_check.main(["v5p-16", config, "--force-batch"]) == 0
     assert plan_check.main(["v5p-32", config]) == 0
+    assert plan_check.main(["v5p-16", "sd35_medium"]) == 1  # a config by name, as swd-train takes it
     assert plan_check.main(["v5p-16", config, "--config.train.batch_size=48"]) == 0  # 6 per chip
     assert plan_check.main(["v6e-8", config]) == 0  # no v6e plan: no check
     # A run with another remat policy is checked against that policy's plan only (none here: no check).
