@@ -15,7 +15,8 @@ import os
 import re
 import sys
 
-PLAN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "tpu_plan.json")
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+PLAN = os.path.join(REPO, "benchmarks", "tpu_plan.json")
 CORES_PER_CHIP = {"v5p": 2, "v4": 2, "v6e": 1}  # accelerator names count TensorCores (v5p-16 = 8 chips)
 MODELS = {"sd35_medium": "medium", "sd35_large": "large", "flux_dev": "flux"}
 
@@ -97,8 +98,7 @@ def main(argv: list[str]) -> int:
         return 2
     accel, config, rest = argv[0], argv[1], argv[2:]
     if not os.path.exists(config):  # a shipped config by name, as swd-train takes it: sd35_medium
-        config = os.path.join(os.path.dirname(PLAN), "..", "configs", os.path.basename(config).removesuffix(".py")
-                              + ".py")
+        config = os.path.join(REPO, "configs", os.path.basename(config).removesuffix(".py") + ".py")
     force = "--force-batch" in rest
     gen, _, n = accel.partition("-")
     model = MODELS.get(os.path.splitext(os.path.basename(config))[0])
