@@ -29,8 +29,9 @@ def config_value(config: str, overrides: list[str], field: str, pattern: str) ->
         if m:
             return m.group(1)
     for path in (config, os.path.join(os.path.dirname(config), "common.py")):
-        with open(path) as f:
-            m = re.search(rf"\b{name}\s*=\s*[\"']?({pattern})", f.read())
+        with open(path) as f:  # the code only: not the docstring, not comments
+            code = re.sub(r"#.*", "", re.sub(r'^\s*("""|\'\'\').*?\1', "", f.read(), count=1, flags=re.S))
+        m = re.search(rf"\b{name}\s*=\s*[\"']?({pattern})", code)
         if m:
             return m.group(1)
     return None
