@@ -388,6 +388,7 @@ def main(argv=None):
     ap.add_argument("--hlo-dir", default="", help="write each compiled program's HLO text (gzip) here")
     ap.add_argument("--json", default="", help="rows are kept in (and reused from) this file; launch/tpu_pod.sh "
                     "reads benchmarks/tpu_plan.json")
+    ap.add_argument("--no-compile", action="store_true", help="only re-summarise the rows already in --json")
     ap.add_argument("--table", action="store_true", help="print the --json file's plans as a markdown table, "
                     "compile nothing")
     a = ap.parse_args(argv)
@@ -413,6 +414,9 @@ def main(argv=None):
             s = cut(shape, n, b, a.remat)
             if any((r["blocks"], r["batch_per_chip"]) == (depth(s), b) for r in rows):
                 print(f"{s.name} on {a.topology}, {b} images/chip, remat {a.remat}: in {a.json} already", flush=True)
+                continue
+            if a.no_compile:
+                print(f"{s.name} on {a.topology}, {b} images/chip, remat {a.remat}: not in {a.json}", flush=True)
                 continue
             print(f"{s.name} on {a.topology}, {b} images/chip, remat {a.remat}: compiling ...", flush=True)
             rows.append(compile_plan(s, a.topology, a.hlo_dir))
