@@ -12,7 +12,7 @@ projections of both streams, AdamW lr 5e-6, 3000 steps, global batch 64 (8 GPUs 
    TPU pod slice:     launch/tpu_pod.sh NAME ZONE v5p-16 configs/sd35_medium.py gs://BUCKET/runs/sd35m \
                          --config.model.path=... --config.data.path=...
 Cost (benchmarks/README.md §5, the TPU compiler's plan, 1024 px, splash attention): 30.4 GiB per v5p chip at
-      8 images/chip with remat (the default), estimated MFU <= 0.43; --config.model.remat=False is faster
+      8 images/chip with remat (the default), estimated MFU <= 0.44; --config.model.remat=False is faster
       (<= 0.54) but fits only at small per-chip batches. On v6e, 2 images/chip need 22.8 GiB of 32.
 Result: the trained student LoRA in WORKDIR/student_peft (PEFT format; loads onto diffusers' transformer).
 """
