@@ -18,6 +18,7 @@ import ml_collections
 import optax
 
 from benchmarks.tiny import MICRO
+from configs import flux_dev
 from configs.common import base_config
 from swd_jax.train import sharding
 from swd_jax.discriminator import DiscriminatorHead
@@ -30,7 +31,6 @@ from swd_jax.train.setup import DTYPES, loss_config, make_optimizer, make_schedu
 from swd_jax.train.steps import SwDModels, init_state, make_iteration
 
 SD35_TEXT_TOKENS = 77 + 256  # CLIP-L/G (77) joined with T5-XXL (256) on the token axis, width 4096
-FLUX_TEXT_TOKENS = 512  # T5-XXL at the published FLUX-SwD max length, width 4096
 GiB = 1024 ** 3
 
 
@@ -78,11 +78,14 @@ class TrainShape:
 # The reference runs (METHOD.md s.5): 8 GPUs x 8 images (Medium), x 4 (Large); bf16 compute and base weights.
 MEDIUM = TrainShape("SD3.5-Medium", SD35_MEDIUM, "sd35_medium_4", batch_per_device=8, cls_block=11, cfg_teacher=7.0)
 LARGE = TrainShape("SD3.5-Large", SD35_LARGE, "sd35_large_4", batch_per_device=4, cls_block=20, cfg_teacher=4.5)
-# configs/flux_dev.py: scales 64-128 on the 28-step grid, guidance 4.5 through the embedding (no CFG batch),
-# feature block 26 of 57, LoRA on both streams' attention/MLPs and the single blocks' projections.
-FLUX = TrainShape("FLUX.1-dev", FLUX_DEV, ScaleSchedule((64, 80, 96, 128), (0, 7, 14, 18, 28)), batch_per_device=4,
-                  cls_block=26, cfg_teacher=1.0, text_tokens=FLUX_TEXT_TOKENS, guidance=4.5,
-                  lora_targets=("to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2", "proj_mlp", "proj_out"))
+# configs/flux_dev.py's run: its schedule, guidance (through the embedding, no CFG batch), feature block and LoRA
+# targets, read from the config itself.
+_FLUX_RUN = flux_dev.get_config()
+FLUX = TrainShape("FLUX.1-dev", FLUX_DEV, ScaleSchedule(tuple(_FLUX_RUN.schedule.scales),
+                                                        tuple(_FLUX_RUN.schedule.boundaries)),
+                  batch_per_device=4, cls_block=_FLUX_RUN.loss.cls_blocks[0], cfg_teacher=_FLUX_RUN.loss.cfg_teacher,
+                  text_tokens=_FLUX_RUN.data.max_sequence_length, guidance=_FLUX_RUN.model.guidance,
+                  lora_targets=tuple(_FLUX_RUN.lora.targets))
 
 
 # A seconds-long stand-in for the tests: the benchmarks' micro model at latents 8 and 16, one fake update.
@@ -151,9 +154,8 @@ def abstract_batches(shape: TrainShape, m: SwDModels, mesh, k: int):
     n, B = m.loss.n_fake_steps + 1, shape.batch_per_device * sharding.batch_divisor(mesh)
     sh = sharding.batch_sharding(mesh, leading_axes=1)
     f32 = lambda *dims: jax.ShapeDtypeStruct((n, B) + dims, jnp.float32, sharding=sh)
-    channels = cfg.latent_channels if isinstance(cfg, FluxConfig) else cfg.in_channels
-    batches = {"x": f32(s.scale(k), s.scale(k), channels),
-               "x_prev": f32(s.prev_scale(k), s.prev_scale(k), channels),
+    batches = {"x": f32(s.scale(k), s.scale(k), cfg.latent_channels),
+               "x_prev": f32(s.prev_scale(k), s.prev_scale(k), cfg.latent_channels),
                "context": f32(shape.text_tokens, cfg.joint_attention_dim),
                "pooled": f32(cfg.pooled_projection_dim)}
     rep = sharding.replicated(mesh)

@@ -54,6 +54,7 @@ from benchmarks.abstract_train import (
 from swd_jax.models import flux, mmdit
 from swd_jax.models.flux import FluxConfig
 from swd_jax.train import sharding
+from swd_jax.train.backbone import backbone_of
 from swd_jax.train.steps import fake_loss
 
 
@@ -83,8 +84,7 @@ def topology(name: str):
 
 def depth(shape: TrainShape) -> int:
     """Blocks of the model: MMDiT's joint blocks; FLUX's double- plus single-stream blocks."""
-    cfg = shape.model
-    return cfg.num_blocks if isinstance(cfg, FluxConfig) else cfg.num_layers
+    return backbone_of(shape.model).num_blocks(shape.model)
 
 
 def cut(shape: TrainShape, blocks: int | None, batch: int, remat: str = "full") -> TrainShape:
