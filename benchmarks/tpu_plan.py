@@ -53,6 +53,7 @@ from benchmarks.abstract_train import (
 )
 from swd_jax.models import flux, mmdit
 from swd_jax.models.flux import FluxConfig
+from swd_jax.models.layers import REMAT_POLICIES, SPLASH_IMPLS
 from swd_jax.train import sharding
 from swd_jax.train.backbone import backbone_of
 from swd_jax.train.steps import fake_loss
@@ -67,8 +68,7 @@ class Chip:
 
 CHIPS = {"v5p": Chip(95.0, 459e12), "v6e": Chip(32.0, 918e12), "v4": Chip(32.0, 275e12)}
 SHAPES = {"medium": MEDIUM, "large": LARGE, "flux": FLUX}
-REMAT = {"full": dict(remat=True, remat_policy="full"), "dots": dict(remat=True, remat_policy="dots"),
-         "off": dict(remat=False)}
+REMAT = {**{p: dict(remat=True, remat_policy=p) for p in REMAT_POLICIES}, "off": dict(remat=False)}
 HEADROOM = 0.10  # the goal: peak within 90 % of HBM
 
 
@@ -87,13 +87,14 @@ def depth(shape: TrainShape) -> int:
     return backbone_of(shape.model).num_blocks(shape.model)
 
 
-def cut(shape: TrainShape, blocks: int | None, batch: int, remat: str = "full") -> TrainShape:
+def cut(shape: TrainShape, blocks: int | None, batch: int, remat: str = "full",
+        attention: str = "splash") -> TrainShape:
     """`shape` at `batch` images per chip, with only `blocks` blocks (block kinds and feature block scaled).
 
     MMDiT: the first round(dual x blocks / depth) blocks have dual attention. FLUX: double-stream blocks in
     their proportion (19 of 57; depths that are multiples of 3 keep it exactly), the rest single-stream.
     """
-    shape = dataclasses.replace(shape, batch_per_device=batch, attention_impl="splash", **REMAT[remat])
+    shape = dataclasses.replace(shape, batch_per_device=batch, attention_impl=attention, **REMAT[remat])
     full = depth(shape)
     if not blocks or blocks == full:
         return shape
@@ -138,10 +139,12 @@ def model_flops(shape: TrainShape, chips: int, attention: bool = True) -> tuple[
 
 
 # FLOPs of one splash kernel per (batch x heads x query rows x key rows x head dim): forward q k^T and p v; dq
-# recomputes q k^T and forms dp = do v^T and dq = ds k; dkv recomputes q k^T and forms dv, dp and dk.
-SPLASH_FLOPS = {"fwd": 4, "dq": 6, "dkv": 8}
+# recomputes q k^T and forms dp = do v^T and dq = ds k; dkv recomputes q k^T and forms dv, dp and dk; the fused
+# backward's dkv kernel ("splash_fused") also forms dq = ds k (its results hold dq's per-key-block partials, one
+# rank more than q).
+SPLASH_FLOPS = {"fwd": 4, "dq": 6, "dkv": 8, "dkv_fused": 10}
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
-_KERNEL = re.compile(r"%splash_mha_(fwd|dq|dkv)\w*\.\d+ = .*operand_layout_constraints=\{(.*)")
+_KERNEL = re.compile(r"%splash_mha_(fwd|dq|dkv)\w*\.\d+ = (\(.*?\)|\S+) custom-call.*operand_layout_constraints=\{(.*)")
 _CALLEE = re.compile(r"(body|condition|to_apply|calls)=%([\w.\-]+)")
 _TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _LIMIT = re.compile(r"= s32\[\]\S* constant\((\d+)\)")
@@ -169,9 +172,11 @@ def splash_flops(hlo_text: str) -> float:
         limits[name] += [int(n) for n in _LIMIT.findall(line)]
         k = _KERNEL.search(line)
         if k:  # operands: 3 scalar-prefetch masks, then q [.., L, D], k [.., S, D], v, ...
-            shapes = re.findall(r"\w+\[([\d,]*)\]\{", k.group(2))
+            shapes = re.findall(r"\w+\[([\d,]*)\]\{", k.group(3))
             q, kv = [int(d) for d in shapes[3].split(",")], [int(d) for d in shapes[4].split(",")]
-            kernels[name] += SPLASH_FLOPS[k.group(1)] * math.prod(q) * kv[-2]
+            ranks = [len(r.split(",")) for r in re.findall(r"\w+\[([\d,]*)\]", k.group(2))] or [0]
+            kind = "dkv_fused" if k.group(1) == "dkv" and max(ranks) > len(q) else k.group(1)
+            kernels[name] += SPLASH_FLOPS[kind] * math.prod(q) * kv[-2]
         trips = _TRIPS.search(line)
         callees = dict((kind, callee) for kind, callee in _CALLEE.findall(line))
         for kind, callee in callees.items():
@@ -261,12 +266,14 @@ def compile_plan(shape: TrainShape, topo: str, hlo_dir: str = "") -> dict:
     if hlo_dir:  # the per-chip program as the TPU compiler left it, to read or recount
         import gzip
         os.makedirs(hlo_dir, exist_ok=True)
-        name = f"{shape.name}-{topo}-b{shape.batch_per_device}-remat_{remat_name(shape)}.hlo.gz".replace(" ", "_")
+        name = (f"{shape.name}-{topo}-b{shape.batch_per_device}-remat_{remat_name(shape)}-{shape.attention_impl}"
+                ".hlo.gz").replace(" ", "_")
         with gzip.open(os.path.join(hlo_dir, name), "wt") as f:
             f.write(hlo)
     mem = {k: v * per_chip for k, v in memory_per_device(compiled).items()}
     return {"model": shape.name, "blocks": depth(shape), "topology": topo, "chips": chips,
-            "batch_per_chip": shape.batch_per_device, "remat": remat_name(shape), **mem,
+            "batch_per_chip": shape.batch_per_device, "remat": remat_name(shape), "attention": shape.attention_impl,
+            **mem,
             "hbm_gib": CHIPS[topo.split(":")[0]].hbm_gib,
             **figures(shape, topo, float(cost["flops"]) * per_chip, float(cost["optimal_seconds"]),
                       splash_flops(hlo) * per_chip),
@@ -338,6 +345,11 @@ def _print(rows):
     print("GiB per chip; * extrapolated linearly in depth from the cut models above")
 
 
+def variant(r: dict) -> str:
+    """A row's or plan's remat policy, with ', fused bwd' for the splash_fused attention."""
+    return r.get("remat", "full") + (", fused bwd" if r.get("attention") == "splash_fused" else "")
+
+
 def markdown(plans: dict) -> str:
     """Every plan of a plan file as one markdown table (compiled cut-depth rows, then the full-depth rows)."""
     out = ["| model | topology | remat | blocks | images/chip | arguments | temporaries | peak GiB/chip (HBM) | "
@@ -345,21 +357,23 @@ def markdown(plans: dict) -> str:
     for key, plan in sorted(plans.items()):
         for r in sorted(plan["rows"], key=lambda r: (r["extrapolated"], r["batch_per_chip"], r["blocks"])):
             blocks = f"**{r['blocks']}, extrapolated**" if r["extrapolated"] else str(r["blocks"])
-            out.append(f"| {r['model']} | {r['topology']} | {r.get('remat', 'full')} | {blocks} | "
+            out.append(f"| {r['model']} | {r['topology']} | {variant(r)} | {blocks} | "
                        f"{r['batch_per_chip']} | {r['arguments_gib']:.2f} | {r['temp_gib']:.1f} | "
                        f"{r['peak_gib']:.1f} ({r['hbm_gib']:.0f}) | {r['flops_per_chip'] / 1e12:.0f} | "
                        f"{_f(r['seconds'], 0, 3)} | {_f(r['images_per_s'], 0, 1)} | {_f(r['mfu'], 0, 2)} | "
                        + (f"{r['compile_s']:.0f} s |" if r.get("compile_s") else "- |"))
         fit, safe = plan["max_batch_per_chip"], plan["max_batch_per_chip_10pct_headroom"]
         bound = " (only this batch compiled: a lower bound)" if plan.get("max_batch_is_lower_bound") else ""
-        out.append(f"| {plan['model']} | {plan['topology']} | {plan.get('remat', 'full')} | largest batch/chip "
+        out.append(f"| {plan['model']} | {plan['topology']} | {variant(plan)} | largest batch/chip "
                    f"that fits: {fit}, with 10 % headroom: {safe}{bound} |" + " |" * 9)
     return "\n".join(out)
 
 
-def plan_key(model: str, topo: str, remat: str = "full") -> str:
-    """The plan file's key: 'medium@v5p:2x2x1', with '/remat=dots' for a policy other than the default."""
-    return f"{model}@{topo}" + ("" if remat == "full" else f"/remat={remat}")
+def plan_key(model: str, topo: str, remat: str = "full", attention: str = "splash") -> str:
+    """The plan file's key: 'medium@v5p:2x2x1', with '/remat=dots' for a policy other than the default and
+    '/attention=splash_fused' for the fused-backward kernel."""
+    return (f"{model}@{topo}" + ("" if remat == "full" else f"/remat={remat}")
+            + ("" if attention == "splash" else f"/attention={attention}"))
 
 
 def save_plan(path: str, key: str, plan: dict) -> None:
@@ -384,7 +398,10 @@ def main(argv=None):
     ap.add_argument("--batch", default="", help="comma-separated per-chip batches (default: the reference)")
     ap.add_argument("--blocks", default="", help="comma-separated depths to compile (default: the full model)")
     ap.add_argument("--remat", default="full", choices=sorted(REMAT),
-                    help="model.remat / model.remat_policy: full (the default), dots, off")
+                    help="model.remat / model.remat_policy: off, or a policy (full, the default; attention; dots; "
+                    "dots_attention)")
+    ap.add_argument("--attention", default="splash", choices=SPLASH_IMPLS,
+                    help="model.attention_impl: splash, or splash_fused (the kernel's fused backward)")
     ap.add_argument("--hlo-dir", default="", help="write each compiled program's HLO text (gzip) here")
     ap.add_argument("--json", default="", help="rows are kept in (and reused from) this file; launch/tpu_pod.sh "
                     "reads benchmarks/tpu_plan.json")
@@ -400,7 +417,7 @@ def main(argv=None):
     batches = [int(b) for b in a.batch.split(",")] if a.batch else [shape.batch_per_device]
     depths = [int(n) for n in a.blocks.split(",")] if a.blocks else [None]
     full, hbm = depth(shape), CHIPS[a.topology.split(":")[0]].hbm_gib
-    key = plan_key(a.model, a.topology, a.remat)
+    key = plan_key(a.model, a.topology, a.remat, a.attention)
     plans = {}
     if a.json and os.path.exists(a.json):
         with open(a.json) as f:
@@ -411,14 +428,14 @@ def main(argv=None):
         r.update(timing(r, r["chips"], CHIPS[a.topology.split(":")[0]]))
     for n in depths:
         for b in batches:
-            s = cut(shape, n, b, a.remat)
+            s = cut(shape, n, b, a.remat, a.attention)
             if any((r["blocks"], r["batch_per_chip"]) == (depth(s), b) for r in rows):
-                print(f"{s.name} on {a.topology}, {b} images/chip, remat {a.remat}: in {a.json} already", flush=True)
+                print(f"{s.name} on {a.topology}, {b} images/chip, remat {a.remat}, {a.attention}: in {a.json} already", flush=True)
                 continue
             if a.no_compile:
-                print(f"{s.name} on {a.topology}, {b} images/chip, remat {a.remat}: not in {a.json}", flush=True)
+                print(f"{s.name} on {a.topology}, {b} images/chip, remat {a.remat}, {a.attention}: not in {a.json}", flush=True)
                 continue
-            print(f"{s.name} on {a.topology}, {b} images/chip, remat {a.remat}: compiling ...", flush=True)
+            print(f"{s.name} on {a.topology}, {b} images/chip, remat {a.remat}, {a.attention}: compiling ...", flush=True)
             rows.append(compile_plan(s, a.topology, a.hlo_dir))
             r = rows[-1]
             print(f"  {r['compile_s']:.0f} s: peak {r['peak_gib']:.1f} GiB/chip (arguments {r['arguments_gib']:.2f}, "
@@ -437,7 +454,8 @@ def main(argv=None):
 def _summary(a, shape: TrainShape, rows: list[dict], full: int, hbm: float) -> dict:
     rows = rows + extrapolate(rows, full)
     final = [r for r in rows if r["blocks"] == full]
-    return {"model": shape.name, "topology": a.topology, "remat": a.remat, "hbm_gib": hbm, "full_blocks": full,
+    return {"model": shape.name, "topology": a.topology, "remat": a.remat, "attention": a.attention, "hbm_gib": hbm,
+            "full_blocks": full,
             "max_batch_per_chip": largest_batch(final, hbm),
             "max_batch_per_chip_10pct_headroom": largest_batch(final, hbm, HEADROOM),
             "max_batch_is_lower_bound": len({r["batch_per_chip"] for r in final}) < 2,  # one batch measured

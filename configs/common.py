@@ -8,9 +8,12 @@ def base_config() -> ml_collections.ConfigDict:
     # a diffusers pipeline or transformer folder), "random" (tiny tests), "diffusers" (a pipeline or transformer
     # folder, converted on load), "converted" (the output of `swd-convert`).
     # remat: rematerialise each block; remat_policy: what it keeps for the backward, "full" (its inputs only, as
-    # the reference's gradient checkpointing) or "dots" (also the matmul outputs: less recompute, more memory).
+    # the reference's gradient checkpointing), "attention" (also the splash kernel's output and log-sum-exp: no
+    # attention forward rerun), "dots" (also the matmul outputs) or "dots_attention" (both): less recompute, more
+    # memory (swd_jax.models.layers.REMAT_POLICIES).
     c.model = dict(source="auto", path="", dtype="bfloat16", param_dtype="bfloat16", remat=True, remat_policy="full",
-                   # "xla" | "chunked" (any backend, flash-like memory) | "splash" (TPU) | "cudnn" (GPU);
+                   # "xla" | "chunked" (any backend, flash-like memory) | "splash" (TPU) | "splash_fused" (TPU,
+                   # the kernel's fused backward: dq partial sums in bf16) | "cudnn" (GPU);
                    # attention_chunk: query rows per chunk of "chunked".
                    attention_impl="xla", attention_chunk=512,
                    # Used with source="random" only: the MMDiTConfig fields of a random-weight model.

@@ -52,14 +52,31 @@ def remat_of(config: str, overrides: list[str]) -> str:
     return config_value(config, overrides, "model.remat_policy", r"\w+") or "full"
 
 
-REMAT_FLAGS = {"full": "", "dots": "--config.model.remat_policy=dots", "off": "--config.model.remat=False"}
+def attention_of(overrides: list[str]) -> str:
+    """The run's splash kernel: tpu_pod.sh sets attention_impl=splash unless the overrides pick splash_fused."""
+    for o in reversed(overrides):
+        m = re.fullmatch(r"--config\.model\.attention_impl=(\w+)", o)
+        if m:
+            return m.group(1)
+    return "splash"
 
 
-def pick_plan(plans: dict, model: str, gen: str, remat: str, chips: int) -> dict | None:
-    """The plan of `model` on generation `gen` with that remat variant closest to a slice of `chips` chips."""
-    suffix = "" if remat == "full" else f"/remat={remat}"
-    same = [p for key, p in plans.items() if key.startswith(f"{model}@{gen}:") and key.endswith(suffix)
-            and ("/" in key) == bool(suffix)
+REMAT_FLAGS = {"full": "", "attention": "--config.model.remat_policy=attention",
+               "dots": "--config.model.remat_policy=dots",
+               "dots_attention": "--config.model.remat_policy=dots_attention", "off": "--config.model.remat=False"}
+ATTENTION_FLAGS = {"splash": "", "splash_fused": "--config.model.attention_impl=splash_fused"}
+
+
+def variant_suffix(remat: str, attention: str) -> str:
+    """The plan key's suffix after 'model@topology' (as benchmarks.tpu_plan.plan_key writes it)."""
+    return ("" if remat == "full" else f"/remat={remat}") + ("" if attention == "splash" else f"/attention={attention}")
+
+
+def pick_plan(plans: dict, model: str, gen: str, remat: str, chips: int, attention: str = "splash") -> dict | None:
+    """The plan of `model` on generation `gen` with that variant closest to a slice of `chips` chips."""
+    suffix = variant_suffix(remat, attention)
+    same = [p for key, p in plans.items() if key.startswith(f"{model}@{gen}:")
+            and key[len(key.split("/")[0]):] == suffix
             and any(r["blocks"] == p.get("full_blocks", r["blocks"]) for r in p["rows"])]  # has full depth
     if not same:
         return None
@@ -76,21 +93,25 @@ def _full_depth_mfu(plan: dict, per_chip: float) -> float | None:
     return rows[0]["mfu"] if rows else None
 
 
-def suggest_remat(plans: dict, model: str, gen: str, chips: int, per_chip: float, remat: str, plan: dict) -> None:
-    """Print the remat variant the plan says is fastest among those that fit this batch with 10 % headroom."""
+def suggest_variant(plans: dict, model: str, gen: str, chips: int, per_chip: float, variant: tuple[str, str],
+                    plan: dict) -> None:
+    """Print the (remat, attention) variant the plan says is fastest among those that fit this batch with 10 %
+    headroom."""
     ours = _full_depth_mfu(plan, per_chip)
     options = []
-    for other in REMAT_FLAGS:
-        p = pick_plan(plans, model, gen, other, chips)
+    for other in ((r, a) for r in REMAT_FLAGS for a in ATTENTION_FLAGS):
+        p = pick_plan(plans, model, gen, other[0], chips, other[1])
         safe = p and p["max_batch_per_chip_10pct_headroom"]
-        if other != remat and safe and per_chip <= safe and not (p.get("max_batch_is_lower_bound") and per_chip > safe):
+        if other != variant and safe and per_chip <= safe:
             mfu = _full_depth_mfu(p, per_chip)
             if mfu is not None and ours is not None and mfu > ours:
                 options.append((mfu, other))
     if options:
-        mfu, other = max(options)
-        print(f"plan check: remat {other} fits this batch with 10 % headroom and is faster (estimated MFU {mfu:.2f} "
-              f"vs {ours:.2f}): add {REMAT_FLAGS[other]}")
+        mfu, (remat, attention) = max(options)
+        name = f"remat {remat}" + (f" with {attention}" if attention != "splash" else "")
+        flags = " ".join(f for f in (REMAT_FLAGS[remat], ATTENTION_FLAGS[attention]) if f)
+        print(f"plan check: {name} fits this batch with 10 % headroom and is faster (estimated MFU {mfu:.2f} "
+              f"vs {ours:.2f}): add {flags}")
 
 
 def main(argv: list[str]) -> int:
@@ -113,24 +134,29 @@ def main(argv: list[str]) -> int:
     if os.path.exists(PLAN):
         with open(PLAN) as f:
             plans = json.load(f)
-    remat = remat_of(config, rest)
-    plan = pick_plan(plans, model, gen, remat, chips)
+    remat, attention = remat_of(config, rest), attention_of(rest)
+    if attention not in ATTENTION_FLAGS:
+        print(f"plan check: no TPU plan for attention_impl={attention}; launching without a batch check")
+        return 0
+    plan = pick_plan(plans, model, gen, remat, chips, attention)
+    name = f"remat {remat}" + (f", {attention}" if attention != "splash" else "")
     if plan is None:
-        print(f"plan check: {PLAN} has no {model} plan for {gen} with remat {remat}; launching without a batch "
-              "check")
+        print(f"plan check: {PLAN} has no {model} plan for {gen} with {name}; launching without a batch check")
         return 0
     best, safe = plan["max_batch_per_chip"], plan["max_batch_per_chip_10pct_headroom"]
     note = " (extrapolated from cut-depth compiles)" if plan.get("extrapolated") else ""
-    print(f"TPU plan for {plan['model']} on {plan['topology']}, remat {remat}{note}, HBM {plan['hbm_gib']:.0f} "
+    print(f"TPU plan for {plan['model']} on {plan['topology']}, {name}{note}, HBM {plan['hbm_gib']:.0f} "
           "GiB/chip:")
     print(f"  {'batch/chip':>10s} {'peak GiB':>9s} {'s/iter':>7s} {'MFU':>5s}")
     full = max(r["blocks"] for r in plan["rows"])
     for r in sorted((r for r in plan["rows"] if r["blocks"] == full), key=lambda r: r["batch_per_chip"]):
-        print(f"  {r['batch_per_chip']:10d} {r['peak_gib']:9.1f} {r['seconds']:7.3f} {r['mfu']:5.2f}")
+        fig = lambda x, w, d: f"{'-':>{w}s}" if x is None else f"{x:{w}.{d}f}"  # v6e/v4: the compiler gives no time
+        print(f"  {r['batch_per_chip']:10d} {r['peak_gib']:9.1f} {fig(r['seconds'], 7, 3)} {fig(r['mfu'], 5, 2)}")
     print(f"  largest batch/chip that fits: {best}; with 10 % headroom: {safe}")
     print(f"this launch: global batch {batch} on {accel} ({chips} chips) = {per_chip:g} images/chip")
-    if not any(o.startswith(("--config.model.remat=", "--config.model.remat_policy=")) for o in rest):
-        suggest_remat(plans, model, gen, chips, per_chip, remat, plan)
+    if not any(o.startswith(("--config.model.remat=", "--config.model.remat_policy=", "--config.model.attention_impl="))
+               for o in rest):
+        suggest_variant(plans, model, gen, chips, per_chip, (remat, attention), plan)
     if best is not None and per_chip <= best:
         return 0
     if best is not None and plan.get("max_batch_is_lower_bound"):

@@ -10,10 +10,11 @@
 # Checkpoints go to WORKDIR (a gs:// path works with orbax); rerunning the script resumes from the latest.
 # Before anything is created, launch/plan_check.py prints the TPU plan's batch recommendation for the slice
 # (benchmarks/tpu_plan.json), refuses a per-chip batch the plan says does not fit unless --force-batch, and
-# names a faster remat variant (--config.model.remat=False / remat_policy=dots) when one fits with 10 % headroom.
+# names a faster variant (--config.model.remat=False, remat_policy=attention|dots|dots_attention,
+# attention_impl=splash_fused) when one fits with 10 % headroom.
 # Env: TPU_VERSION (runtime image, default v2-alpha-tpuv5), REPO (git URL of this project), BRANCH (main).
 set -euo pipefail
-if [ $# -lt 5 ]; then sed -n 2,13p "$0"; exit 2; fi
+if [ $# -lt 5 ]; then sed -n 2,14p "$0"; exit 2; fi
 NAME=$1 ZONE=$2 ACCEL=$3 CONFIG=$4 WORKDIR=$5
 shift 5
 FORCE_BATCH="" OVERRIDES=""

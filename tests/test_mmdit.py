@@ -75,6 +75,9 @@ def test_remat_policies_give_the_same_values_and_gradients():
         assert max(rel_err(np.asarray(a), np.asarray(b)) for a, b in zip(flat, flat0)) < 1e-6
     with pytest.raises(ValueError, match="remat_policy='some'; expected one of"):
         value_and_grads(remat=True, remat_policy="some")
+    with pytest.raises(ValueError, match="remat_policy='attention' keeps the splash kernel's residuals; "
+                                         "attention_impl is 'xla'"):  # tests/test_splash.py runs it with splash
+        value_and_grads(remat=True, remat_policy="attention")
 
 
 def test_bad_inputs_name_the_problem(tmp_path):

@@ -54,6 +54,48 @@ def test_model_with_splash_matches_diffusers(monkeypatch):
     assert rel_err(np.asarray(got).transpose(0, 3, 1, 2), ref_v) < TOL
 
 
+def test_fused_backward_matches_torch_and_keeps_bf16_error(monkeypatch):
+    """attention_impl "splash_fused": the kernel's fused backward (dq in the dk/dv kernel). fp32: torch's gradients
+    within TOL. bf16: dq's per-key-block partials are rounded to bf16 before their sum, so its error against an
+    fp32 reference may grow, but stays within 2x that of the separate dq kernel (float32 accumulation)."""
+    monkeypatch.setattr(splash, "INTERPRET", True)
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((2, n, 2, 64)).astype(np.float32) for n in (300, 700, 700))  # 6 key blocks
+    w = rng.standard_normal((2, 300, 2, 64)).astype(np.float32)
+    _, ref_grads = _torch_attention(q, k, v, w)
+    grads = lambda fused, dt: jax.grad(lambda *a: (splash.splash_attention(*a, fused_backward=fused)
+                                                   .astype(jnp.float32) * w).sum(), argnums=(0, 1, 2))(
+        *(jnp.asarray(a, dt) for a in (q, k, v)))
+    for g, r in zip(grads(True, jnp.float32), ref_grads):
+        assert rel_err(np.asarray(g), r) < TOL
+    fused, separate = grads(True, jnp.bfloat16), grads(False, jnp.bfloat16)
+    for f, sep, r in zip(fused, separate, ref_grads):
+        e_fused, e_sep = rel_err(np.asarray(f, np.float32), r), rel_err(np.asarray(sep, np.float32), r)
+        assert e_sep < 2e-2 and e_fused < 2 * e_sep, (e_fused, e_sep)
+
+
+def test_attention_remat_policies_keep_values_and_gradients(monkeypatch):
+    """remat policies "attention" and "dots_attention" (keep the kernel's output and log-sum-exp), with both
+    backward kernels: the same loss and gradients as no remat (fp32, 1e-6)."""
+    monkeypatch.setattr(splash, "INTERPRET", True)
+    cfg = MMDiTConfig.from_dict(tiny_sd3_config("sd35_medium", 2))
+    model = tiny_sd3_transformer("sd35_medium", num_layers=2)
+    params = convert_state_dict({kk: vv.numpy() for kk, vv in model.state_dict().items()}, cfg)
+    x, t, c, p = (jnp.asarray(a) for a in sd3_inputs(tiny_sd3_config("sd35_medium", 2), batch=2, latent=8))
+    x = x.transpose(0, 2, 3, 1)
+
+    def value_and_grads(**kw):
+        loss = lambda prm, x: (MMDiT(cfg, **kw).apply({"params": prm}, x, t, c, p) ** 2).mean()
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+
+    v0, (gp0, gx0) = value_and_grads(remat=False, attention_impl="splash")
+    for impl, policy in (("splash", "attention"), ("splash_fused", "dots_attention")):
+        v, (gp, gx) = value_and_grads(remat=True, remat_policy=policy, attention_impl=impl)
+        assert abs(float(v) - float(v0)) <= 1e-6 * abs(float(v0))
+        assert rel_err(np.asarray(gx), np.asarray(gx0)) < 1e-6
+        assert max(rel_err(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gp0))) < 1e-6
+
+
 def test_splash_off_tpu_is_refused():
     q = jnp.zeros((1, 4, 1, 8))
     with pytest.raises(ValueError, match="attention_impl='splash' needs a TPU.*'chunked'"):

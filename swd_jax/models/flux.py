@@ -322,8 +322,8 @@ class Flux(nn.Module):
         cos, sin = (jnp.asarray(a) for a in rope_tables(T, h, w, cfg.axes_dims_rope))
 
         act_axes = ("activation_batch", "activation_tokens", "activation_embed")
-        double_cls = remat_block(DoubleBlock, self.remat, self.remat_policy)
-        single_cls = remat_block(SingleBlock, self.remat, self.remat_policy)
+        double_cls = remat_block(DoubleBlock, self.remat, self.remat_policy, self.attention_impl)
+        single_cls = remat_block(SingleBlock, self.remat, self.remat_policy, self.attention_impl)
         feats = {}
         last = max(feature_blocks) if features_only else cfg.num_blocks - 1
         for i in range(min(last + 1, cfg.num_layers)):

@@ -99,22 +99,50 @@ class RMSNorm(nn.Module):
         return x32 * scale.astype(jnp.float32)
 
 
-ATTENTION_IMPLS = ("xla", "cudnn", "chunked", "splash")
+ATTENTION_IMPLS = ("xla", "cudnn", "chunked", "splash", "splash_fused")
+SPLASH_IMPLS = ("splash", "splash_fused")
+# The checkpoint name of the splash kernel's output and softmax statistics: what the "attention" policies keep.
+ATTENTION_RESIDUALS = "attention_residuals"
 
-# What a rematerialised block keeps from its forward for the backward pass (`remat=True`): "full" keeps only the
-# block's inputs and recomputes everything else; "dots" also keeps every matmul output without batch dimensions
-# (the projections and MLPs: recomputes norms, activations, modulation and attention). More memory, less compute.
-REMAT_POLICIES = ("full", "dots")
+# What a rematerialised block keeps from its forward for the backward pass (`remat=True`):
+#   "full": only the block's inputs; everything else is recomputed (the reference's gradient checkpointing);
+#   "attention": also the splash kernel's output and log-sum-exp, so the backward does not rerun the attention
+#       kernel's forward (1 activation per attention; needs a splash attention_impl);
+#   "dots": also every matmul output without batch dimensions (projections and MLPs; recomputes norms,
+#       activations, modulation and attention);
+#   "dots_attention": both.
+# More memory, less compute from first to last; values and gradients are the same.
+REMAT_POLICIES = ("full", "attention", "dots", "dots_attention")
 
 
-def remat_block(block_cls, remat: bool, policy: str = "full"):
-    """`block_cls` rematerialised with `policy` (one of REMAT_POLICIES) if `remat`, else as is."""
+def remat_saved(policy: str):
+    """The `jax.checkpoint` policy of one of REMAT_POLICIES (None: save nothing)."""
     if policy not in REMAT_POLICIES:
         raise ValueError(f"remat_policy={policy!r}; expected one of {REMAT_POLICIES}")
+    cp = jax.checkpoint_policies
+    return {"full": None, "attention": cp.save_only_these_names(ATTENTION_RESIDUALS),
+            "dots": cp.dots_with_no_batch_dims_saveable,
+            "dots_attention": cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable,
+                                                         cp.save_only_these_names(ATTENTION_RESIDUALS))}[policy]
+
+
+def check_remat(policy: str, attention_impl: str) -> None:
+    """One clear line where a remat policy cannot do what it says with the attention in use."""
+    remat_saved(policy)
+    if "attention" in policy and attention_impl not in SPLASH_IMPLS:
+        raise ValueError(f"remat_policy={policy!r} keeps the splash kernel's residuals; attention_impl is "
+                         f"{attention_impl!r} (expected one of {SPLASH_IMPLS}, or remat_policy 'full' / 'dots')")
+
+
+def remat_block(block_cls, remat: bool, policy: str = "full", attention_impl: str = "xla"):
+    """`block_cls` rematerialised with `policy` (one of REMAT_POLICIES) if `remat`, else as is."""
+    saved = remat_saved(policy)
     if not remat:
         return block_cls
-    saved = None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    check_remat(policy, attention_impl)
     return nn.remat(block_cls, policy=saved)
+
+
 ATTENTION_CHUNK = 512  # query rows per chunk of the "chunked" attention
 
 
@@ -124,15 +152,16 @@ def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, impl: str = "xla", chunk: int 
     impl: "xla" (any backend; all [B, H, L, S] logits live at once), "cudnn" (GPU flash kernel) or "chunked"
     (any backend; queries in chunks of ATTENTION_CHUNK, each rematerialised, so only [B, H, chunk, S] logits
     are ever live, forward and backward: the memory profile of a flash attention at the same FLOPs) or
-    "splash" (TPU Pallas flash kernel, sharded per device: `swd_jax.models.splash`).
+    "splash" (TPU Pallas flash kernel, sharded per device: `swd_jax.models.splash`) or "splash_fused" (the same
+    with its fused backward kernel: dq in the dk/dv kernel, partial dq sums in the input dtype).
     """
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD, implementation="cudnn")
     if impl == "chunked":
         return chunked_attention(q_BLHD, k_BSHD, v_BSHD, chunk)
-    if impl == "splash":
+    if impl in SPLASH_IMPLS:
         from swd_jax.models.splash import splash_attention
-        return splash_attention(q_BLHD, k_BSHD, v_BSHD)
+        return splash_attention(q_BLHD, k_BSHD, v_BSHD, fused_backward=impl == "splash_fused")
     if impl != "xla":
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {ATTENTION_IMPLS}")
     scale = 1.0 / math.sqrt(q_BLHD.shape[-1])

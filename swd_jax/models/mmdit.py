@@ -286,7 +286,7 @@ class MMDiT(nn.Module):
         c_BTD = LoraDense(D, ("joint", "embed"), True, None, self.dtype, self.param_dtype,
                           name="context_embedder")(context_BTJ)
 
-        block_cls = remat_block(JointBlock, self.remat, self.remat_policy)
+        block_cls = remat_block(JointBlock, self.remat, self.remat_policy, self.attention_impl)
         feats = {}
         last = max(feature_blocks) if features_only else cfg.num_layers - 1
         for i in range(last + 1):

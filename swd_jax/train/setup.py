@@ -17,7 +17,7 @@ from swd_jax.convert.converted import FAMILIES
 from swd_jax.convert.transformer import transformer_class
 from swd_jax.discriminator import DiscriminatorHead
 from swd_jax.models.flux import FluxConfig
-from swd_jax.models.layers import ATTENTION_IMPLS, LORA, REMAT_POLICIES, LoraConfig
+from swd_jax.models.layers import ATTENTION_IMPLS, LORA, REMAT_POLICIES, LoraConfig, check_remat
 from swd_jax.models.mmdit import MMDiTConfig
 from swd_jax.convert.converted import model_kind
 from swd_jax.schedule import PRESETS, ScaleSchedule, get_schedule
@@ -180,6 +180,8 @@ def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
         raise ValueError(f"model.attention_impl={c.model.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
     if c.model.remat_policy not in REMAT_POLICIES:
         raise ValueError(f"model.remat_policy={c.model.remat_policy!r}; expected one of {REMAT_POLICIES}")
+    if c.model.remat:
+        check_remat(c.model.remat_policy, c.model.attention_impl)
     if c.model.attention_chunk < 8:
         raise ValueError(f"model.attention_chunk={c.model.attention_chunk}; expected at least 8 query rows")
     dtype = _dtype(c.model.dtype, "model.dtype")
