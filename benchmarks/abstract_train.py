@@ -47,6 +47,7 @@ class TrainShape:
     lora_rank: int = 64
     remat: bool = True
     remat_policy: str = "full"
+    blocks_without_remat: int = 0
     attention_impl: str = "xla"
     dtype: str = "bfloat16"
     param_dtype: str = "bfloat16"
@@ -59,6 +60,7 @@ class TrainShape:
         c = base_config()
         c.model.dtype, c.model.param_dtype, c.model.remat = self.dtype, self.param_dtype, self.remat
         c.model.remat_policy, c.model.attention_impl = self.remat_policy, self.attention_impl
+        c.model.blocks_without_remat = self.blocks_without_remat
         if self.lora_targets is not None:
             c.lora.targets = self.lora_targets
         c.lora.rank, c.lora.alpha = self.lora_rank, float(self.lora_rank)
@@ -106,6 +108,7 @@ def build_models(shape: TrainShape) -> SwDModels:
     lora = LoraConfig(rank=c.lora.rank, alpha=c.lora.alpha, targets=tuple(c.lora.targets))
     transformer = backbone_of(shape.model).module_cls(shape.model, lora=lora, dtype=dtype, param_dtype=pdt,
                                                       remat=shape.remat, remat_policy=shape.remat_policy,
+                                                      blocks_without_remat=shape.blocks_without_remat,
                                                       attention_impl=c.model.attention_impl)
     head = DiscriminatorHead(shape.model.inner_dim, c.head.num_layers, dtype=dtype)
     loss = loss_config(c)

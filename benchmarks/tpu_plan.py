@@ -88,16 +88,21 @@ def depth(shape: TrainShape) -> int:
 
 
 def cut(shape: TrainShape, blocks: int | None, batch: int, remat: str = "full",
-        attention: str = "splash") -> TrainShape:
+        attention: str = "splash", without_remat: int = 0) -> TrainShape:
     """`shape` at `batch` images per chip, with only `blocks` blocks (block kinds and feature block scaled).
 
     MMDiT: the first round(dual x blocks / depth) blocks have dual attention. FLUX: double-stream blocks in
     their proportion (19 of 57; depths that are multiples of 3 keep it exactly), the rest single-stream.
     """
-    shape = dataclasses.replace(shape, batch_per_device=batch, attention_impl=attention, **REMAT[remat])
+    shape = dataclasses.replace(shape, batch_per_device=batch, attention_impl=attention, **REMAT[remat],
+                                blocks_without_remat=without_remat)
     full = depth(shape)
     if not blocks or blocks == full:
         return shape
+    if without_remat * blocks % full:  # the cut keeps the fraction exactly, or depth extrapolation is off
+        raise ValueError(f"--blocks-without-remat {without_remat} of {full} blocks does not scale to a {blocks}-block "
+                         f"cut (pick depths that are multiples of {full // math.gcd(full, without_remat)})")
+    shape = dataclasses.replace(shape, blocks_without_remat=without_remat * blocks // full)
     if isinstance(shape.model, FluxConfig):
         double = max(1, round(shape.model.num_layers * blocks / full))
         model = dataclasses.replace(shape.model, num_layers=double, num_single_layers=blocks - double)
@@ -273,6 +278,7 @@ def compile_plan(shape: TrainShape, topo: str, hlo_dir: str = "") -> dict:
     mem = {k: v * per_chip for k, v in memory_per_device(compiled).items()}
     return {"model": shape.name, "blocks": depth(shape), "topology": topo, "chips": chips,
             "batch_per_chip": shape.batch_per_device, "remat": remat_name(shape), "attention": shape.attention_impl,
+            "blocks_without_remat": shape.blocks_without_remat,
             **mem,
             "hbm_gib": CHIPS[topo.split(":")[0]].hbm_gib,
             **figures(shape, topo, float(cost["flops"]) * per_chip, float(cost["optimal_seconds"]),
@@ -346,8 +352,11 @@ def _print(rows):
 
 
 def variant(r: dict) -> str:
-    """A row's or plan's remat policy, with ', fused bwd' for the splash_fused attention."""
-    return r.get("remat", "full") + (", fused bwd" if r.get("attention") == "splash_fused" else "")
+    """A row's or plan's remat policy, with ', fused bwd' for the splash_fused attention and the blocks without
+    remat."""
+    n = r.get("blocks_without_remat", 0)
+    return (r.get("remat", "full") + (", fused bwd" if r.get("attention") == "splash_fused" else "")
+            + (f", {n} blocks without" if n else ""))
 
 
 def markdown(plans: dict) -> str:
@@ -369,15 +378,18 @@ def markdown(plans: dict) -> str:
     return "\n".join(out)
 
 
-def plan_key(model: str, topo: str, remat: str = "full", attention: str = "splash") -> str:
-    """The plan file's key: 'medium@v5p:2x2x1', with '/remat=dots' for a policy other than the default and
-    '/attention=splash_fused' for the fused-backward kernel."""
+def plan_key(model: str, topo: str, remat: str = "full", attention: str = "splash", without_remat: int = 0) -> str:
+    """The plan file's key: 'medium@v5p:2x2x1', with '/remat=dots' for a policy other than the default,
+    '/attention=splash_fused' for the fused-backward kernel and '/blocks_without_remat=6'."""
     return (f"{model}@{topo}" + ("" if remat == "full" else f"/remat={remat}")
-            + ("" if attention == "splash" else f"/attention={attention}"))
+            + ("" if attention == "splash" else f"/attention={attention}")
+            + (f"/blocks_without_remat={without_remat}" if without_remat else ""))
 
 
-def save_plan(path: str, key: str, plan: dict) -> None:
-    """Set `key` in the plan file, keeping the other keys (other runs may write theirs meanwhile): locked, atomic."""
+def save_plan(path: str, key: str, summarise) -> dict:
+    """Set `key` in the plan file to `summarise(compiled rows)`, the rows ours merged with those the file holds
+    for `key` now (another run of the same variant, e.g. another depth, may have written meanwhile; ours win);
+    other keys are kept. Locked, atomic; returns the plan written."""
     import fcntl
     with open(path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -385,10 +397,12 @@ def save_plan(path: str, key: str, plan: dict) -> None:
         if os.path.exists(path):
             with open(path) as f:
                 plans = json.load(f)
+        plan = summarise(plans.get(key, {}).get("rows", []))
         plans[key] = plan
         with open(path + ".tmp", "w") as f:
             json.dump(dict(sorted(plans.items())), f, indent=1)
         os.replace(path + ".tmp", path)
+    return plan
 
 
 def main(argv=None):
@@ -402,6 +416,8 @@ def main(argv=None):
                     "dots_attention)")
     ap.add_argument("--attention", default="splash", choices=SPLASH_IMPLS,
                     help="model.attention_impl: splash, or splash_fused (the kernel's fused backward)")
+    ap.add_argument("--blocks-without-remat", type=int, default=0, metavar="N",
+                    help="model.blocks_without_remat at full depth (cut depths keep the fraction)")
     ap.add_argument("--hlo-dir", default="", help="write each compiled program's HLO text (gzip) here")
     ap.add_argument("--json", default="", help="rows are kept in (and reused from) this file; launch/tpu_pod.sh "
                     "reads benchmarks/tpu_plan.json")
@@ -417,7 +433,7 @@ def main(argv=None):
     batches = [int(b) for b in a.batch.split(",")] if a.batch else [shape.batch_per_device]
     depths = [int(n) for n in a.blocks.split(",")] if a.blocks else [None]
     full, hbm = depth(shape), CHIPS[a.topology.split(":")[0]].hbm_gib
-    key = plan_key(a.model, a.topology, a.remat, a.attention)
+    key = plan_key(a.model, a.topology, a.remat, a.attention, a.blocks_without_remat)
     plans = {}
     if a.json and os.path.exists(a.json):
         with open(a.json) as f:
@@ -426,36 +442,44 @@ def main(argv=None):
     for r in rows:  # recounted with this version's timing (rows from before it had no "images")
         r.setdefault("images", (shape.n_fake_steps + 1) * r["batch_per_chip"] * r["chips"])
         r.update(timing(r, r["chips"], CHIPS[a.topology.split(":")[0]]))
+    without = f", {a.blocks_without_remat} blocks without remat" if a.blocks_without_remat else ""
     for n in depths:
         for b in batches:
-            s = cut(shape, n, b, a.remat, a.attention)
+            s = cut(shape, n, b, a.remat, a.attention, a.blocks_without_remat)
             if any((r["blocks"], r["batch_per_chip"]) == (depth(s), b) for r in rows):
-                print(f"{s.name} on {a.topology}, {b} images/chip, remat {a.remat}, {a.attention}: in {a.json} already", flush=True)
+                print(f"{s.name} on {a.topology}, {b} images/chip, remat {a.remat}, {a.attention}{without}: in {a.json} already", flush=True)
                 continue
             if a.no_compile:
-                print(f"{s.name} on {a.topology}, {b} images/chip, remat {a.remat}, {a.attention}: not in {a.json}", flush=True)
+                print(f"{s.name} on {a.topology}, {b} images/chip, remat {a.remat}, {a.attention}{without}: not in {a.json}", flush=True)
                 continue
-            print(f"{s.name} on {a.topology}, {b} images/chip, remat {a.remat}, {a.attention}: compiling ...", flush=True)
+            print(f"{s.name} on {a.topology}, {b} images/chip, remat {a.remat}, {a.attention}{without}: compiling ...", flush=True)
             rows.append(compile_plan(s, a.topology, a.hlo_dir))
             r = rows[-1]
             print(f"  {r['compile_s']:.0f} s: peak {r['peak_gib']:.1f} GiB/chip (arguments {r['arguments_gib']:.2f}, "
                   f"temporaries {r['temp_gib']:.1f}), {_f(r['seconds'], 0, 3)} s/iteration, MFU {_f(r['mfu'], 0, 2)}",
                   flush=True)
             if a.json:  # written after every compile: a long run keeps what it measured
-                save_plan(a.json, key, _summary(a, shape, rows, full, hbm))
+                save_plan(a.json, key, lambda saved: _summary(a, shape, merge_rows(saved, rows), full, hbm))
     summary = _summary(a, shape, rows, full, hbm)
     if a.json:
-        save_plan(a.json, key, summary)
+        summary = save_plan(a.json, key, lambda saved: _summary(a, shape, merge_rows(saved, rows), full, hbm))
     _print(sorted(summary["rows"], key=lambda r: (r["blocks"], r["batch_per_chip"])))
     print(f"largest batch/chip that fits {hbm:.0f} GiB: {summary['max_batch_per_chip']} "
           f"(with {HEADROOM:.0%} headroom: {summary['max_batch_per_chip_10pct_headroom']})")
 
 
+def merge_rows(saved: list[dict], ours: list[dict]) -> list[dict]:
+    """The compiled rows of both, one per (blocks, batch): ours where both have one."""
+    at = lambda r: (r["blocks"], r["batch_per_chip"])
+    mine = {at(r) for r in ours}
+    return [r for r in saved if not r["extrapolated"] and at(r) not in mine] + list(ours)
+
+
 def _summary(a, shape: TrainShape, rows: list[dict], full: int, hbm: float) -> dict:
     rows = rows + extrapolate(rows, full)
     final = [r for r in rows if r["blocks"] == full]
-    return {"model": shape.name, "topology": a.topology, "remat": a.remat, "attention": a.attention, "hbm_gib": hbm,
-            "full_blocks": full,
+    return {"model": shape.name, "topology": a.topology, "remat": a.remat, "attention": a.attention,
+            "blocks_without_remat": a.blocks_without_remat, "hbm_gib": hbm, "full_blocks": full,
             "max_batch_per_chip": largest_batch(final, hbm),
             "max_batch_per_chip_10pct_headroom": largest_batch(final, hbm, HEADROOM),
             "max_batch_is_lower_bound": len({r["batch_per_chip"] for r in final}) < 2,  # one batch measured

@@ -10,8 +10,10 @@ def base_config() -> ml_collections.ConfigDict:
     # remat: rematerialise each block; remat_policy: what it keeps for the backward, "full" (its inputs only, as
     # the reference's gradient checkpointing), "attention" (also the splash kernel's output and log-sum-exp: no
     # attention forward rerun), "dots" (also the matmul outputs) or "dots_attention" (both): less recompute, more
-    # memory (swd_jax.models.layers.REMAT_POLICIES).
+    # memory (swd_jax.models.layers.REMAT_POLICIES); blocks_without_remat: the last this many blocks run without
+    # remat (all their activations kept: HBM left over buys speed).
     c.model = dict(source="auto", path="", dtype="bfloat16", param_dtype="bfloat16", remat=True, remat_policy="full",
+                   blocks_without_remat=0,
                    # "xla" | "chunked" (any backend, flash-like memory) | "splash" (TPU) | "splash_fused" (TPU,
                    # the kernel's fused backward: dq partial sums in bf16) | "cudnn" (GPU);
                    # attention_chunk: query rows per chunk of "chunked".

@@ -67,14 +67,27 @@ REMAT_FLAGS = {"full": "", "attention": "--config.model.remat_policy=attention",
 ATTENTION_FLAGS = {"splash": "", "splash_fused": "--config.model.attention_impl=splash_fused"}
 
 
-def variant_suffix(remat: str, attention: str) -> str:
+def variant_suffix(remat: str, attention: str, without: int = 0) -> str:
     """The plan key's suffix after 'model@topology' (as benchmarks.tpu_plan.plan_key writes it)."""
-    return ("" if remat == "full" else f"/remat={remat}") + ("" if attention == "splash" else f"/attention={attention}")
+    return (("" if remat == "full" else f"/remat={remat}") + ("" if attention == "splash" else f"/attention={attention}")
+            + (f"/blocks_without_remat={without}" if without else ""))
 
 
-def pick_plan(plans: dict, model: str, gen: str, remat: str, chips: int, attention: str = "splash") -> dict | None:
+def parse_variant(key: str) -> tuple[str, str, int]:
+    """(remat, attention, blocks without remat) of a plan key: the inverse of variant_suffix."""
+    parts = dict(p.split("=", 1) for p in key.split("/")[1:])
+    return parts.get("remat", "full"), parts.get("attention", "splash"), int(parts.get("blocks_without_remat", 0))
+
+
+def variant_flags(remat: str, attention: str, without: int) -> str:
+    return " ".join(f for f in (REMAT_FLAGS[remat], ATTENTION_FLAGS[attention],
+                                f"--config.model.blocks_without_remat={without}" if without else "") if f)
+
+
+def pick_plan(plans: dict, model: str, gen: str, remat: str, chips: int, attention: str = "splash",
+              without: int = 0) -> dict | None:
     """The plan of `model` on generation `gen` with that variant closest to a slice of `chips` chips."""
-    suffix = variant_suffix(remat, attention)
+    suffix = variant_suffix(remat, attention, without)
     same = [p for key, p in plans.items() if key.startswith(f"{model}@{gen}:")
             and key[len(key.split("/")[0]):] == suffix
             and any(r["blocks"] == p.get("full_blocks", r["blocks"]) for r in p["rows"])]  # has full depth
@@ -93,23 +106,25 @@ def _full_depth_mfu(plan: dict, per_chip: float) -> float | None:
     return rows[0]["mfu"] if rows else None
 
 
-def suggest_variant(plans: dict, model: str, gen: str, chips: int, per_chip: float, variant: tuple[str, str],
+def suggest_variant(plans: dict, model: str, gen: str, chips: int, per_chip: float, variant: tuple[str, str, int],
                     plan: dict) -> None:
-    """Print the (remat, attention) variant the plan says is fastest among those that fit this batch with 10 %
-    headroom."""
+    """Print the (remat, attention, blocks without remat) variant the plan says is fastest among those that fit
+    this batch with 10 % headroom."""
     ours = _full_depth_mfu(plan, per_chip)
     options = []
-    for other in ((r, a) for r in REMAT_FLAGS for a in ATTENTION_FLAGS):
-        p = pick_plan(plans, model, gen, other[0], chips, other[1])
+    planned = {parse_variant(k) for k in plans if k.startswith(f"{model}@{gen}:")}
+    for other in sorted(v for v in planned if v[0] in REMAT_FLAGS and v[1] in ATTENTION_FLAGS):
+        p = pick_plan(plans, model, gen, other[0], chips, other[1], other[2])
         safe = p and p["max_batch_per_chip_10pct_headroom"]
         if other != variant and safe and per_chip <= safe:
             mfu = _full_depth_mfu(p, per_chip)
             if mfu is not None and ours is not None and mfu > ours:
                 options.append((mfu, other))
     if options:
-        mfu, (remat, attention) = max(options)
-        name = f"remat {remat}" + (f" with {attention}" if attention != "splash" else "")
-        flags = " ".join(f for f in (REMAT_FLAGS[remat], ATTENTION_FLAGS[attention]) if f)
+        mfu, (remat, attention, without) = max(options)
+        name = (f"remat {remat}" + (f" with {attention}" if attention != "splash" else "")
+                + (f" and {without} blocks without remat" if without else ""))
+        flags = variant_flags(remat, attention, without)
         print(f"plan check: {name} fits this batch with 10 % headroom and is faster (estimated MFU {mfu:.2f} "
               f"vs {ours:.2f}): add {flags}")
 
@@ -135,11 +150,13 @@ def main(argv: list[str]) -> int:
         with open(PLAN) as f:
             plans = json.load(f)
     remat, attention = remat_of(config, rest), attention_of(rest)
+    without = int(config_value(config, rest, "model.blocks_without_remat", r"\d+") or 0)
     if attention not in ATTENTION_FLAGS:
         print(f"plan check: no TPU plan for attention_impl={attention}; launching without a batch check")
         return 0
-    plan = pick_plan(plans, model, gen, remat, chips, attention)
-    name = f"remat {remat}" + (f", {attention}" if attention != "splash" else "")
+    plan = pick_plan(plans, model, gen, remat, chips, attention, without)
+    name = (f"remat {remat}" + (f", {attention}" if attention != "splash" else "")
+            + (f", {without} blocks without remat" if without else ""))
     if plan is None:
         print(f"plan check: {PLAN} has no {model} plan for {gen} with {name}; launching without a batch check")
         return 0
@@ -154,9 +171,9 @@ def main(argv: list[str]) -> int:
         print(f"  {r['batch_per_chip']:10d} {r['peak_gib']:9.1f} {fig(r['seconds'], 7, 3)} {fig(r['mfu'], 5, 2)}")
     print(f"  largest batch/chip that fits: {best}; with 10 % headroom: {safe}")
     print(f"this launch: global batch {batch} on {accel} ({chips} chips) = {per_chip:g} images/chip")
-    if not any(o.startswith(("--config.model.remat=", "--config.model.remat_policy=", "--config.model.attention_impl="))
-               for o in rest):
-        suggest_variant(plans, model, gen, chips, per_chip, (remat, attention), plan)
+    if not any(o.startswith(("--config.model.remat=", "--config.model.remat_policy=", "--config.model.attention_impl=",
+                             "--config.model.blocks_without_remat=")) for o in rest):
+        suggest_variant(plans, model, gen, chips, per_chip, (remat, attention, without), plan)
     if best is not None and per_chip <= best:
         return 0
     if best is not None and plan.get("max_batch_is_lower_bound"):

@@ -67,12 +67,14 @@ def test_remat_policies_give_the_same_values_and_gradients():
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
 
     (v0, (gp0, gx0)) = value_and_grads(remat=False)
-    for policy in ("full", "dots"):
-        v, (gp, gx) = value_and_grads(remat=True, remat_policy=policy)
+    for policy, plain in (("full", 0), ("dots", 0), ("full", 1)):  # plain: blocks_without_remat (the last ones)
+        v, (gp, gx) = value_and_grads(remat=True, remat_policy=policy, blocks_without_remat=plain)
         assert abs(float(v) - float(v0)) <= 1e-6 * abs(float(v0))
         assert rel_err(np.asarray(gx), np.asarray(gx0)) < 1e-6
         flat, flat0 = jax.tree.leaves(gp), jax.tree.leaves(gp0)
         assert max(rel_err(np.asarray(a), np.asarray(b)) for a, b in zip(flat, flat0)) < 1e-6
+    with pytest.raises(ValueError, match="blocks_without_remat=9: expected 0..3"):
+        value_and_grads(remat=True, blocks_without_remat=9)
     with pytest.raises(ValueError, match="remat_policy='some'; expected one of"):
         value_and_grads(remat=True, remat_policy="some")
     with pytest.raises(ValueError, match="remat_policy='attention' keeps the splash kernel's residuals; "

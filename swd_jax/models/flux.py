@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swd_jax.models.layers import (LoraConfig, LoraDense, RMSNorm, dot_product_attention, layer_norm, remat_block,
-                                   timestep_embedding)
+from swd_jax.models.layers import (LoraConfig, LoraDense, RMSNorm, check_blocks_without_remat, dot_product_attention,
+                                   layer_norm, remat_block, timestep_embedding)
 from swd_jax.models.mmdit import FeedForward, _Common, modulate
 
 _DIFFUSERS_META = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
@@ -283,6 +283,7 @@ class Flux(nn.Module):
     attention_impl: str = "xla"
     attention_chunk: int | None = None
     remat_policy: str = "full"  # with remat: what a block keeps for the backward (layers.REMAT_POLICIES)
+    blocks_without_remat: int = 0  # with remat: the last this many blocks (single-stream first) run without it
 
     def check_latent_size(self, height: int, width: int):
         for name, s in (("height", height), ("width", width)):
@@ -324,16 +325,19 @@ class Flux(nn.Module):
         act_axes = ("activation_batch", "activation_tokens", "activation_embed")
         double_cls = remat_block(DoubleBlock, self.remat, self.remat_policy, self.attention_impl)
         single_cls = remat_block(SingleBlock, self.remat, self.remat_policy, self.attention_impl)
+        plain_from = cfg.num_blocks - check_blocks_without_remat(self.blocks_without_remat, cfg.num_blocks, self.remat)
         feats = {}
         last = max(feature_blocks) if features_only else cfg.num_blocks - 1
         for i in range(min(last + 1, cfg.num_layers)):
-            c_BTD, x_BLD = double_cls(name=f"transformer_blocks_{i}", **bkw)(x_BLD, c_BTD, temb, cos, sin)
+            cls = double_cls if i < plain_from else DoubleBlock
+            c_BTD, x_BLD = cls(name=f"transformer_blocks_{i}", **bkw)(x_BLD, c_BTD, temb, cos, sin)
             x_BLD = nn.with_logical_constraint(x_BLD, act_axes)
             if i in feature_blocks:
                 feats[i] = x_BLD
         h_BLD = jnp.concatenate([c_BTD, x_BLD], axis=1)
         for i in range(cfg.num_layers, last + 1):
-            h_BLD = single_cls(name=f"single_transformer_blocks_{i - cfg.num_layers}", **bkw)(h_BLD, temb, cos, sin)
+            cls = single_cls if i < plain_from else SingleBlock
+            h_BLD = cls(name=f"single_transformer_blocks_{i - cfg.num_layers}", **bkw)(h_BLD, temb, cos, sin)
             h_BLD = nn.with_logical_constraint(h_BLD, act_axes)
             if i in feature_blocks:
                 feats[i] = h_BLD[:, T:]

@@ -134,6 +134,15 @@ def check_remat(policy: str, attention_impl: str) -> None:
                          f"{attention_impl!r} (expected one of {SPLASH_IMPLS}, or remat_policy 'full' / 'dots')")
 
 
+def check_blocks_without_remat(n: int, num_blocks: int, remat: bool) -> int:
+    """`n` if it is a valid count of blocks to run without remat (the last n of num_blocks), else one clear line."""
+    if not 0 <= n <= num_blocks:
+        raise ValueError(f"blocks_without_remat={n}: expected 0..{num_blocks} (the model has {num_blocks} blocks)")
+    if n and not remat:
+        raise ValueError(f"blocks_without_remat={n} needs remat=True (with remat off no block is rematerialised)")
+    return n
+
+
 def remat_block(block_cls, remat: bool, policy: str = "full", attention_impl: str = "xla"):
     """`block_cls` rematerialised with `policy` (one of REMAT_POLICIES) if `remat`, else as is."""
     saved = remat_saved(policy)

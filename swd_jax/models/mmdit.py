@@ -18,7 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from swd_jax.models.layers import (LoraConfig, LoraDense, RMSNorm, dot_product_attention, layer_norm, remat_block,
+from swd_jax.models.layers import (LoraConfig, LoraDense, RMSNorm, check_blocks_without_remat, dot_product_attention,
+                                   layer_norm, remat_block,
                                    sincos_pos_embed_2d, timestep_embedding)
 
 _DIFFUSERS_META = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
@@ -251,6 +252,7 @@ class MMDiT(nn.Module):
     attention_impl: str = "xla"
     attention_chunk: int | None = None  # "chunked" attention only: query rows per chunk
     remat_policy: str = "full"  # with remat: what a block keeps for the backward (layers.REMAT_POLICIES)
+    blocks_without_remat: int = 0  # with remat: the last this many blocks run without it (keep all activations)
 
     def check_latent_size(self, height: int, width: int):
         cfg = self.config
@@ -286,10 +288,12 @@ class MMDiT(nn.Module):
         c_BTD = LoraDense(D, ("joint", "embed"), True, None, self.dtype, self.param_dtype,
                           name="context_embedder")(context_BTJ)
 
-        block_cls = remat_block(JointBlock, self.remat, self.remat_policy, self.attention_impl)
+        remat_cls = remat_block(JointBlock, self.remat, self.remat_policy, self.attention_impl)
+        plain_from = cfg.num_layers - check_blocks_without_remat(self.blocks_without_remat, cfg.num_layers, self.remat)
         feats = {}
         last = max(feature_blocks) if features_only else cfg.num_layers - 1
         for i in range(last + 1):
+            block_cls = remat_cls if i < plain_from else JointBlock
             c_BTD, x_BLD = block_cls(heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim,
                                      context_pre_only=i == cfg.num_layers - 1,
                                      dual_attention=i in cfg.dual_attention_layers, qk_norm=cfg.qk_norm,

@@ -15,6 +15,7 @@ from swd_jax.train.config_loading import ConfigError, flat_fields
 # Fields a resume may change freely: they do not alter the trained state or what it means.
 HARMLESS_PREFIXES = ("train.log_every", "train.ckpt_every", "train.keep", "train.sample_every", "train.num_samples",
                      "train.export_peft", "eval.", "model.attention_impl", "model.attention_chunk", "model.remat",
+                     "model.blocks_without_remat",
                      "mesh.")
 
 
@@ -35,6 +36,8 @@ def check_values(c) -> None:
     _require(lora.rank >= 1, "lora.rank", lora.rank, "must be at least 1")
     _require(lora.alpha > 0, "lora.alpha", lora.alpha, "must be positive")
     _require(len(lora.targets) >= 1, "lora.targets", tuple(lora.targets), "name at least one module")
+    _require(c.model.blocks_without_remat >= 0, "model.blocks_without_remat", c.model.blocks_without_remat,
+             "must be 0 (every block under remat) or more")
     _require(c.head.num_layers >= 1, "head.num_layers", c.head.num_layers, "must be at least 1")
     n = c.schedule.num_train_steps
     _require(n >= 1, "schedule.num_train_steps", n, "must be at least 1")

@@ -17,7 +17,8 @@ from swd_jax.convert.converted import FAMILIES
 from swd_jax.convert.transformer import transformer_class
 from swd_jax.discriminator import DiscriminatorHead
 from swd_jax.models.flux import FluxConfig
-from swd_jax.models.layers import ATTENTION_IMPLS, LORA, REMAT_POLICIES, LoraConfig, check_remat
+from swd_jax.models.layers import (ATTENTION_IMPLS, LORA, REMAT_POLICIES, LoraConfig, check_blocks_without_remat,
+                                   check_remat)
 from swd_jax.models.mmdit import MMDiTConfig
 from swd_jax.convert.converted import model_kind
 from swd_jax.schedule import PRESETS, ScaleSchedule, get_schedule
@@ -182,6 +183,10 @@ def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
         raise ValueError(f"model.remat_policy={c.model.remat_policy!r}; expected one of {REMAT_POLICIES}")
     if c.model.remat:
         check_remat(c.model.remat_policy, c.model.attention_impl)
+    try:
+        check_blocks_without_remat(c.model.blocks_without_remat, bb.num_blocks(cfg), c.model.remat)
+    except ValueError as e:
+        raise ValueError(f"model.{e}") from None
     if c.model.attention_chunk < 8:
         raise ValueError(f"model.attention_chunk={c.model.attention_chunk}; expected at least 8 query rows")
     dtype = _dtype(c.model.dtype, "model.dtype")
@@ -189,6 +194,7 @@ def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
     transformer = bb.module_cls(cfg, lora=lora, dtype=dtype,
                                 param_dtype=_dtype(c.model.param_dtype, "model.param_dtype"), remat=c.model.remat,
                                 remat_policy=c.model.remat_policy, attention_impl=c.model.attention_impl,
+                                blocks_without_remat=c.model.blocks_without_remat,
                                 attention_chunk=c.model.attention_chunk)
     head = DiscriminatorHead(cfg.inner_dim, c.head.num_layers, dtype=dtype)
     models = SwDModels(transformer, head, schedule, loss, make_optimizer(c.optim.lr, c.optim),
