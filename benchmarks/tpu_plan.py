@@ -122,7 +122,8 @@ def model_flops(shape: TrainShape, chips: int, attention: bool = True) -> tuple[
     while loop) once, not n_fake times (checked: n_fake 1 and 2 give the same counts); the second figure is
     that body, the fake loss's value and gradient.
     """
-    plain = dataclasses.replace(shape, remat=False, attention_impl="xla", batch_per_device=shape.batch_per_device * chips)
+    plain = dataclasses.replace(shape, remat=False, blocks_without_remat=0, attention_impl="xla",
+                                batch_per_device=shape.batch_per_device * chips)
     one = sharding.make_mesh((1, 1, 1), devices=jax.devices("cpu")[:1])
     no_attention = lambda q_BLHD, k_BSHD, v_BSHD, *_, **__: q_BLHD
     with contextlib.ExitStack() as stack:

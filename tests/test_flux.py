@@ -63,9 +63,10 @@ def test_features_only_stops_early_and_chunked_attention_agrees():
     flops_feat = jax.jit(lambda prm: fwd(prm, True)).lower(params).compile().cost_analysis()["flops"]
     flops_full = jax.jit(lambda prm: fwd(prm, False)).lower(params).compile().cost_analysis()["flops"]
     assert flops_feat < 0.5 * flops_full
-    # chunked attention (21 tokens in chunks of 8) and remat give the same velocity
+    # chunked attention (21 tokens in chunks of 8) and remat (the last, single-stream block without) give the
+    # same velocity
     v2 = run_ours(cfg, {"params": params}, inputs, model_kw=dict(attention_impl="chunked", attention_chunk=8,
-                                                                 remat=True))
+                                                                 remat=True, blocks_without_remat=1))
     assert rel_err(v2, v) < TOL
 
 

@@ -82,6 +82,15 @@ def test_splash_flops_count_loops_and_callers():
     assert tpu_plan.splash_flops(hlo) == unit * (4 + 2 * (8 + 3 * (4 + 6)))
 
 
+def test_cut_models_keep_the_fraction_of_blocks_without_remat():
+    from benchmarks.abstract_train import MEDIUM
+    assert tpu_plan.cut(MEDIUM, 8, 8, "attention", "splash_fused", 6).blocks_without_remat == 2  # 6 of 24 -> 2 of 8
+    with pytest.raises(ValueError, match="6 of 24 blocks does not scale to a 2-block cut .pick depths that are multiples of 4"):
+        tpu_plan.cut(MEDIUM, 2, 8, "attention", "splash_fused", 6)
+    assert tpu_plan.plan_key("medium", "v5p:2x2x1", "attention", "splash_fused", 6) == \
+        "medium@v5p:2x2x1/remat=attention/attention=splash_fused/blocks_without_remat=6"
+
+
 def test_plan_extrapolates_depth_and_batch(tmp_path, capsys):
     rows = [{"model": "m[2 blocks]", "blocks": n, "topology": "v5p:2x2x1", "chips": 4, "batch_per_chip": b,
              "hbm_gib": 95.0, "extrapolated": False, "compile_s": 1.0, "arguments_gib": 1.0 * n,
