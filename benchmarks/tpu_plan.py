@@ -479,9 +479,31 @@ def merge_rows(saved: list[dict], ours: list[dict]) -> list[dict]:
     return [r for r in saved if not r["extrapolated"] and at(r) not in mine] + list(ours)
 
 
+def _gib_per_image(rows: list[dict]) -> float:
+    """Peak GiB per image through the two largest batches of `rows` (one depth)."""
+    r0, r1 = sorted(rows, key=lambda r: r["batch_per_chip"])[-2:]
+    return (r1["peak_gib"] - r0["peak_gib"]) / (r1["batch_per_chip"] - r0["batch_per_chip"])
+
+
+def batch_rows(rows: list[dict], full: int) -> list[dict]:
+    """The full-depth rows a largest batch may be read from. A depth-extrapolated batch slope below the deepest
+    compiled cut's (more blocks keep less per image: seen with 1-/2-block cuts) is not believed: then only the
+    smallest batch counts, a lower bound."""
+    final = [r for r in rows if r["blocks"] == full]
+    cuts = [r for r in rows if not r["extrapolated"]]
+    deepest = [r for r in cuts if r["blocks"] == max((c["blocks"] for c in cuts), default=0)]
+    if (len({r["batch_per_chip"] for r in final}) < 2 or not all(r["extrapolated"] for r in final)
+            or len({r["batch_per_chip"] for r in deepest}) < 2 or _gib_per_image(final) >= _gib_per_image(deepest)):
+        return final
+    print(f"the full-depth peak grows {_gib_per_image(final):.2f} GiB per image, less than the "
+          f"{deepest[0]['blocks']}-block cut's {_gib_per_image(deepest):.2f}: no largest batch from that slope "
+          "(compile deeper cuts); the smallest batch is a lower bound")
+    return [min(final, key=lambda r: r["batch_per_chip"])]
+
+
 def _summary(a, shape: TrainShape, rows: list[dict], full: int, hbm: float) -> dict:
     rows = rows + extrapolate(rows, full)
-    final = [r for r in rows if r["blocks"] == full]
+    final = batch_rows(rows, full)
     return {"model": shape.name, "topology": a.topology, "remat": a.remat, "attention": a.attention,
             "blocks_without_remat": a.blocks_without_remat, "hbm_gib": hbm, "full_blocks": full,
             "max_batch_per_chip": largest_batch(final, hbm),

@@ -111,6 +111,15 @@ def test_plan_extrapolates_depth_and_batch(tmp_path, capsys):
     path.write_text(json.dumps({"medium@v5p:2x2x1": {"rows": rows}}))
     tpu_plan.main(["--model", "medium", "--blocks", "2,4", "--batch", "4,8", "--json", str(path)])
     assert "largest batch/chip that fits 95 GiB: 2 (with 10% headroom: 2)" in capsys.readouterr().out
+    # A batch slope that shrinks with depth (seen with 1-/2-block cuts) gives no largest batch: a lower bound.
+    flat = [{**r, "peak_gib": r["blocks"] + r["batch_per_chip"] * (2 - 0.05 * r["blocks"])} for r in rows]
+    path.write_text(json.dumps({"medium@v5p:2x2x1": {"rows": flat}}))
+    tpu_plan.main(["--model", "medium", "--blocks", "2,4", "--batch", "4,8", "--json", str(path)])
+    assert "no largest batch from that slope" in capsys.readouterr().out
+    assert json.loads(path.read_text())["medium@v5p:2x2x1"]["max_batch_is_lower_bound"]
+    path.write_text(json.dumps({"medium@v5p:2x2x1": {"rows": rows}}))
+    tpu_plan.main(["--model", "medium", "--blocks", "2,4", "--batch", "4,8", "--json", str(path)])
+    capsys.readouterr()
     tpu_plan.main(["--table", "--json", str(path)])  # the README's table, from the plan file
     table = capsys.readouterr().out
     assert "| m | v5p:2x2x1 | full | **24, extrapolated** | 8 |" in table
