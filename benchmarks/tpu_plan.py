@@ -321,9 +321,9 @@ def extrapolate(rows: list[dict], full_blocks: int) -> list[dict]:
                "model": r1["model"].split("[")[0]}
         for k in (k for k in LINEAR if k in r0 and k in r1):
             row[k] = _line(r0["blocks"], r0[k], r1["blocks"], r1[k], full_blocks)
-        if "blocks_without_remat" in r1:  # cuts keep the fraction: 1 of 4, 2 of 8 -> 6 of 24
-            row["blocks_without_remat"] = round(_line(r0["blocks"], r0["blocks_without_remat"], r1["blocks"],
-                                                      r1["blocks_without_remat"], full_blocks))
+        # cuts keep the fraction: 1 of 4, 2 of 8 -> 6 of 24 (rows compiled before the field have none: 0)
+        row["blocks_without_remat"] = round(_line(r0["blocks"], r0.get("blocks_without_remat", 0), r1["blocks"],
+                                                  r1.get("blocks_without_remat", 0), full_blocks))
         row.update(timing(row, row["chips"], CHIPS[row["topology"].split(":")[0]]))
         out.append(row)
     return out
