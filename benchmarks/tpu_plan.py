@@ -385,9 +385,8 @@ def markdown(plans: dict) -> str:
 def plan_key(model: str, topo: str, remat: str = "full", attention: str = "splash", without_remat: int = 0) -> str:
     """The plan file's key: 'medium@v5p:2x2x1', with '/remat=dots' for a policy other than the default,
     '/attention=splash_fused' for the fused-backward kernel and '/blocks_without_remat=6'."""
-    return (f"{model}@{topo}" + ("" if remat == "full" else f"/remat={remat}")
-            + ("" if attention == "splash" else f"/attention={attention}")
-            + (f"/blocks_without_remat={without_remat}" if without_remat else ""))
+    from launch.plan_check import variant_suffix  # the launcher reads these keys (standard library only)
+    return f"{model}@{topo}" + variant_suffix(remat, attention, without_remat)
 
 
 def save_plan(path: str, key: str, summarise) -> dict:

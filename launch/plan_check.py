@@ -166,8 +166,8 @@ def main(argv: list[str]) -> int:
           "GiB/chip:")
     print(f"  {'batch/chip':>10s} {'peak GiB':>9s} {'s/iter':>7s} {'MFU':>5s}")
     full = max(r["blocks"] for r in plan["rows"])
+    fig = lambda x, w, d: f"{'-':>{w}s}" if x is None else f"{x:{w}.{d}f}"  # v6e/v4: the compiler gives no time
     for r in sorted((r for r in plan["rows"] if r["blocks"] == full), key=lambda r: r["batch_per_chip"]):
-        fig = lambda x, w, d: f"{'-':>{w}s}" if x is None else f"{x:{w}.{d}f}"  # v6e/v4: the compiler gives no time
         print(f"  {r['batch_per_chip']:10d} {r['peak_gib']:9.1f} {fig(r['seconds'], 7, 3)} {fig(r['mfu'], 5, 2)}")
     print(f"  largest batch/chip that fits: {best}; with 10 % headroom: {safe}")
     print(f"this launch: global batch {batch} on {accel} ({chips} chips) = {per_chip:g} images/chip")
