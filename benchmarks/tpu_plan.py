@@ -306,13 +306,15 @@ def _line(x0, y0, x1, y1, x):
 
 
 def extrapolate(rows: list[dict], full_blocks: int) -> list[dict]:
-    """Full-depth rows from rows at two depths (per batch): every size and time linear in the block count."""
+    """Full-depth rows from the two deepest compiled cuts of each batch: every size and time linear in the block
+    count. Shallower cuts stay in the plan as measurements; 1-block cuts do not follow the line (batch slopes
+    that shrink with depth, peaks that fall with it)."""
     out = []
     for b in sorted({r["batch_per_chip"] for r in rows}):
         at = sorted((r for r in rows if r["batch_per_chip"] == b), key=lambda r: r["blocks"])
         if len(at) < 2 or at[-1]["blocks"] == full_blocks:
             continue
-        r0, r1 = at[0], at[-1]
+        r0, r1 = at[-2], at[-1]
         if r1["peak_gib"] < r0["peak_gib"]:  # seen at 4 images/chip: 1 -> 2 blocks, 6.5 -> 6.2 GiB; no line
             print(f"no depth extrapolation at {b} images/chip: the peak falls with depth "
                   f"({r0['peak_gib']:.1f} GiB at {r0['blocks']} blocks, {r1['peak_gib']:.1f} at {r1['blocks']})")

@@ -104,6 +104,9 @@ def test_plan_extrapolates_depth_and_batch(tmp_path, capsys):
     assert full[1]["peak_gib"] == pytest.approx(24 + 24 * 8) and full[1]["seconds"] == pytest.approx(1.92)
     # peak = 24 + 24 b at full depth: b <= (95 - 24) / 24 = 2.96, and (85.5 - 24) / 24 = 2.56 with headroom
     assert tpu_plan.largest_batch(full, 95.0) == 2 and tpu_plan.largest_batch(full, 40.0) is None
+    # A shallower cut off the line (a 1-block compile) stays a row but the line runs through the two deepest.
+    off_line = [{**rows[0], "blocks": 1, "peak_gib": 50.0, "model": "m[1 blocks]"}]
+    assert tpu_plan.extrapolate(off_line + rows, 24)[0]["peak_gib"] == pytest.approx(24 + 24 * 4)
     cut = tpu_plan.cut(tpu_plan.MEDIUM, 4, 8)
     assert (cut.model.num_layers, cut.model.dual_attention_layers, cut.cls_block) == (4, (0, 1), 2)
     # The command line reuses rows compiled before (none to compile here) and summarises them.
