@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Train as N processes on this machine (CPU devices, or GPUs split between processes): the multi-host code path
 # of a TPU slice, runnable anywhere. Each process feeds its own share of every global batch; process 0 writes
-# metrics; all write one orbax checkpoint together. A kill of any process stops the run (the others fail at
-# the next collective); rerunning the script resumes every process from the latest complete checkpoint.
+# metrics; all write one orbax checkpoint together. A failing process tells the others, which stop at their
+# next barrier naming it; a killed one is noticed by jax's heartbeat (100 s). Rerunning the script resumes every
+# process from the latest complete checkpoint.
 #
 #   launch/local_multiprocess.sh N DEVICES_PER_PROCESS CONFIG WORKDIR [--config.x=y ...]
 #   e.g. launch/local_multiprocess.sh 2 4 tiny /tmp/swd_2proc --config.mesh.shape=2,4,1
@@ -13,7 +14,7 @@
 # variables set (or the flags); on TPU VMs nothing is needed (launch/tpu_pod.sh).
 # Env: PORT (coordinator port, default 12355), PYTHON (default python), JAX_PLATFORMS (default cpu).
 set -euo pipefail
-if [ $# -lt 4 ]; then sed -n 2,14p "$0"; exit 2; fi
+if [ $# -lt 4 ]; then sed -n 2,15p "$0"; exit 2; fi
 N=$1 DEVICES=$2 CONFIG=$3 WORKDIR=$4
 shift 4
 cd "$(dirname "$0")/.."

@@ -5,16 +5,24 @@
   `$XDG_CACHE_HOME/swd_jax/xla`; `SWD_COMPILE_CACHE=off` disables it), so a rerun or a resume skips compiling.
 - Errors: a user error (bad config field, missing file, wrong checkpoint, ...) prints `error: <one line>` and
   exits 2; `--debug` shows the traceback instead. Anything else is a bug and keeps its traceback.
+- Several processes: the one that fails tells the others (they stop at their next barrier, naming it) and
+  exits at once, without jax's shutdown barrier, which would keep every process waiting for minutes.
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                PermissionError, FloatingPointError, KeyError)
+
+
+class PeerFailed(RuntimeError):
+    """Another process of a multi-process run failed (`swd_jax.train.distributed.barrier`); the message names
+    it and its error."""
 
 
 def quiet_logs(verbose: bool = False) -> None:
@@ -65,10 +73,36 @@ def run_main(fn: Callable[[], int | None], debug: bool = False) -> int:
         return 0 if rc is None else int(rc)
     except USER_ERRORS as e:
         if debug:
+            _leave_others(e, 1, traceback.format_exc())
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)
-        return 2
+        msg = f"error: {' '.join(str(msg).split())}"
+        print(msg, file=sys.stderr)
+        return _leave_others(e, 2, msg)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if isinstance(e, PeerFailed):  # another process failed and said why: that is the message
+            print(f"error: {e}", file=sys.stderr)
+            return _leave_others(e, 1, "")
+        _leave_others(e, 1, traceback.format_exc())
+        raise
+
+
+def _leave_others(e: BaseException, rc: int, shown: str) -> int:
+    """In a multi-process run: tell the other processes why this one stops, and exit now (see the module doc).
+    Otherwise: rc."""
+    jax = sys.modules.get("jax")
+    if jax is None or not _connected():
+        return rc
+    from swd_jax.train import distributed
+    if shown and rc != 2:  # a traceback: print it here, os._exit leaves no time for the interpreter to do it
+        print(shown, file=sys.stderr)
+    distributed.abandon(f"{type(e).__name__}: {' '.join(str(e).split())}"[:500], rc)
+    return rc  # not reached
+
+
+def _connected() -> bool:
+    from jax._src import distributed as jax_distributed
+    return jax_distributed.global_state.client is not None and jax_distributed.global_state.num_processes > 1

@@ -127,3 +127,39 @@ def test_multihost_record_loader_gives_the_same_global_batches_on_any_host_count
         np.testing.assert_array_equal(halves[k], whole[k + 2])
     epoch0 = np.concatenate(whole)[:13]
     assert sorted(epoch0.tolist()) == list(range(13))  # nothing skipped or repeated within an epoch
+
+
+FAILING_PROCESS = """
+import os, sys
+from swd_jax.command_line import run_main
+def run():
+    from swd_jax.train import distributed
+    distributed.initialize()
+    distributed.barrier("connected")
+    if os.environ["SWD_PROCESS_ID"] == "1":
+        raise FileNotFoundError("no data at /nowhere")
+    distributed.barrier("compiled", timeout_s=600)
+sys.exit(run_main(run))
+"""
+
+
+def test_multihost_one_process_fails_the_others_stop_at_once_naming_it():
+    """Before: the failing process sat in jax's shutdown barrier (5 min) and the others in ours (1 h)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    t0 = time.time()
+    procs = [subprocess.Popen([sys.executable, "-c", FAILING_PROCESS], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=process_env(1, SWD_COORDINATOR=f"localhost:{port}", SWD_NUM_PROCESSES="2",
+                                              SWD_PROCESS_ID=str(i)))
+             for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=90)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert time.time() - t0 < 90
+    assert procs[1].returncode == 2 and "error: no data at /nowhere" in outs[1], outs[1][-2000:]
+    assert procs[0].returncode == 1, outs[0][-2000:]
+    assert "error: stopping: process 1 failed: FileNotFoundError: no data at /nowhere" in outs[0], outs[0][-2000:]

@@ -12,8 +12,11 @@ Otherwise the run is one process. On CPU, several processes exchange data over g
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
+
+from swd_jax.command_line import PeerFailed
 
 ENV = ("SWD_COORDINATOR", "SWD_NUM_PROCESSES", "SWD_PROCESS_ID")
 
@@ -55,16 +58,56 @@ def _int_env(name: str) -> int:
 
 
 _barriers = [0]
+FAILED = "swd/failed"  # key of the coordination service's key-value store: which process stopped, and why
 
 
-def barrier(what: str, timeout_s: int = 3600) -> None:
+def barrier(what: str, timeout_s: int = 3600, poll_s: float = 0.2) -> None:
     """Wait until every process gets here (coordination service; no device collective, so no 30 s gloo timeout).
 
     Used after compiling: processes finish compiling minutes apart under load, and the first collective of a
-    program gives up after 30 s (gloo's context set-up) when the others are still compiling.
+    program gives up after 30 s (gloo's context set-up) when the others are still compiling. A process that
+    failed meanwhile (`abandon`) ends the wait at once with its reason, instead of after `timeout_s`.
     """
     if jax.process_count() == 1:
         return
-    from jax._src import distributed as jax_distributed
+    import time
+    client = _client()
     _barriers[0] += 1
-    jax_distributed.global_state.client.wait_at_barrier(f"swd:{_barriers[0]}:{what}", timeout_in_ms=timeout_s * 1000)
+    key = f"swd/barrier/{_barriers[0]}/{what}"
+    client.key_value_increment(key, 1)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        failed = _get(client, FAILED)
+        if failed is not None:
+            time.sleep(1.0)  # let that process exit with its own code before this one (process 0 hosts the service)
+            raise PeerFailed(f"stopping: {failed}")
+        if int(_get(client, key) or 0) >= jax.process_count():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"barrier {what!r}: not every process arrived within {timeout_s} s")
+        time.sleep(poll_s)
+
+
+def abandon(reason: str, rc: int) -> None:
+    """This process of a multi-process run stops: record why for the others, then exit without jax's shutdown
+    barrier (the others never reach it; it would hold this process, and them, for minutes)."""
+    try:
+        _client().key_value_set(FAILED, f"process {jax.process_index()} failed: {reason}")
+    except jax.errors.JaxRuntimeError as e:  # the service is gone (process 0 died): the others learn it there
+        print(f"could not tell the other processes: {e}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
+def _client():
+    from jax._src import distributed as jax_distributed
+    return jax_distributed.global_state.client
+
+
+def _get(client, key: str) -> str | None:
+    """The key-value store's value at `key`, or None where it has none (try_get raises NOT_FOUND)."""
+    try:
+        return client.key_value_try_get(key)
+    except jax.errors.JaxRuntimeError:
+        return None
