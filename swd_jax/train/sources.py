@@ -123,7 +123,27 @@ def latent_batch(record: dict, s: int, s_prev: int, latent: str, where: str) -> 
     return out
 
 
-class PrecomputedSource:
+class _RecordSource:
+    """What both record sources share: the loader's position in examples, and n batches of interval k stacked
+    (each record batch turned into model inputs by `_inputs`)."""
+    loader: object
+    global_batch: int
+    schedule: ScaleSchedule
+
+    @property
+    def position(self) -> int:
+        return self.loader.position * self.global_batch
+
+    def batches(self, k: int, n: int) -> dict[str, np.ndarray]:
+        s, s_prev = self.schedule.scale(k), self.schedule.prev_scale(k)
+        out = [self._inputs(next(self.loader), s, s_prev) for _ in range(n)]
+        return {key: np.stack([o[key] for o in out]) for key in out[0]}
+
+    def _inputs(self, b: dict, s: int, s_prev: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class PrecomputedSource(_RecordSource):
     """array_record shards of precomputed posterior moments (per scale) and text embeddings, via grain."""
 
     def __init__(self, path: str, schedule: ScaleSchedule, global_batch: int, seed: int, position: int = 0,
@@ -147,18 +167,9 @@ class PrecomputedSource:
         self.files = files
         self.loader = make_loader(files, per_host, seed, start_position=position // global_batch)
 
-    @property
-    def position(self) -> int:
-        return self.loader.position * self.global_batch
-
-    def batches(self, k: int, n: int) -> dict[str, np.ndarray]:
-        s, s_prev = self.schedule.scale(k), self.schedule.prev_scale(k)
-        out = []
-        for _ in range(n):
-            b = next(self.loader)
-            out.append({**latent_batch(b, s, s_prev, self.latent, "precomputed records"),
-                        "context": b["prompt_embeds"], "pooled": b["pooled_prompt_embeds"]})
-        return {key: np.stack([o[key] for o in out]) for key in out[0]}
+    def _inputs(self, b: dict, s: int, s_prev: int) -> dict[str, np.ndarray]:
+        return {**latent_batch(b, s, s_prev, self.latent, "precomputed records"), "context": b["prompt_embeds"],
+                "pooled": b["pooled_prompt_embeds"]}
 
     def uncond(self) -> dict[str, np.ndarray]:
         return self._uncond
@@ -172,7 +183,7 @@ class PrecomputedSource:
                 "pooled": np.stack([np.asarray(r["pooled_prompt_embeds"], np.float32) for r in rows])}
 
 
-class OnlineSource:
+class OnlineSource(_RecordSource):
     """Image records (`swd_jax.train.records.build_image_dataset`) encoded on the fly by our VAE and text encoders.
 
     For interval k only what it needs is encoded: the image at 8*max(scales) area-downscaled to 8*s_k, and that
@@ -206,19 +217,10 @@ class OnlineSource:
                                   start_position=position // global_batch, resolution=self.enc.resolution,
                                   image_dtype="float32")
 
-    @property
-    def position(self) -> int:
-        return self.loader.position * self.global_batch
-
-    def batches(self, k: int, n: int) -> dict[str, np.ndarray]:
-        s, s_prev = self.schedule.scale(k), self.schedule.prev_scale(k)
-        out = []
-        for _ in range(n):
-            b = next(self.loader)
-            e = jax.device_get(self.enc(b["image"], list(b["prompt"]), self._spec(s, s_prev)))
-            out.append({**latent_batch(e, s, s_prev, self.latent, "online encoding"), "context": e["prompt_embeds"],
-                        "pooled": e["pooled_prompt_embeds"]})
-        return {key: np.stack([o[key] for o in out]) for key in out[0]}
+    def _inputs(self, b: dict, s: int, s_prev: int) -> dict[str, np.ndarray]:
+        e = jax.device_get(self.enc(b["image"], list(b["prompt"]), self._spec(s, s_prev)))
+        return {**latent_batch(e, s, s_prev, self.latent, "online encoding"), "context": e["prompt_embeds"],
+                "pooled": e["pooled_prompt_embeds"]}
 
     def uncond(self) -> dict[str, np.ndarray]:
         u = self.enc.uncond()
