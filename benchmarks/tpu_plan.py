@@ -37,7 +37,6 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only use: no
 
 import flax.linen as nn
 import jax
-import numpy as np
 
 from benchmarks.abstract_train import (
     FLUX,
@@ -73,12 +72,15 @@ HEADROOM = 0.10  # the goal: peak within 90 % of HBM
 
 
 def topology(name: str):
-    """(abstract TPU devices, chips) of a topology like 'v5p:2x2x1'; a device may be one core of a chip (v4)."""
+    """(abstract TPU devices, chips) of a topology like 'v5p:2x2x1': one device per chip, as jax on a TPU VM sees
+    it (v4 and v5p chips have two TensorCores that run as one device, megacore; v4's topology description gives
+    one device per TensorCore unless asked for megacore)."""
     from jax.experimental import topologies
     kind, dims = name.split(":")
     if kind not in CHIPS:
         raise ValueError(f"unknown TPU generation {kind!r} in {name!r}; known: {sorted(CHIPS)}")
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=name,
+                                           **({"chip_config_name": "megacore"} if kind == "v4" else {})).devices
     return devices, math.prod(int(d) for d in dims.split("x"))
 
 
@@ -257,16 +259,11 @@ def timing(row: dict, chips: int, chip: Chip) -> dict:
 def compile_plan(shape: TrainShape, topo: str, hlo_dir: str = "") -> dict:
     """Per-chip memory, FLOPs, estimated time and MFU of `shape`'s iteration compiled for the slice `topo`."""
     devices, chips = topology(topo)
-    per_chip = len(devices) // chips  # devices per chip (2 on v4: one per TensorCore)
-    if per_chip == 1:
-        mesh = sharding.make_mesh((1, len(devices), 1), devices=devices)
-    else:  # jax.make_mesh wants one device per chip (megacore); v4's topology gives one per TensorCore
-        from jax.sharding import AxisType, Mesh
-        mesh = Mesh(np.array(devices).reshape(1, len(devices), 1), sharding.MESH_AXES,
-                    axis_types=(AxisType.Auto,) * 3)
+    if len(devices) != chips:
+        raise ValueError(f"{topo}: {len(devices)} devices for {chips} chips; the plan wants one device per chip")
+    mesh = sharding.make_mesh((1, len(devices), 1), devices=devices)
     t = time.perf_counter()
-    compiled = lower_iteration(dataclasses.replace(shape, batch_per_device=shape.batch_per_device // per_chip
-                                                   or 1), mesh).compile()
+    compiled = lower_iteration(shape, mesh).compile()
     compile_s = time.perf_counter() - t
     cost, hlo = compiled.cost_analysis(), compiled.as_text()
     if hlo_dir:  # the per-chip program as the TPU compiler left it, to read or recount
@@ -276,14 +273,13 @@ def compile_plan(shape: TrainShape, topo: str, hlo_dir: str = "") -> dict:
                 ".hlo.gz").replace(" ", "_")
         with gzip.open(os.path.join(hlo_dir, name), "wt") as f:
             f.write(hlo)
-    mem = {k: v * per_chip for k, v in memory_per_device(compiled).items()}
+    mem = memory_per_device(compiled)
     return {"model": shape.name, "blocks": depth(shape), "topology": topo, "chips": chips,
             "batch_per_chip": shape.batch_per_device, "remat": remat_name(shape), "attention": shape.attention_impl,
             "blocks_without_remat": shape.blocks_without_remat,
             **mem,
             "hbm_gib": CHIPS[topo.split(":")[0]].hbm_gib,
-            **figures(shape, topo, float(cost["flops"]) * per_chip, float(cost["optimal_seconds"]),
-                      splash_flops(hlo) * per_chip),
+            **figures(shape, topo, float(cost["flops"]), float(cost["optimal_seconds"]), splash_flops(hlo)),
             "mosaic_kernels": hlo.count('custom_call_target="tpu_custom_call"'),
             "compile_s": compile_s, "extrapolated": False}
 
