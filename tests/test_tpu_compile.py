@@ -145,6 +145,13 @@ def test_launch_plan_check_refuses_a_batch_that_does_not_fit(tmp_path, monkeypat
     assert plan_check.main(["v5p-16", "sd35_medium"]) == 1  # a config by name, as swd-train takes it
     assert plan_check.main(["v5p-16", config, "--config.train.batch_size=48"]) == 0  # 6 per chip
     assert plan_check.main(["v6e-8", config]) == 0  # no v6e plan: no check
+    # A plan of one cut depth (v4: deeper compiles exceed this host's RAM) has no full-depth figure: no check.
+    plan["medium@v4:2x2x1"] = {**plan["medium@v5p:2x2x1"], "topology": "v4:2x2x1", "full_blocks": 24,
+                               "max_batch_per_chip": None, "rows": [{**r, "blocks": 2} for r in rows]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    capsys.readouterr()
+    assert plan_check.main(["v4-32", config]) == 0  # 16 chips: 4 per chip
+    assert "has no medium plan for v4 with remat full; launching without a batch check" in capsys.readouterr().out
     # A run with another remat policy is checked against that policy's plan only (none here: no check).
     assert plan_check.main(["v5p-16", config, "--config.model.remat_policy=dots"]) == 0
     plan["medium@v5p:2x2x1/remat=dots"] = {**plan["medium@v5p:2x2x1"], "max_batch_per_chip": 5}
