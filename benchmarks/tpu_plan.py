@@ -375,8 +375,10 @@ def markdown(plans: dict) -> str:
                        + (f"{r['compile_s']:.0f} s |" if r.get("compile_s") else "- |"))
         fit, safe = plan["max_batch_per_chip"], plan["max_batch_per_chip_10pct_headroom"]
         bound = " (only this batch compiled: a lower bound)" if plan.get("max_batch_is_lower_bound") else ""
-        out.append(f"| {plan['model']} | {plan['topology']} | {variant(plan)} | largest batch/chip "
-                   f"that fits: {fit}, with 10 % headroom: {safe}{bound} |" + " |" * 9)
+        verdict = f"largest batch/chip that fits: {fit}, with 10 % headroom: {safe}{bound}"
+        if not any(r["blocks"] == plan.get("full_blocks", r["blocks"]) for r in plan["rows"]):
+            verdict = "no full-depth figure: one depth compiled"
+        out.append(f"| {plan['model']} | {plan['topology']} | {variant(plan)} | {verdict} |" + " |" * 9)
     return "\n".join(out)
 
 

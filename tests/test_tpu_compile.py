@@ -127,6 +127,9 @@ def test_plan_extrapolates_depth_and_batch(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| m | v5p:2x2x1 | full | **24, extrapolated** | 8 |" in table
     assert "largest batch/chip that fits: 2, with 10 % headroom: 2 |" in table
+    one_depth = {"medium@v4:2x2x1": {**json.loads(path.read_text())["medium@v5p:2x2x1"], "full_blocks": 24,
+                                     "rows": [r for r in rows if r["blocks"] == 2]}}
+    assert "| no full-depth figure: one depth compiled |" in tpu_plan.markdown(one_depth)
 
 
 def test_launch_plan_check_refuses_a_batch_that_does_not_fit(tmp_path, monkeypatch, capsys):
