@@ -8,8 +8,8 @@ block 20 (of 38), LoRA rank 64, lr 5e-6, 4000 steps, global batch 32 (8 GPUs x 4
         --data /data/sd35_large_train_data --out /data/sd35l_pre --scales 64,80,96,128
     launch/tpu_pod.sh NAME ZONE v5p-32 configs/sd35_large.py gs://BUCKET/runs/sd35l \
         --config.model.path=/ckpt/sd35l --config.data.path=/data/sd35l_pre
-Cost (benchmarks/README.md §5, the TPU compiler's plan): 30.0 GiB per v5p chip at 4 images/chip with remat,
-estimated MFU <= 0.47.
+Cost (benchmarks/README.md §5, the TPU compiler's plan): 36.1 GiB per v5p chip at 4 images/chip with remat,
+estimated MFU <= 0.48; up to 21 images/chip fit with 10 % headroom.
 """
 import ml_collections
 

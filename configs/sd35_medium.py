@@ -13,7 +13,7 @@ projections of both streams, AdamW lr 5e-6, 3000 steps, global batch 64 (8 GPUs 
                          --config.model.path=... --config.data.path=...
 Cost (benchmarks/README.md §5, the TPU compiler's plan, 1024 px, splash attention): 30.4 GiB per v5p chip at
       8 images/chip with remat (the default), estimated MFU <= 0.44; --config.model.remat=False is faster
-      (<= 0.54) but fits only at small per-chip batches. On v6e, 2 images/chip need 22.8 GiB of 32.
+      (<= 0.54) but fits only at small per-chip batches. On v6e, 2 images/chip need 10.1 GiB of 32 (7 fit).
 Result: the trained student LoRA in WORKDIR/student_peft (PEFT format; loads onto diffusers' transformer).
 """
 import ml_collections
