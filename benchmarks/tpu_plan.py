@@ -50,6 +50,10 @@ from benchmarks.abstract_train import (
     lower_iteration,
     memory_per_device,
 )
+from launch.plan_check import (  # the launcher reads these plans (standard library)
+    has_full_depth,
+    variant_suffix,
+)
 from swd_jax.models import flux, mmdit
 from swd_jax.models.flux import FluxConfig
 from swd_jax.models.layers import REMAT_POLICIES, SPLASH_IMPLS
@@ -376,7 +380,7 @@ def markdown(plans: dict) -> str:
         fit, safe = plan["max_batch_per_chip"], plan["max_batch_per_chip_10pct_headroom"]
         bound = " (only this batch compiled: a lower bound)" if plan.get("max_batch_is_lower_bound") else ""
         verdict = f"largest batch/chip that fits: {fit}, with 10 % headroom: {safe}{bound}"
-        if not any(r["blocks"] == plan.get("full_blocks", r["blocks"]) for r in plan["rows"]):
+        if not has_full_depth(plan):
             verdict = "no full-depth figure: one depth compiled"
         out.append(f"| {plan['model']} | {plan['topology']} | {variant(plan)} | {verdict} |" + " |" * 9)
     return "\n".join(out)
@@ -385,7 +389,6 @@ def markdown(plans: dict) -> str:
 def plan_key(model: str, topo: str, remat: str = "full", attention: str = "splash", without_remat: int = 0) -> str:
     """The plan file's key: 'medium@v5p:2x2x1', with '/remat=dots' for a policy other than the default,
     '/attention=splash_fused' for the fused-backward kernel and '/blocks_without_remat=6'."""
-    from launch.plan_check import variant_suffix  # the launcher reads these keys (standard library only)
     return f"{model}@{topo}" + variant_suffix(remat, attention, without_remat)
 
 

@@ -84,13 +84,18 @@ def variant_flags(remat: str, attention: str, without: int) -> str:
                                 f"--config.model.blocks_without_remat={without}" if without else "") if f)
 
 
+def has_full_depth(plan: dict) -> bool:
+    """Whether the plan holds a full-depth row (compiled or extrapolated); one compiled cut depth gives none."""
+    return any(r["blocks"] == plan.get("full_blocks", r["blocks"]) for r in plan["rows"])
+
+
 def pick_plan(plans: dict, model: str, gen: str, remat: str, chips: int, attention: str = "splash",
               without: int = 0) -> dict | None:
     """The plan of `model` on generation `gen` with that variant closest to a slice of `chips` chips."""
     suffix = variant_suffix(remat, attention, without)
     same = [p for key, p in plans.items() if key.startswith(f"{model}@{gen}:")
             and key[len(key.split("/")[0]):] == suffix
-            and any(r["blocks"] == p.get("full_blocks", r["blocks"]) for r in p["rows"])]  # has full depth
+            and has_full_depth(p)]
     if not same:
         return None
     # Per-chip memory shrinks a little with more chips (sharded state): the plan of the largest slice not

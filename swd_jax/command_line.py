@@ -78,31 +78,27 @@ def run_main(fn: Callable[[], int | None], debug: bool = False) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         msg = f"error: {' '.join(str(msg).split())}"
         print(msg, file=sys.stderr)
-        return _leave_others(e, 2, msg)
+        return _leave_others(e, 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:
         if isinstance(e, PeerFailed):  # another process failed and said why: that is the message
             print(f"error: {e}", file=sys.stderr)
-            return _leave_others(e, 1, "")
+            return _leave_others(e, 1)
         _leave_others(e, 1, traceback.format_exc())
         raise
 
 
-def _leave_others(e: BaseException, rc: int, shown: str) -> int:
-    """In a multi-process run: tell the other processes why this one stops, and exit now (see the module doc).
-    Otherwise: rc."""
-    jax = sys.modules.get("jax")
-    if jax is None or not _connected():
+def _leave_others(e: BaseException, rc: int, traceback_text: str = "") -> int:
+    """In a multi-process run: tell the other processes why this one stops, and exit now (see the module doc);
+    a traceback about to be raised is printed first (os._exit leaves the interpreter no time to). Otherwise: rc."""
+    if "jax" not in sys.modules:  # jax never loaded: not a multi-process run
         return rc
     from swd_jax.train import distributed
-    if shown and rc != 2:  # a traceback: print it here, os._exit leaves no time for the interpreter to do it
-        print(shown, file=sys.stderr)
+    if not distributed.connected():
+        return rc
+    if traceback_text:
+        print(traceback_text, file=sys.stderr)
     distributed.abandon(f"{type(e).__name__}: {' '.join(str(e).split())}"[:500], rc)
     return rc  # not reached
-
-
-def _connected() -> bool:
-    from jax._src import distributed as jax_distributed
-    return jax_distributed.global_state.client is not None and jax_distributed.global_state.num_processes > 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import jax
 
@@ -70,7 +71,6 @@ def barrier(what: str, timeout_s: int = 3600, poll_s: float = 0.2) -> None:
     """
     if jax.process_count() == 1:
         return
-    import time
     client = _client()
     _barriers[0] += 1
     key = f"swd/barrier/{_barriers[0]}/{what}"
@@ -103,6 +103,11 @@ def abandon(reason: str, rc: int) -> None:
 def _client():
     from jax._src import distributed as jax_distributed
     return jax_distributed.global_state.client
+
+
+def connected() -> bool:
+    """Whether this process is one of several connected by `initialize`."""
+    return _client() is not None and jax.process_count() > 1
 
 
 def _get(client, key: str) -> str | None:
