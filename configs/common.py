@@ -39,8 +39,11 @@ def base_config() -> ml_collections.ConfigDict:
     # data.kind: "digits" (built-in toy), "precomputed" (array_record of latents per scale + text embeddings,
     # from swd_jax.precompute), "images" (image records encoded online by our VAE/text encoders from model.path).
     # data.latent: "sample" (a fresh VAE posterior draw each time an image is used, as the official code) or
-    # "mean" (the posterior mean); VAE sources only.
-    c.data = dict(kind="precomputed", path="", seed=0, max_sequence_length=256, latent="sample")
+    # "mean" (the posterior mean); VAE sources only. data.verify: the start-up check of precomputed shards,
+    # "fast" (sizes, row counts, a few records per shard) or "full" (also every shard's checksum). A gs:// path
+    # must be mounted (gcsfuse) or, with data.copy_to_local=True, is downloaded to each host's local disk.
+    c.data = dict(kind="precomputed", path="", seed=0, max_sequence_length=256, latent="sample", verify="fast",
+                  copy_to_local=False)
     c.train = dict(steps=3000, batch_size=64, seed=42, log_every=10, ckpt_every=250, keep=3,
                    sample_every=250, num_samples=8, export_peft=True)
     # The paper's metrics during training (swd_jax/train/evaluation.py): every N steps (0 = off), prompt sets

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Train as N processes on this machine (CPU devices, or GPUs split between processes): the multi-host code path
 # of a TPU slice, runnable anywhere. Each process feeds its own share of every global batch; process 0 writes
-# metrics; all write one orbax checkpoint together. A failing process tells the others, which stop at their
-# next barrier naming it; a killed one is noticed by jax's heartbeat (100 s). Rerunning the script resumes every
-# process from the latest complete checkpoint.
+# metrics; all write one orbax checkpoint together. A failing process tells the others, which stop within a
+# second naming it; a killed one is noticed by process 0 after SWD_PEER_TIMEOUT_S (default 15 s), and if process 0
+# dies the others stop at once. Each prints one error: line; jax's C++ stacks go to
+# $SWD_NATIVE_LOG_DIR/swd_native_process<i>.log (default: the temp folder). SIGTERM/Ctrl-C: every process saves
+# one agreed step and exits 75. Rerunning the script resumes every process from the latest complete checkpoint.
 #
 #   launch/local_multiprocess.sh N DEVICES_PER_PROCESS CONFIG WORKDIR [--config.x=y ...]
 #   e.g. launch/local_multiprocess.sh 2 4 tiny /tmp/swd_2proc --config.mesh.shape=2,4,1

@@ -17,7 +17,8 @@ import sys
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 PLAN = os.path.join(REPO, "benchmarks", "tpu_plan.json")
-CORES_PER_CHIP = {"v5p": 2, "v4": 2, "v6e": 1}  # accelerator names count TensorCores (v5p-16 = 8 chips)
+CORES_PER_CHIP = {"v5p": 2, "v4": 2, "v6e": 1, "v5e": 1}  # v5p and v4 names count TensorCores (v5p-16 = 8 chips)
+GENERATIONS = {"v5litepod": "v5e"}  # accelerator-type prefix -> the plan's generation name
 MODELS = {"sd35_medium": "medium", "sd35_large": "large", "flux_dev": "flux"}
 
 
@@ -143,6 +144,7 @@ def main(argv: list[str]) -> int:
         config = os.path.join(REPO, "configs", os.path.basename(config).removesuffix(".py") + ".py")
     force = "--force-batch" in rest
     gen, _, n = accel.partition("-")
+    gen = GENERATIONS.get(gen, gen)
     model = MODELS.get(os.path.splitext(os.path.basename(config))[0])
     if gen not in CORES_PER_CHIP or not n.isdigit() or model is None:
         print(f"plan check: no TPU plan for {model or config} on {accel}; launching without a batch check")

@@ -5,8 +5,10 @@
   `$XDG_CACHE_HOME/swd_jax/xla`; `SWD_COMPILE_CACHE=off` disables it), so a rerun or a resume skips compiling.
 - Errors: a user error (bad config field, missing file, wrong checkpoint, ...) prints `error: <one line>` and
   exits 2; `--debug` shows the traceback instead. Anything else is a bug and keeps its traceback.
-- Several processes: the one that fails tells the others (they stop at their next barrier, naming it) and
-  exits at once, without jax's shutdown barrier, which would keep every process waiting for minutes.
+- Several processes: the one that fails prints its error, tells the others and exits at once, without jax's
+  shutdown barrier, which would keep every process waiting for minutes; the others stop within a second with
+  `error: stopping: process I failed: ...` (`swd_jax.train.distributed`). An error here that only follows
+  another process's failure (a collective whose peer is gone) is not reported: that failure is, in one line.
 """
 from __future__ import annotations
 
@@ -20,17 +22,14 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
                PermissionError, FloatingPointError, KeyError)
 
 
-class PeerFailed(RuntimeError):
-    """Another process of a multi-process run failed (`swd_jax.train.distributed.barrier`); the message names
-    it and its error."""
-
-
 def quiet_logs(verbose: bool = False) -> None:
     """Third-party INFO logs off (unless verbose); WARNING and above stay visible."""
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for name in ("absl", "orbax", "jax", "grain", "etils", "tensorflow", "tensorflow_datasets", "root"):
         logging.getLogger(name).setLevel(level)
+    for name in ("gcsfs", "google.auth"):  # "could not determine bucket type", metadata-server probes
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
     try:
         from absl import logging as absl_logging
         absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
@@ -71,7 +70,14 @@ def run_main(fn: Callable[[], int | None], debug: bool = False) -> int:
     try:
         rc = fn()
         return 0 if rc is None else int(rc)
-    except USER_ERRORS as e:
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        _stop_if_another_failed(e)
+        if not isinstance(e, USER_ERRORS):
+            _leave_others(e, 1, traceback.format_exc())
+            raise
         if debug:
             _leave_others(e, 1, traceback.format_exc())
             raise
@@ -79,25 +85,37 @@ def run_main(fn: Callable[[], int | None], debug: bool = False) -> int:
         msg = f"error: {' '.join(str(msg).split())}"
         print(msg, file=sys.stderr)
         return _leave_others(e, 2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if isinstance(e, PeerFailed):  # another process failed and said why: that is the message
-            print(f"error: {e}", file=sys.stderr)
-            return _leave_others(e, 1)
-        _leave_others(e, 1, traceback.format_exc())
-        raise
+
+
+def _several_processes() -> bool:
+    if "jax" not in sys.modules:  # jax never loaded: not a multi-process run
+        return False
+    from swd_jax.train import distributed
+    return distributed.connected()
+
+
+def _stop_if_another_failed(e: BaseException) -> None:
+    """In a multi-process run where another process failed first: print that failure (one line) and exit.
+
+    A runtime error (a collective whose peer is gone) often comes before that process's failure is recorded, or
+    before process 0 notices a killed process: then wait for it, up to the peer timeout and 2 s."""
+    if not _several_processes():
+        return
+    import jax
+
+    from swd_jax.train import distributed
+    wait_s = distributed.peer_timeout_s() + 2.0 if isinstance(e, jax.errors.JaxRuntimeError) else 0.0
+    reason = distributed.another_failure(wait_s)
+    if reason is not None:
+        distributed.stop(reason)
 
 
 def _leave_others(e: BaseException, rc: int, traceback_text: str = "") -> int:
     """In a multi-process run: tell the other processes why this one stops, and exit now (see the module doc);
     a traceback about to be raised is printed first (os._exit leaves the interpreter no time to). Otherwise: rc."""
-    if "jax" not in sys.modules:  # jax never loaded: not a multi-process run
+    if not _several_processes():
         return rc
     from swd_jax.train import distributed
-    if not distributed.connected():
-        return rc
     if traceback_text:
         print(traceback_text, file=sys.stderr)
     distributed.abandon(f"{type(e).__name__}: {' '.join(str(e).split())}"[:500], rc)

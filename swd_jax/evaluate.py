@@ -1,6 +1,6 @@
-"""`python -m swd_jax.evaluate`: FID, CLIP score and PickScore of a folder of generated images (the paper's).
+"""`swd-evaluate`: FID, CLIP score and PickScore of a folder of generated images (the paper's).
 
-    python -m swd_jax.evaluate --images out/coco --fid-stats fid_stats_mscoco256_val.npz \\
+    swd-evaluate --images out/coco --fid-stats fid_stats_mscoco256_val.npz \\
         --inception pt_inception-2015-12-05-6726825d.pth \\
         --clip CLIP-ViT-H-14-laion2B-s32B-b79K --pickscore PickScore_v1
 
@@ -16,29 +16,40 @@ Inputs:
   `--processor DIR` (default: the --clip folder) gives the tokenizer and preprocessing (laion's, as the
   official code uses for both).
 Metrics a run has no models for are skipped. Prints a table and writes `--out` (default DIR/metrics.json).
+Every path may be `gs://BUCKET/...`: the images and the metric models are downloaded to a local cache
+(`swd_jax.storage.local_copy`), the metrics JSON is written there.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from PIL import Image
 
+from swd_jax import storage
+from swd_jax.command_line import add_common_flags, quiet_logs, run_main
 from swd_jax.eval import fid as fid_lib
 from swd_jax.eval import prompts as prompts_lib
 from swd_jax.eval.protocol import Evaluator, evaluate_images
 
 
 def _pairs(args) -> tuple[list[str], list[str]]:
-    """(image files, prompts) in evaluation order."""
-    source = args.prompts or args.images
+    """(image files, prompts) in evaluation order; `images` is the local folder (a copy of a gs:// one)."""
+    images = storage.local_copy(storage.resolve(args.images), what="image folder")
+    source = storage.local_copy(storage.resolve(args.prompts), what="prompt file") if args.prompts else images
+    if not args.prompts and not storage.isfile(storage.join(images, prompts_lib.INDEX_NAME)):
+        if not storage.isdir(images):
+            raise FileNotFoundError(f"image folder {args.images} does not exist")
+        found = [f for f in storage.listdir(images) if f.rsplit(".", 1)[-1].lower() in fid_lib.IMAGE_EXTENSIONS]
+        raise FileNotFoundError(f"{args.images} has no {prompts_lib.INDEX_NAME} (swd-generate writes it)" + (
+            f"; to pair its {len(found)} images with prompts give --prompts FILE.csv" if found else
+            " and no images"))
     if source.endswith(".csv"):
-        files = fid_lib.image_files(args.images)
+        files = fid_lib.image_files(images)
         captions = prompts_lib.read_captions(source, limit=None)
         if len(captions) < len(files):
-            raise ValueError(f"{source} has {len(captions)} prompts for {len(files)} images in {args.images}")
+            raise ValueError(f"{args.prompts} has {len(captions)} prompts for {len(files)} images in {args.images}")
         pairs = list(zip(files, captions))
     else:
         pairs = [(e["file"], e["prompt"]) for e in prompts_lib.read_index(source)]
@@ -63,9 +74,9 @@ def format_table(metrics: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m swd_jax.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--images", required=True, help="folder of generated images (with images.json)")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="swd-evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--images", required=True, help="folder of generated images (with images.json); local or gs://")
     p.add_argument("--prompts", help="image index .json, or a prompt .csv for a folder without images.json")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images (official: 5008)")
     p.add_argument("--inception", help="pytorch-fid pt_inception-2015-12-05 weights (.pth/.safetensors/.npz)")
@@ -76,31 +87,45 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--processor", help="CLIP processor folder (tokenizer + preprocessor); default: --clip")
     p.add_argument("--fid-batch-size", type=int, default=50)
     p.add_argument("--clip-batch-size", type=int, default=8)
-    p.add_argument("--out", help="metrics JSON (default: IMAGES/metrics.json)")
-    args = p.parse_args(argv)
+    p.add_argument("--out", help="metrics JSON (default: IMAGES/metrics.json); local or gs://")
+    add_common_flags(p)
+    return p
+
+
+def evaluate(args) -> dict:
+    """Compute the metrics `args` ask for, print the table, write the JSON; returns the metrics."""
     from tqdm import tqdm
+    for name in ("limit", "fid_batch_size", "clip_batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    out = storage.resolve(args.out or storage.join(storage.resolve(args.images), "metrics.json"))
+    files, prompts = _pairs(args)
     try:
-        files, prompts = _pairs(args)
         ev = Evaluator.load(inception=args.inception, fid_stats=args.fid_stats, real_images=args.real_images,
                             clip=args.clip, pickscore=args.pickscore, processor=args.processor,
                             fid_batch_size=args.fid_batch_size, clip_batch_size=args.clip_batch_size)
-        if not ev.available():
-            raise ValueError("no metric to compute: give --inception with --fid-stats/--real-images, --clip, "
-                             "or --pickscore")
-        with tqdm(total=len(files), desc="evaluating", unit="img") as bar:
-            metrics = evaluate_images((_load(f) for f in files), prompts, ev, progress=bar.update)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        sys.exit(f"evaluate: {e}")
+    except ImportError as e:  # e.g. a .pth Inception without torch installed
+        raise ValueError(f"{e} (a .pth Inception needs the torch extra: pip install -e .[torch])") from None
+    if not ev.available():
+        raise ValueError("no metric to compute: give --inception with --fid-stats/--real-images, --clip, "
+                         "or --pickscore")
+    with tqdm(total=len(files), desc="evaluating", unit="img") as bar:
+        metrics = evaluate_images((_load(f) for f in files), prompts, ev, progress=bar.update)
     metrics["metrics_sources"] = {k: v for k, v in (("inception", args.inception), ("fid_stats", args.fid_stats),
                                                     ("real_images", args.real_images), ("clip", args.clip),
                                                     ("pickscore", args.pickscore)) if v}
     print(format_table(metrics))
-    out = args.out or os.path.join(args.images, "metrics.json")
-    with open(out, "w") as f:
-        json.dump(metrics, f, indent=1)
+    storage.write_text(out, json.dumps(metrics, indent=1))
     print(f"wrote {out}")
     return metrics
 
 
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_logs(args.verbose)
+    return run_main(lambda: evaluate(args) and None, args.debug)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,14 +1,14 @@
 """Generate images with an SD3/SD3.5 or FLUX.1 model and an optional SwD student, in JAX.
 
-    python -m swd_jax.generate --model /models/stable-diffusion-3.5-medium --lora /runs/sd35m \
+    swd-generate --model /models/stable-diffusion-3.5-medium --lora /runs/sd35m \
         --prompt "a cat reading a newspaper" --out samples/
-    python -m swd_jax.generate --model /models/FLUX.1-dev --lora /models/FLUX-SwD-adapter \
+    swd-generate --model /models/FLUX.1-dev --lora /models/FLUX-SwD-adapter \
         --prompt "a cat reading a newspaper" --out samples/     # flux_4, guidance 4.5 embedded, 512 T5 tokens
-    python -m swd_jax.generate --model /models/FLUX.1-dev --sampler teacher --steps 28 --guidance 3.5 \
+    swd-generate --model /models/FLUX.1-dev --sampler teacher --steps 28 --guidance 3.5 \
         --prompt "a cat reading a newspaper" --out teacher/     # FluxPipeline's FLUX-dev baseline, 1024 px
 
 --lora: a run's workdir (its latest student and its schedule), a PEFT adapter folder or a diffusers LoRA file.
---converted: our converted params (python -m swd_jax.convert) instead of MODEL/transformer.
+--converted: our converted params (swd-convert) instead of MODEL/transformer.
 --sampler scale_wise (default; --schedule PRESET or --scales + --sigmas), full_resolution (the schedule's
 sigmas at one size) or teacher (the base model without the LoRA, --steps Euler steps at --size; SD3: the
 flow-matching grid with shift 3 and CFG --guidance, default 7).
@@ -20,17 +20,23 @@ Prompts: --prompt (repeatable) and/or --prompts FILE (.txt: one per line; .csv: 
 else the first of caption/prompt/captions/text). Writes OUT/00000.png ..., OUT/grid.png (the first 16) and
 OUT/images.json: a list of {"file", "prompt", "seed", "index", + every setting}; prints ms/image. Batches are
 sharded over the local devices; on several hosts each takes every P-th image and writes images.<p>.json.
+MODEL, --converted, --lora, --prompts and OUT may be `gs://BUCKET/...`: a model folder or an adapter is downloaded
+to a local cache (of a pipeline folder only the parts used), a converted checkpoint or a run's checkpoint is read
+from there by orbax, and OUT's files are written locally first, then uploaded.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
 
 import numpy as np
 
+from swd_jax import storage
+from swd_jax.command_line import add_common_flags, quiet_logs, run_main
 from swd_jax.eval.prompts import write_index
 
 PROMPT_COLUMNS = ("caption", "prompt", "captions", "text")
@@ -38,16 +44,20 @@ GRID_IMAGES, GRID_CELL = 16, 256
 
 
 def read_prompts(path: str, column: str | None = None) -> list[str]:
-    """Prompts from a .txt file (one per non-empty line) or a .csv file (one column, by header name)."""
-    if not os.path.isfile(path):
+    """Prompts from a .txt file (one per non-empty line) or a .csv file (one column, by header name); local or
+    gs://."""
+    path = storage.resolve(path)
+    if not storage.isfile(path):
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
-    if not path.endswith(".csv"):
+    if not path.endswith((".txt", ".csv")):
         raise ValueError(f"prompt file {path}: expected a .txt or .csv file")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        text = storage.read_text(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if path.endswith(".txt"):
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
     header = list(rows[0]) if rows else []
     col = column or next((c for c in PROMPT_COLUMNS if c in header), None)
     if col is None or col not in header:
@@ -63,8 +73,17 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(","))
 
 
+def _check_counts(args) -> None:
+    """Counts that must be positive (or >= 0), refused with one line before anything loads."""
+    for flag, value, least in (("--batch", args.batch, 1), ("--num-per-prompt", args.num_per_prompt, 1),
+                               ("--steps", args.steps, 1), ("--limit", args.limit, 0), ("--seed", args.seed, 0),
+                               ("--size", args.size, 1), ("--max-sequence-length", args.max_sequence_length, 1)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be {'a positive integer' if least else '>= 0'}, got {value}")
+
+
 def parse_args(argv: list[str] | None):
-    p = argparse.ArgumentParser(prog="python -m swd_jax.generate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="swd-generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="diffusers SD3/SD3.5 or FLUX.1 pipeline folder")
     p.add_argument("--converted", help="our converted transformer params (instead of MODEL/transformer)")
     p.add_argument("--lora", help="run workdir, PEFT adapter folder or diffusers LoRA .safetensors")
@@ -81,13 +100,14 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--prompts", help="a .txt (one per line) or .csv prompt file")
     p.add_argument("--prompt-column", help="the .csv column holding the prompts")
     p.add_argument("--limit", type=int, help="use only the first N prompts")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (local or gs://)")
     p.add_argument("--seed", type=int, default=0, help="image n gets seed SEED + n")
     p.add_argument("--num-per-prompt", type=int, default=1)
     p.add_argument("--batch", type=int, help="images per batch (rounded up to a multiple of the device count)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: SD3 256, FLUX 512)")
     p.add_argument("--no-progress", action="store_true")
+    add_common_flags(p)
     return p.parse_args(argv)
 
 
@@ -116,6 +136,10 @@ def run(args) -> dict:
 
     from swd_jax.pipeline import SwDPipeline
 
+    _check_counts(args)
+    args.out = storage.resolve(args.out)  # a bad OUT is refused before the model loads
+    if storage.isfile(args.out):
+        raise NotADirectoryError(f"--out {args.out} is a file, not a folder")
     prompts = list(args.prompt) + (read_prompts(args.prompts, args.prompt_column) if args.prompts else [])
     if args.limit is not None:
         prompts = prompts[:args.limit]
@@ -128,43 +152,52 @@ def run(args) -> dict:
     settings = pipe.settings(sampler)
     p, n_proc = jax.process_index(), jax.process_count()
     total = len(prompts) * args.num_per_prompt
-    os.makedirs(args.out, exist_ok=True)
-    records, grid, times, counts = [], [], [], []
-    for chunk, images, dt in pipe.generate_batches(prompts, sampler, seed=args.seed, num_per_prompt=args.num_per_prompt,
-                                                   batch_size=args.batch, indices=range(p, total, n_proc),
-                                                   progress=not args.no_progress):
-        from PIL import Image
-        for r, img in zip(chunk, images):
-            r["file"] = f"{r['index']:05d}.png"
-            Image.fromarray(img).save(os.path.join(args.out, r["file"]))
-            records.append({"file": r["file"], "prompt": r["prompt"], "seed": r["seed"], "index": r["index"],
-                            **settings})
-        grid += list(images[:max(0, GRID_IMAGES - len(grid))])
-        times.append(dt)
-        counts.append(len(chunk))
-    if n_proc == 1:
-        write_index(args.out, records)  # images.json, as `python -m swd_jax.evaluate --images OUT` reads it
-    else:
-        with open(os.path.join(args.out, f"images.{p}.json"), "w", encoding="utf-8") as f:
-            json.dump(records, f, indent=1, ensure_ascii=False)
-    if grid:
-        _save_grid(os.path.join(args.out, "grid.png" if n_proc == 1 else f"grid.{p}.png"), grid)
+    out = storage.Staged(args.out)  # OUT itself when local; else a local folder uploaded as images are written
+    try:
+        records, times, counts = _generate(args, pipe, prompts, sampler, settings, out.path, p, n_proc, total, out.sync)
+    finally:
+        out.close()
     steady = (sum(times[1:]) / sum(counts[1:])) if len(times) > 1 else times[0] / counts[0]
     return {"images": len(records), "ms_per_image": 1e3 * steady, "first_batch_s": times[0], "sampler": sampler.kind,
             "batches": len(times)}
 
 
+def _generate(args, pipe, prompts, sampler, settings, folder: str, p: int, n_proc: int, total: int, sync):
+    """Sample every batch into the local `folder`, calling `sync()` after each; (records, seconds, images)."""
+    from PIL import Image
+    records, grid, times, counts = [], [], [], []
+    for chunk, images, dt in pipe.generate_batches(prompts, sampler, seed=args.seed, num_per_prompt=args.num_per_prompt,
+                                                   batch_size=args.batch, indices=range(p, total, n_proc),
+                                                   progress=not args.no_progress):
+        for r, img in zip(chunk, images):
+            r["file"] = f"{r['index']:05d}.png"
+            Image.fromarray(img).save(os.path.join(folder, r["file"]))
+            records.append({"file": r["file"], "prompt": r["prompt"], "seed": r["seed"], "index": r["index"],
+                            **settings})
+        grid += list(images[:max(0, GRID_IMAGES - len(grid))])
+        times.append(dt)
+        counts.append(len(chunk))
+        sync()
+    if n_proc == 1:
+        write_index(folder, records)  # images.json, as `swd-evaluate --images OUT` reads it
+    else:
+        with open(os.path.join(folder, f"images.{p}.json"), "w", encoding="utf-8") as f:
+            json.dump(records, f, indent=1, ensure_ascii=False)
+    if grid:
+        _save_grid(os.path.join(folder, "grid.png" if n_proc == 1 else f"grid.{p}.png"), grid)
+    return records, times, counts
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+    quiet_logs(args.verbose)
+
+    def _run():
         r = run(args)
-    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    how = (f"after the first batch, which compiles: {r['first_batch_s']:.1f} s" if r["batches"] > 1
-           else "one batch, compiling included")
-    print(f"{r['images']} images ({r['sampler']}) in {args.out}: {r['ms_per_image']:.1f} ms/image ({how})")
-    return 0
+        how = (f"after the first batch, which compiles: {r['first_batch_s']:.1f} s" if r["batches"] > 1
+               else "one batch, compiling included")
+        print(f"{r['images']} images ({r['sampler']}) in {args.out}: {r['ms_per_image']:.1f} ms/image ({how})")
+    return run_main(_run, args.debug)
 
 
 if __name__ == "__main__":

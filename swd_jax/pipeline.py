@@ -32,7 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swd_jax.convert.peft_lora import import_lora
+from swd_jax import storage
+from swd_jax.convert.folders import NOT_TRANSFORMER, PIPELINE_PARTS, local_model_folder, read_json, source_path
+from swd_jax.convert.peft_lora import adapter_files, import_lora
 from swd_jax.convert.transformer import transformer_class, transformer_folder
 from swd_jax.convert.vae import load_vae
 from swd_jax.eval.prompts import sample_seed
@@ -131,21 +133,27 @@ class Student:
 
 
 def _is_run(path: str) -> bool:
-    return os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")) and (
-        os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isdir(os.path.join(path, "student_peft")))
+    """A training workdir (local or gs://): config.json and checkpoints/ or student_peft/."""
+    names = storage.listdir(path)
+    return "config.json" in names and any(d in names and storage.isdir(storage.join(path, d))
+                                          for d in ("checkpoints", "student_peft"))
 
 
 def _latest_checkpoint(ckpt_dir: str) -> str | None:
-    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d, "state"))]
-    return os.path.join(ckpt_dir, str(max(steps)), "state") if steps else None
+    steps = [int(d) for d in storage.listdir(ckpt_dir)
+             if d.isdigit() and storage.isdir(storage.join(ckpt_dir, d, "state"))]
+    return storage.join(ckpt_dir, str(max(steps)), "state") if steps else None
 
 
 def load_student(path: str, cfg: MMDiTConfig | FluxConfig, dtype=jnp.float32) -> Student:
-    """A run workdir (latest checkpointed student, else its student_peft/), a PEFT folder or a diffusers LoRA file."""
-    path = os.path.abspath(path)  # orbax reads no metadata through a relative path
+    """A run workdir (latest checkpointed student, else its student_peft/), a PEFT folder or a diffusers LoRA file;
+    local or gs:// (checkpoints are read from there by orbax, adapters downloaded to a local cache)."""
+    path = storage.resolve(path)  # orbax reads no metadata through a relative path
+    if not storage.exists(path):
+        raise FileNotFoundError(f"no LoRA adapter or run workdir at {path}")
     if not _is_run(path):
-        lora, params = import_lora(path, cfg, dtype)
-        return Student(lora, params, os.path.abspath(path))
+        lora, params = import_lora(storage.local_copy(path, what="LoRA adapter"), cfg, dtype)
+        return Student(lora, params, path)
     import ml_collections
     import orbax.checkpoint as ocp
 
@@ -153,15 +161,14 @@ def load_student(path: str, cfg: MMDiTConfig | FluxConfig, dtype=jnp.float32) ->
     from swd_jax.convert.peft_lora import abstract_lora
     from swd_jax.train.setup import make_schedule
 
-    with open(os.path.join(path, "config.json")) as f:
-        run_config = json.load(f)
+    run_config = read_json(storage.join(path, "config.json"), "run config")
     c = ml_collections.ConfigDict(run_config)
     schedule = make_schedule(c)
-    ckpt_dir = os.path.join(path, "checkpoints")
-    state_dir = _latest_checkpoint(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    state_dir = _latest_checkpoint(storage.join(path, "checkpoints"))
     if state_dir is None:
-        lora, params = import_lora(os.path.join(path, "student_peft"), cfg, dtype)
-        return Student(lora, params, os.path.join(path, "student_peft"), schedule, run_config)
+        peft = storage.join(path, "student_peft")
+        lora, params = import_lora(storage.local_copy(peft, what="LoRA adapter"), cfg, dtype)
+        return Student(lora, params, peft, schedule, run_config)
     lora = LoraConfig(rank=int(c.lora.rank), alpha=float(c.lora.alpha), targets=tuple(c.lora.targets))
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with ocp.StandardCheckpointer() as ckptr:
@@ -195,7 +202,9 @@ class SwDPipeline:
     def __init__(self, cfg: MMDiTConfig | FluxConfig, base: dict, encoder: SD3PromptEncoder | FluxPromptEncoder,
                  vae, vae_params: dict, *,
                  student: Student | None = None, dtype: str = "float32", mesh: jax.sharding.Mesh,
-                 model_folder: str = "", transformer_source: str = ""):
+                 model_folder: str = "", transformer_source: str = "", local_folder: str = ""):
+        """`model_folder`: where the model is (local or gs://); `local_folder`: its local copy (default the same)."""
+        self.local_folder = local_folder or model_folder
         self.cfg, self.encoder, self.vae, self.student, self.dtype, self.mesh = cfg, encoder, vae, student, dtype, mesh
         self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self.batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -228,47 +237,54 @@ class SwDPipeline:
         optional LoRA. `max_sequence_length`: T5 tokens, default the family's (SD3 256, FLUX 512)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-        if not os.path.isdir(folder):
+        folder = storage.resolve(folder)
+        if not storage.isdir(folder):
             raise FileNotFoundError(f"model folder {folder} does not exist")
         devices = list(devices or jax.local_devices())
         mesh = jax.sharding.Mesh(np.array(devices), ("data",))
         rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         pdt = DTYPES[dtype]
         run_config = None
-        if lora is not None and _is_run(lora):
-            with open(os.path.join(lora, "config.json")) as f:
-                run_config = json.load(f)
+        if lora is not None:
+            lora = storage.resolve(lora)
+            if not storage.exists(lora):
+                raise FileNotFoundError(f"no LoRA adapter or run workdir at {lora}")
+        if lora is not None and not _is_run(lora):  # not a run: an adapter, checked before the model loads
+            adapter_files(storage.local_copy(lora, what="LoRA adapter"))
+        elif lora is not None:
+            run_config = read_json(storage.join(lora, "config.json"), "run config")
             model = run_config.get("model", {})
             path = model.get("path") or ""
-            if converted is None and model.get("source") in ("converted", "auto") and os.path.exists(
-                    os.path.join(path, "conversion.json")):
+            if converted is None and model.get("source") in ("converted", "auto") and path and storage.exists(
+                    storage.join(path, "conversion.json")):
                 converted = path  # the run's own base weights (a converted checkpoint)
+        local = local_model_folder(folder, parts=PIPELINE_PARTS if converted is None else NOT_TRANSFORMER)
         if converted is not None:
             from swd_jax.convert.converted import load_converted
             cfg, base = load_converted(converted)
             base = jax.tree.map(lambda x: x.astype(pdt), base)
-            source = os.path.abspath(converted)
+            source = storage.resolve(converted)
         else:
             import flax.linen as nn
-            sub = os.path.join(folder, "transformer")
-            tfolder = sub if os.path.isdir(sub) else transformer_folder(folder)
+            sub = os.path.join(local, "transformer")
+            tfolder = sub if os.path.isdir(sub) else transformer_folder(local)
             family = backbone_of_class(transformer_class(tfolder))
             cfg = family.config_cls.from_folder(tfolder)
             shardings = jax.tree.map(lambda _: rep, nn.unbox(family.boxed_params(cfg, pdt)))
             _, base = family.load_diffusers(tfolder, dtype=pdt, shardings=shardings)
-            source = os.path.abspath(tfolder)
+            source = source_path(folder, local, tfolder) if local != folder else os.path.abspath(tfolder)
         student = None if lora is None else load_student(lora, cfg)
-        vae_dir = os.path.join(folder, "vae")
+        vae_dir = os.path.join(local, "vae")
         if not os.path.isdir(vae_dir):
             raise FileNotFoundError(f"model folder {folder} has no vae/ to decode images with")
         vae, vae_params = load_vae(vae_dir, pdt, pdt)
         length = max_sequence_length or backbone_of(cfg).max_sequence_length
-        encoder = load_prompt_encoder(folder, max_sequence_length=length, dtype=pdt, param_dtype=pdt, sharding=rep)
+        encoder = load_prompt_encoder(local, max_sequence_length=length, dtype=pdt, param_dtype=pdt, sharding=rep)
         if isinstance(encoder, FluxPromptEncoder) != isinstance(cfg, FluxConfig):
             raise ValueError(f"model folder {folder} holds {type(encoder).__name__}'s text encoders but the "
                              f"transformer ({source}) is a {backbone_of(cfg).diffusers_class}")
         return cls(cfg, base, encoder, vae, vae_params, student=student, dtype=dtype, mesh=mesh,
-                   model_folder=os.path.abspath(folder), transformer_source=source)
+                   model_folder=folder, transformer_source=source, local_folder=local)
 
     @property
     def num_devices(self) -> int:
@@ -318,7 +334,7 @@ class SwDPipeline:
     def flux_scheduler(self) -> tuple[str, dict]:
         """(source, config) of the FLUX teacher's sigmas: the folder's scheduler/scheduler_config.json, else
         FLUX.1-dev's values (`swd_jax.schedule.FLUX_DEV_SCHEDULER`)."""
-        path = os.path.join(self.model_folder, "scheduler", "scheduler_config.json")
+        path = os.path.join(self.local_folder, "scheduler", "scheduler_config.json")
         if not os.path.isfile(path):
             return "FLUX.1-dev defaults", dict(FLUX_DEV_SCHEDULER)
         try:

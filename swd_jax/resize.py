@@ -23,7 +23,12 @@ _A = -0.75  # torch's bicubic Keys coefficient
 
 @functools.lru_cache(maxsize=None)
 def area_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """[out, in] float32 adaptive-average-pooling weights (torch `mode="area"`)."""
+    """[out, in] float32 adaptive-average-pooling weights (torch `mode="area"`); each row sums to 1.
+
+    >>> from swd_jax.resize import area_matrix
+    >>> area_matrix(3, 2).tolist()   # overlapping bins at a non-integer ratio
+    [[0.5, 0.5, 0.0], [0.0, 0.5, 0.5]]
+    """
     _check_sizes(in_size, out_size)
     m = np.zeros((out_size, in_size), np.float64)
     for i in range(out_size):
@@ -55,6 +60,14 @@ def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     Coordinates and weights are computed in float32 as torch's CPU kernel does (scale = in/out in float32,
     src = scale * (i + 0.5) - 0.5 rounded once, as its fused multiply-add), so the weights carry torch's
     own rounding: max |ours - torch| ~2e-6 on N(0, 1) inputs, vs ~1e-5 with float64 coordinates.
+
+    >>> import numpy as np
+    >>> from swd_jax.resize import bicubic_matrix
+    >>> m = bicubic_matrix(2, 4)
+    >>> m.shape, np.round(m.sum(axis=1).astype(float), 6).tolist()   # rows sum to 1
+    ((4, 2), [1.0, 1.0, 1.0, 1.0])
+    >>> np.round(m[1].astype(float), 5).tolist()      # source 0.25: rows -1 and 0 (clamped), 1 and 2 (clamped)
+    [0.77344, 0.22656]
     """
     _check_sizes(in_size, out_size)
     f32 = np.float32
@@ -75,6 +88,10 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
 
     torch's CPU kernel: src = max(in/out * (i + 0.5) - 0.5, 0) in float32, rows floor(src) and the next one
     (clamped at the last row), weights 1 - frac and frac. pytorch-fid resizes Inception inputs this way.
+
+    >>> from swd_jax.resize import bilinear_matrix
+    >>> bilinear_matrix(2, 4).tolist()
+    [[1.0, 0.0], [0.75, 0.25], [0.25, 0.75], [0.0, 1.0]]
     """
     _check_sizes(in_size, out_size)
     f32 = np.float32
@@ -124,22 +141,55 @@ def _apply(x: jnp.ndarray, size, layout: str, matrix_fn) -> jnp.ndarray:
 
 
 def area_resize(x: jnp.ndarray, size: int | tuple[int, int], layout: str = "NHWC") -> jnp.ndarray:
-    """Adaptive-average-pool x to `size` (torch `interpolate(mode="area")`); identity if already that size."""
+    """Adaptive-average-pool x to `size` (torch `interpolate(mode="area")`); identity if already that size.
+
+    Computed in float32 (or wider), returned in x's dtype. At integer ratios the mean is preserved (to rounding).
+
+    >>> import jax.numpy as jnp
+    >>> from swd_jax.resize import area_resize
+    >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)                    # NHWC
+    >>> area_resize(x, 2)[0, :, :, 0].tolist()                      # 2x2 block means
+    [[2.5, 4.5], [10.5, 12.5]]
+    >>> area_resize(x.transpose(0, 3, 1, 2), (1, 2), layout="NCHW").shape
+    (1, 1, 1, 2)
+    """
     return _apply(x, size, layout, area_matrix)
 
 
 def bicubic_resize(x: jnp.ndarray, size: int | tuple[int, int], layout: str = "NHWC") -> jnp.ndarray:
-    """Bicubic-resize x to `size` (torch `interpolate(mode="bicubic", align_corners=False)`, a = -0.75)."""
+    """Bicubic-resize x to `size` (torch `interpolate(mode="bicubic", align_corners=False)`, a = -0.75).
+
+    Computed in float32 (or wider), returned in x's dtype; constants are kept exactly.
+
+    >>> import jax.numpy as jnp
+    >>> from swd_jax.resize import bicubic_resize
+    >>> y = bicubic_resize(jnp.full((2, 3, 3, 4), 0.5, jnp.bfloat16), 5)
+    >>> y.shape, y.dtype, float(y.min()), float(y.max())
+    ((2, 5, 5, 4), dtype(bfloat16), 0.5, 0.5)
+    """
     return _apply(x, size, layout, bicubic_matrix)
 
 
 def bilinear_resize(x: jnp.ndarray, size: int | tuple[int, int], layout: str = "NHWC") -> jnp.ndarray:
-    """Bilinear-resize x to `size` (torch `interpolate(mode="bilinear", align_corners=False)`, no antialias)."""
+    """Bilinear-resize x to `size` (torch `interpolate(mode="bilinear", align_corners=False)`, no antialias).
+
+    >>> import jax.numpy as jnp
+    >>> from swd_jax.resize import bilinear_resize
+    >>> bilinear_resize(jnp.array([0.0, 1.0]).reshape(1, 1, 2, 1), (1, 4)).ravel().tolist()
+    [0.0, 0.25, 0.75, 1.0]
+    """
     return _apply(x, size, layout, bilinear_matrix)
 
 
 def resize(x: jnp.ndarray, size: int | tuple[int, int], layout: str = "NHWC") -> jnp.ndarray:
-    """SwD resize: area when shrinking, bicubic when growing, identity when equal (per spatial axis pair)."""
+    """SwD resize: area when shrinking, bicubic when growing, identity when equal (per spatial axis pair).
+
+    >>> import jax.numpy as jnp
+    >>> from swd_jax.resize import resize
+    >>> x = jnp.ones((1, 8, 8, 16))
+    >>> resize(x, 4).shape, resize(x, 12).shape, resize(x, 8) is x
+    ((1, 4, 4, 16), (1, 12, 12, 16), True)
+    """
     h_axis = 1 if layout == "NHWC" else 2
     if x.ndim != 4:
         raise ValueError(f"expected a 4-D {layout} array, got shape {x.shape}")

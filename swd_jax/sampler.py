@@ -36,6 +36,14 @@ def mmdit_velocity(model) -> VelocityFn:
     """The velocity function of an MMDiT module: params = its "params" collection, cond = {context, pooled}.
 
     Make it once per model and reuse the object: the sampler compiles per velocity function.
+
+    >>> import jax.numpy as jnp
+    >>> from swd_jax.sampler import mmdit_velocity
+    >>> class Toy:   # anything with MMDiT's apply(variables, x, t, context, pooled)
+    ...     def apply(self, variables, x, t, context, pooled): return variables["params"]["w"] * x
+    >>> v = mmdit_velocity(Toy())
+    >>> v({"w": 2.0}, jnp.ones((1, 2, 2, 4)), jnp.zeros(1), {"context": None, "pooled": None}).shape
+    (1, 2, 2, 4)
     """
     def velocity(params, x_BHWC, t_B, cond):
         return model.apply({"params": params}, x_BHWC, t_B, cond["context"], cond["pooled"])
@@ -49,6 +57,15 @@ def flux_velocity(model) -> VelocityFn:
     params = its variables, `{"params": base}` or with `"lora": student` for the distilled student; cond =
     {context, pooled} plus, for FLUX-dev, `guidance` [B] (the embedded guidance scale, e.g. 4.5 for FLUX-SwD).
     Make it once per model and reuse the object: the sampler compiles per velocity function.
+
+    >>> import jax.numpy as jnp
+    >>> from swd_jax.sampler import flux_velocity
+    >>> class Toy:   # anything with Flux's apply(variables, x, t, context, pooled, guidance)
+    ...     def apply(self, variables, x, t, context, pooled, guidance): return x * guidance[:, None, None, None]
+    >>> v = flux_velocity(Toy())
+    >>> cond = {"context": None, "pooled": None, "guidance": jnp.full((1,), 4.5)}
+    >>> float(v({}, jnp.ones((1, 2, 2, 4)), jnp.zeros(1), cond).max())
+    4.5
     """
     def velocity(params, x_BHWC, t_B, cond):
         return model.apply(params, x_BHWC, t_B, cond["context"], cond["pooled"], cond.get("guidance"))
@@ -58,7 +75,14 @@ def flux_velocity(model) -> VelocityFn:
 
 @dataclasses.dataclass(frozen=True)
 class SamplerNoise:
-    """Explicit noise: `init_BHWC` at scales[0], and `steps[i]` [B, s_{i+1}, s_{i+1}, C] for i = 0..K-2."""
+    """Explicit noise: `init_BHWC` at scales[0], and `steps[i]` [B, s_{i+1}, s_{i+1}, C] for i = 0..K-2.
+
+    >>> import jax.numpy as jnp
+    >>> from swd_jax.sampler import SamplerNoise
+    >>> n = SamplerNoise(jnp.zeros((1, 2, 2, 16)), steps=(jnp.zeros((1, 4, 4, 16)),))   # scales (2, 4)
+    >>> len(n.steps)
+    1
+    """
 
     init_BHWC: jnp.ndarray
     steps: tuple[jnp.ndarray, ...] = ()
@@ -126,6 +150,19 @@ def scale_wise_sample(velocity_fn: VelocityFn, params, cond, key: jax.Array | No
 
     `schedule` is a ScaleSchedule (sampling_sigmas / sampling_timesteps) or a (scales, sigmas) pair with
     len(sigmas) = K + 1 and timesteps float32(sigma) * 1000. Give `key` or `noise` (noise wins).
+    Returns float32 [batch_size, scales[-1], scales[-1], channels]. With all scales equal and each re-noise
+    draw equal to the implied noise x0 + v, this is `euler_sample` on the same sigmas (see the example).
+
+    >>> import jax, jax.numpy as jnp
+    >>> from swd_jax.sampler import SamplerNoise, scale_wise_sample
+    >>> def velocity(params, x, t, cond): return params * x           # a toy linear "model"
+    >>> noise = SamplerNoise(jnp.ones((1, 2, 2, 1)), steps=(jnp.ones((1, 4, 4, 1)),))
+    >>> x0 = scale_wise_sample(velocity, 0.5, None, None, ((2, 4), (1.0, 0.5, 0.0)), batch_size=1,
+    ...                        channels=1, noise=noise)
+    >>> x0.shape, x0.dtype, float(x0.min()), float(x0.max())   # x0 = 1 - 0.5 = 0.5, 0.5 + 0.5 * 0.5, 0.75 - 0.5 * 0.375
+    ((1, 4, 4, 1), dtype('float32'), 0.5625, 0.5625)
+    >>> scale_wise_sample(velocity, 0.5, None, jax.random.key(0), ((2, 4), (1.0, 0.5, 0.0)), batch_size=3).shape
+    (3, 4, 4, 16)
     """
     scales, sigmas, timesteps = _resolve_schedule(schedule)
     guided = _guided(guidance_scale, uncond)
@@ -156,7 +193,14 @@ def euler_sample(velocity_fn: VelocityFn, params, x_init_BHWC: jnp.ndarray, sigm
     """Plain flow-matching Euler at one resolution: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v(x_i, t_i).
 
     `sigmas` has N+1 values (e.g. `flow_match_sigmas(28, 3.0)` for the 28-step teacher), timesteps default
-    to float32(sigmas[:-1]) * 1000. One compiled step serves all N steps. Returns x at sigmas[-1].
+    to float32(sigmas[:-1]) * 1000. One compiled step serves all N steps. Returns x at sigmas[-1] (float32).
+
+    >>> import jax.numpy as jnp
+    >>> from swd_jax.sampler import euler_sample
+    >>> def velocity(params, x, t, cond): return params * x
+    >>> x = euler_sample(velocity, 0.5, jnp.ones((1, 4, 4, 1)), [1.0, 0.5, 0.0], None)
+    >>> float(x.min()), float(x.max())   # 1 - 0.5 * 0.5 = 0.75, then 0.75 - 0.5 * 0.375
+    (0.5625, 0.5625)
     """
     sigmas = np.asarray(sigmas, np.float32)
     if sigmas.ndim != 1 or sigmas.shape[0] < 2:

@@ -46,12 +46,30 @@ def _grid(num_steps: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def flow_match_sigmas(num_steps: int, shift: float) -> np.ndarray:
-    """Shifted flow-matching sigmas s' = shift*s / (1 + (shift-1)*s), num_steps+1 float32 values, last 0."""
+    """Shifted flow-matching sigmas s' = shift*s / (1 + (shift-1)*s), num_steps+1 float32 values, last 0.
+
+    Strictly decreasing from 1.0 (a float32 ulp or two less for some non-integer shifts, as diffusers)
+    to 0; a read-only array (cached per (num_steps, shift)).
+
+    >>> import numpy as np
+    >>> from swd_jax.schedule import flow_match_sigmas
+    >>> s = flow_match_sigmas(28, 3.0)
+    >>> s.shape, s.dtype
+    ((29,), dtype('float32'))
+    >>> np.round(s[[0, 7, 14, 18, 27, 28]].astype(float), 4).tolist()   # SD3.5-M 4-step boundaries, last two
+    [1.0, 0.8959, 0.7371, 0.6022, 0.0089, 0.0]
+    """
     return _grid(num_steps, float(shift))[0]
 
 
 def flow_match_timesteps(num_steps: int, shift: float) -> np.ndarray:
-    """Model timesteps 1000 * sigma[:-1] (float32), as diffusers' `scheduler.timesteps`."""
+    """Model timesteps 1000 * sigma[:-1] (float32), as diffusers' `scheduler.timesteps`.
+
+    >>> import numpy as np
+    >>> from swd_jax.schedule import flow_match_timesteps
+    >>> np.round(flow_match_timesteps(4, 1.0), 1).tolist()   # shift 1: linspace(1000, 1, 4)
+    [1000.0, 667.0, 334.0, 1.0]
+    """
     return _grid(num_steps, float(shift))[1]
 
 
@@ -73,7 +91,13 @@ def flux_dynamic_sigmas(steps: int, image_seq_len: int, scheduler: dict = FLUX_D
     exp(mu) / (exp(mu) + (1/s - 1)) with mu = calculate_shift(image_seq_len, ...) (use_dynamic_shifting) or by the
     static `shift` (FLUX-schnell: 1), then a final 0; steps+1 float32 values. `image_seq_len` = packed tokens,
     (latent_h / 2) * (latent_w / 2); `scheduler` = a FlowMatchEulerDiscreteScheduler config (missing fields: its
-    defaults)."""
+    defaults).
+
+    >>> import numpy as np
+    >>> from swd_jax.schedule import flux_dynamic_sigmas
+    >>> np.round(flux_dynamic_sigmas(4, image_seq_len=4096).astype(float), 4).tolist()   # 1024 px FLUX-dev
+    [1.0, 0.9045, 0.7595, 0.5128, 0.0]
+    """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     c = {**FLOW_MATCH_SCHEDULER_DEFAULTS, **scheduler}
@@ -98,7 +122,16 @@ def flux_dynamic_sigmas(steps: int, image_seq_len: int, scheduler: dict = FLUX_D
 
 
 def add_noise(x0: jnp.ndarray, eps: jnp.ndarray, sigma: jnp.ndarray) -> jnp.ndarray:
-    """Flow-matching forward process x_sigma = sigma * eps + (1 - sigma) * x0, sigma a scalar or per example [B]."""
+    """Flow-matching forward process x_sigma = sigma * eps + (1 - sigma) * x0, sigma a scalar or per example [B].
+
+    sigma is cast to x0's dtype; the result has the promoted dtype of x0 and eps.
+
+    >>> import jax.numpy as jnp
+    >>> from swd_jax.schedule import add_noise
+    >>> x0, eps = jnp.zeros((2, 1, 1, 1)), jnp.ones((2, 1, 1, 1))
+    >>> add_noise(x0, eps, jnp.array([0.25, 1.0])).ravel().tolist()
+    [0.25, 1.0]
+    """
     sigma = jnp.asarray(sigma, dtype=x0.dtype)
     if sigma.ndim == 1:
         if sigma.shape[0] != x0.shape[0]:
@@ -116,6 +149,20 @@ class ScaleSchedule:
     Interval k runs from grid index boundaries[k] to boundaries[k+1] at latent size scales[k]. A schedule
     may instead give `explicit_sigmas` (K+1 sampling sigmas ending in 0, e.g. FLUX, whose table has no
     boundaries); such a schedule can sample but has no training grid indices (those methods raise).
+
+    >>> import numpy as np
+    >>> from swd_jax.schedule import ScaleSchedule, get_schedule
+    >>> sch = get_schedule("sd35_medium_4")
+    >>> sch.scales, sch.boundaries
+    ((64, 80, 96, 128), (0, 7, 14, 18, 28))
+    >>> np.round(sch.sampling_sigmas.astype(float), 4).tolist()
+    [1.0, 0.8959, 0.7371, 0.6022, 0.0]
+    >>> k = sch.interval(step=5); (k, sch.start_index(k), sch.scale(k), sch.prev_scale(k))
+    (1, 7, 80, 64)
+    >>> bool(np.all(sch.boundary_sigmas == sch.sigmas[list(sch.boundaries)]))
+    True
+    >>> ScaleSchedule(scales=(32, 64), explicit_sigmas=(1.0, 0.5, 0.0)).sampling_timesteps.tolist()
+    [1000.0, 500.0]
     """
 
     scales: tuple[int, ...]
@@ -243,7 +290,12 @@ PRESETS: dict[str, ScaleSchedule] = {
 
 
 def get_schedule(name: str) -> ScaleSchedule:
-    """The preset schedule `name` (one of PRESETS)."""
+    """The preset schedule `name` (one of PRESETS); an unknown name raises ValueError.
+
+    >>> from swd_jax.schedule import get_schedule
+    >>> get_schedule("flux_4").explicit_sigmas
+    (1.0, 0.8956, 0.7363, 0.6007, 0.0)
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown schedule {name!r}; known: {sorted(PRESETS)}")
     return PRESETS[name]

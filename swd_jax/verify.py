@@ -1,13 +1,14 @@
 """Check our converted MMDiT or FLUX (+ LoRA) against diffusers/PyTorch on the same random inputs, block by block.
 
-    python -m swd_jax.verify FOLDER [--lora ADAPTER] [--sizes 64 96 128] [--batch 2] [--dtype float32|bfloat16]
+    swd-verify FOLDER [--lora ADAPTER] [--sizes 64 96 128] [--batch 2] [--dtype float32|bfloat16]
                              [--device cpu|cuda] [--tol T] [--text-tokens 77] [--components]
 
 FOLDER is a diffusers transformer folder or a pipeline folder (then FOLDER/transformer); its config's `_class_name`
 picks SD3 (SD3Transformer2DModel) or FLUX (FluxTransformer2DModel: `swd_jax.convert.verify_flux`, blocks numbered
 double then single, sigmas in [0, 1) and for FLUX-dev a guidance scale of 3.5 or 4.5 per example). FOLDER may also
 be a converted checkpoint written by `swd-convert` (what training reads): it is compared with the diffusers folder
-its conversion.json names, or `--reference FOLDER`. Needs the PyTorch extra (`pip install -e .[torch]`). ADAPTER is a PEFT
+its conversion.json names, or `--reference FOLDER`. Every folder may be `gs://...` (a converted checkpoint is read
+from there as training reads it; diffusers folders and adapters are downloaded to a local cache). Needs the PyTorch extra (`pip install -e .[torch]`). ADAPTER is a PEFT
 adapter folder (loaded on the torch side with `PeftModel.from_pretrained`) or a diffusers LoRA file/folder
 (`load_lora_adapter`); our side uses `swd_jax.convert.peft_lora.import_lora`. At every latent size the same
 random latents, context, pooled vector and one timestep per example (uniform in [0, 1000)) go through both;
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -41,8 +41,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from swd_jax import storage
+from swd_jax.command_line import add_common_flags, quiet_logs
+from swd_jax.convert.converted import conversion_source, load_converted, model_kind, read_config
+from swd_jax.convert.folders import PIPELINE_PARTS, local_model_folder
 from swd_jax.convert.peft_lora import import_lora
-from swd_jax.convert.converted import load_converted, model_kind
+from swd_jax.convert.safetensors_reader import SafetensorsFolder
 from swd_jax.convert.transformer import load_transformer, transformer_class, transformer_folder
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
 
@@ -148,9 +152,8 @@ def our_outputs(folder: str, lora: str | None, runs: dict[int, tuple], dtype: st
 # the comparison
 # ----------------------------------------------------------------------------------------------------------------
 def _conversion_source(converted: str) -> str:
-    with open(os.path.join(converted, "conversion.json")) as f:
-        source = json.load(f).get("source", "")
-    if not source or not os.path.isdir(source):
+    source = conversion_source(converted)
+    if not source or not storage.isdir(source):
         raise FileNotFoundError(f"{converted}: its diffusers source {source!r} (conversion.json) is not here; "
                                 "pass --reference FOLDER")
     return source
@@ -197,7 +200,11 @@ def verify(folder: str, lora: str | None = None, sizes: Sequence[int] = (64, 96,
         converted, folder = folder, reference or _conversion_source(folder)
     elif reference is not None:
         raise ValueError(f"--reference is for a converted checkpoint; {folder} is a diffusers folder")
+    folder = local_model_folder(folder, parts=PIPELINE_PARTS if components else ("transformer",))
+    if lora is not None:
+        lora = storage.local_copy(storage.resolve(lora), what="LoRA adapter")
     tfolder = transformer_folder(folder)
+    SafetensorsFolder(tfolder)  # a truncated or garbled file is named here, not by torch's loader
     if transformer_class(tfolder) == "FluxTransformer2DModel":
         from swd_jax.convert import verify_flux as impl
         from swd_jax.models.flux import Flux, FluxConfig
@@ -210,7 +217,7 @@ def verify(folder: str, lora: str | None = None, sizes: Sequence[int] = (64, 96,
         check = MMDiT(cfg).check_latent_size
         runs = {s: _round(make_inputs(cfg, batch, s, text_tokens, seed), dtype) for s in sizes}
         torch_fn, ours_fn = torch_outputs, our_outputs
-    if converted is not None and type(cfg).from_folder(converted) != cfg:
+    if converted is not None and read_config(converted) != cfg:
         raise ValueError(f"{converted} was not converted from {folder}: their transformer configs differ")
     for s in sizes:
         check(s, s)
@@ -249,7 +256,7 @@ EXIT_TOLERANCE_EXCEEDED, EXIT_COULD_NOT_RUN = 1, 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m swd_jax.verify", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="swd-verify", description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", help="diffusers transformer or pipeline folder, or a converted checkpoint (swd-convert)")
     parser.add_argument("--reference", help="for a converted checkpoint: the diffusers folder it came from "
                         "(default: the source recorded in its conversion.json)")
@@ -263,13 +270,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--components", action="store_true", help="also compare the VAE and text encoders")
     parser.add_argument("--components-tol", type=float, default=DEFAULT_COMPONENTS_TOL)
+    add_common_flags(parser)
     args = parser.parse_args(argv)
+    quiet_logs(args.verbose)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for torch's turn
     try:
         result = verify(args.folder, args.lora, args.sizes, args.batch, args.dtype, args.device, args.tol,
                         args.text_tokens, args.seed, components=args.components, components_tol=args.components_tol,
                         reference=args.reference)
     except Exception as e:  # noqa: BLE001  any failure to compare is "could not run", never "mismatch"
+        if args.debug:
+            raise
         first = (str(e).strip().splitlines() or [""])[0]
         print(f"error: could not run the comparison: {type(e).__name__}: {first}", file=sys.stderr)
         return EXIT_COULD_NOT_RUN

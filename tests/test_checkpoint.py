@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from swd_jax.convert import orbax_params as params_io
 from swd_jax.train import checkpoint as ck
+from tests.gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401
 
 MESH = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
 
@@ -150,3 +151,26 @@ def test_save_and_load_params(tmp_path):
     abstract["pos_embed"] = jax.ShapeDtypeStruct((2, 5), jnp.float16)
     with pytest.raises(ValueError, match=r"pos_embed: stored \(2, 4\) float16, expected \(2, 5\) float16"):
         params_io.load_params(path, abstract)
+
+
+def test_checkpoints_in_a_gs_bucket_save_restore_and_set_aside(gcs_bucket, capsys):
+    from swd_jax import storage
+    d = f"{gcs_bucket}/run/checkpoints/"
+    with ck.Checkpointer(d, save_every=1, keep=3) as c:
+        assert c.directory == f"{gcs_bucket}/run/checkpoints"  # kept as given (no abspath), trailing / dropped
+        for s in (1, 2, 3):
+            c.save(s, _state(s), {"step": s})
+        c.wait_until_finished()
+        assert c.all_steps() == [1, 2, 3]
+        assert c.quarantine(3, "iteration 4 diverged") == f"{c.directory}/3.nonfinite"
+        assert c.all_steps() == [1, 2]
+    assert storage.read_text(f"{c.directory}/3.nonfinite/REASON.txt").startswith("iteration 4 diverged")
+    storage.remove(f"{c.directory}/2/extra/metadata")  # a broken step 2: set aside, step 1 restored
+    with ck.Checkpointer(d, save_every=1, keep=3) as c:
+        state, extra = c.restore_latest(params_io.abstract_like(_state(0)))
+        assert extra == {"step": 1} and c.restored_step == 1 and c.all_steps() == [1]
+        assert c.set_aside_steps() == ["2.corrupt", "3.nonfinite"]
+        c.save(2, _state(2), {"step": 2})  # the step can be saved again
+    _assert_tree_equal(state, _state(1))
+    assert "step 2 is broken" in capsys.readouterr().err
+    assert storage.isfile(f"{c.directory}/2.corrupt/REASON.txt") and storage.isdir(f"{c.directory}/2")

@@ -195,3 +195,72 @@ def test_array_records_with_encoded_images(tmp_path):
     assert b["prompt_embeds"].dtype == ml_dtypes.bfloat16 and "bad" not in b["prompt"] and loader.num_skipped >= 1
     for img, emb in zip(b["image"], b["prompt_embeds"]):
         np.testing.assert_array_equal(img[0, 0], _color(int(emb[0, 0])))
+
+
+def test_metainfo_is_read_strictly(tmp_path):
+    """A stray quote, a wrong field count, an empty name are refused with the line; empty prompts are counted."""
+    from swd_jax.train.metainfo import describe
+    good = ["file_name,prompt", *(f"{i}.png,tower {i}" for i in range(12))]
+
+    def read(lines, **kw):
+        (tmp_path / "metainfo.csv").write_text("\n".join(lines) + "\n")
+        return data.read_metainfo(str(tmp_path / "metainfo.csv"), **kw)
+
+    rows = read(good[:3] + [""] + good[3:])  # a blank line is skipped
+    assert len(rows) == 12 and rows.lines == 12 and rows.line_of[3] == 6
+    for bad, says in (('3.png,"a tower with a stray quote', r"line 5: unexpected end of data \(an unbalanced quote"),
+                      ("3.png,a, b", r"line 5: 3 fields, the header has 2"),
+                      (',"x"', r"line 5: empty image file name"),
+                      ('3.png,"a" b', r"line 5: ',' expected after")):
+        with pytest.raises(ValueError, match=says):
+            read(good[:4] + [bad] + good[5:])
+    with pytest.raises(ValueError, match=r"line 13: a quoted field runs over lines 13-14"):
+        read(good[:12] + ['11.png,"two', 'lines"'])
+    rows = read(good[:4] + ["3.png,"] + good[5:])
+    assert rows[3] == ("3.png", "") and rows.empty_prompts == (5,)
+    assert describe(rows, "m.csv") == "m.csv: 12 rows read from 12 data lines; 1 with an empty prompt (line 5), " \
+                                      "trained with the empty prompt"
+    with pytest.raises(ValueError, match=r"line 5: empty prompt \(for 3.png\)"):
+        read(good[:4] + ["3.png,"] + good[5:], allow_empty_prompts=False)
+
+
+def test_bit_flipped_shard_stops_the_loader_naming_shard_and_record(tmp_path):
+    """Start-up: fast check (sampled records) and full check (CRC32C); mid-run: CorruptShard, not a skip."""
+    import json
+
+    from swd_jax.train.shard_checks import CorruptShard, check_precomputed, shard_sidecar
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(2):
+        f = str(tmp_path / f"precomputed-{i:05d}-of-00002.array_record")
+        data.write_array_records(f, [{"x": rng.standard_normal(256).astype(np.float32)} for _ in range(8)])
+        (tmp_path / f"{os.path.basename(f)}.json").write_text(json.dumps(shard_sidecar(f, 8, 0)))
+        files.append(f)
+    (tmp_path / "precompute.json").write_text(json.dumps({"n_rows": 16, "shard_size": 8, "checksums": True,
+                                                         "command": "swd-precompute --out X"}))
+    assert check_precomputed(str(tmp_path), files, "fast") == check_precomputed(str(tmp_path), files, "full") == 16
+    raw = bytearray(open(files[1], "rb").read())
+    bad = None
+    for off in range(64, len(raw), 61):  # a flip that breaks a record the fast check does not sample
+        b = bytearray(raw)
+        b[off] ^= 0x10
+        open(files[1], "wb").write(bytes(b))
+        src = data.open_source(files[1:])
+        broken = []
+        for j in range(8):
+            try:
+                src.records[j]
+            except RuntimeError:
+                broken.append(j)
+        if broken and broken[0] not in (0, 4, 7):
+            bad = broken[0]
+            break
+    assert bad is not None
+    assert check_precomputed(str(tmp_path), files, "fast") == 16  # sampled records 0, 4, 7 are intact
+    with pytest.raises(CorruptShard, match=r"precomputed-00001-of-00002.array_record: checksum mismatch"):
+        check_precomputed(str(tmp_path), files, "full")
+    loader = data.make_loader(files, 16, seed=0, shard_index=0, shard_count=1)
+    with pytest.raises(CorruptShard, match=rf"precomputed-00001-of-00002.array_record record {bad}: unreadable "
+                                           r"\(RuntimeError: Corrupted Riegeli.*rerun `swd-precompute --out X`"):
+        next(loader)
+    loader.close()

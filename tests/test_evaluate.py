@@ -57,11 +57,13 @@ def test_evaluate_cli(tmp_path, capsys, monkeypatch):
         Image.fromarray(im).save(gen / f"{i:05d}.png")
     prompts_lib.write_index(str(gen), [{"file": f"{i:05d}.png", "prompt": p, "seed": prompts_lib.sample_seed(7, i)}
                                        for i, p in enumerate(prompts)])
-    out = evaluate.main(["--images", str(gen), "--inception", str(tmp_path / "inception.npz"), "--real-images",
-                         str(real), "--clip", str(tmp_path / "clip"), "--pickscore", str(tmp_path / "pick"),
-                         "--fid-batch-size", "3", "--clip-batch-size", "2"])
+    rc = evaluate.main(["--images", str(gen), "--inception", str(tmp_path / "inception.npz"), "--real-images",
+                        str(real), "--clip", str(tmp_path / "clip"), "--pickscore", str(tmp_path / "pick"),
+                        "--fid-batch-size", "3", "--clip-batch-size", "2"])
+    assert rc == 0  # was 1: main returned the metrics dict to sys.exit
     assert "PickScore" in capsys.readouterr().out
-    assert json.loads((gen / "metrics.json").read_text())["num_images"] == 3
+    out = json.loads((gen / "metrics.json").read_text())
+    assert out["num_images"] == 3
 
     # the same metrics computed directly
     scorer = fid.FIDScorer(str(tmp_path / "inception.npz"), batch_size=3)
@@ -83,14 +85,16 @@ def test_evaluate_cli(tmp_path, capsys, monkeypatch):
         assert abs(out[key] - want) < 1e-5
 
 
-def test_evaluate_cli_errors(tmp_path):
-    with pytest.raises(SystemExit, match="images.json"):
-        evaluate.main(["--images", str(tmp_path), "--clip", str(tmp_path)])
-    (tmp_path / "a.png").write_bytes(b"")
-    prompts_lib.write_index(str(tmp_path), [{"file": "a.png", "prompt": "x"}])
-    with pytest.raises(SystemExit, match="no metric to compute"):
-        evaluate.main(["--images", str(tmp_path)])
-    with pytest.raises(SystemExit, match="reference statistics"):
-        evaluate.main(["--images", str(tmp_path), "--inception", str(tmp_path / "x.pth")])
-    with pytest.raises(SystemExit, match="config.json not found"):
-        evaluate.main(["--images", str(tmp_path), "--pickscore", str(tmp_path), "--processor", str(tmp_path)])
+@pytest.mark.parametrize("setup, argv, says", [
+    (False, ["--clip", "{d}"], "images.json"),
+    (True, [], "no metric to compute"),
+    (True, ["--inception", "{d}/x.pth"], "reference statistics"),
+    (True, ["--pickscore", "{d}", "--processor", "{d}"], "config.json not found"),
+])
+def test_evaluate_cli_errors(tmp_path, capsys, setup, argv, says):
+    if setup:
+        (tmp_path / "a.png").write_bytes(b"")
+        prompts_lib.write_index(str(tmp_path), [{"file": "a.png", "prompt": "x"}])
+    assert evaluate.main(["--images", str(tmp_path)] + [a.format(d=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and says in err[-1], err

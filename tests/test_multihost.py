@@ -29,14 +29,15 @@ def process_env(devices: int, **extra) -> dict:
     return env
 
 
-def start_processes(workdir, overrides: dict, n: int, devices: int) -> list[subprocess.Popen]:
+def start_processes(workdir, overrides: dict, n: int, devices: int, extra_env: dict | None = None
+                    ) -> list[subprocess.Popen]:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, os.path.join(ROOT, "tests", "train_process.py"), str(workdir), json.dumps(overrides)]
     return [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env=process_env(devices, SWD_COORDINATOR=f"localhost:{port}",
-                                             SWD_NUM_PROCESSES=str(n), SWD_PROCESS_ID=str(i)))
+                                             SWD_NUM_PROCESSES=str(n), SWD_PROCESS_ID=str(i), **(extra_env or {})))
             for i in range(n)]
 
 

@@ -1,5 +1,5 @@
-"""`swd-precompute --distributed` as 2 processes over one dataset: disjoint shards whose union is the dataset,
-each record equal to a 1-process precompute's."""
+"""`swd-precompute --distributed` as 2 processes over one dataset, writing to gs:// (the emulator): disjoint
+shards whose union is the dataset, each record equal to a local 1-process precompute's."""
 import os
 import socket
 import subprocess
@@ -7,12 +7,14 @@ import sys
 
 import numpy as np
 
+from swd_jax import storage
+from tests.gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (fixtures)
 from tests.test_prompt_encoding import T5_LEN, _dataset, sd3  # noqa: F401  (module-scoped fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_multihost_precompute_shards_are_disjoint_and_complete(sd3, tmp_path):  # noqa: F811
+def test_multihost_precompute_shards_are_disjoint_and_complete(sd3, gcs_bucket, tmp_path, monkeypatch):  # noqa: F811
     import jax
 
     from swd_jax.train.precompute import precompute
@@ -25,7 +27,8 @@ def test_multihost_precompute_shards_are_disjoint_and_complete(sd3, tmp_path):  
         port = s.getsockname()[1]
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", SWD_COMPILE_CACHE="off",
                XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
-    out = tmp_path / "two"
+    monkeypatch.setenv("SWD_GCS_CACHE", str(tmp_path / "cache"))
+    out = f"{gcs_bucket}/two"
     procs = [subprocess.Popen([sys.executable, "-m", "swd_jax.precompute", *args, "--out", str(out), "--distributed",
                                "--coordinator", f"localhost:{port}", "--num_processes", "2", "--process_id", str(i)],
                               cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -35,9 +38,11 @@ def test_multihost_precompute_shards_are_disjoint_and_complete(sd3, tmp_path):  
     one = tmp_path / "one"
     precompute(root, str(data), str(one), (4, 8), shard_size=2, dtype="float32", param_dtype="float32",
                store_dtype="float32", devices=jax.devices()[:1], progress=False, max_sequence_length=T5_LEN)
-    shards = sorted(p.name for p in out.glob("*.array_record"))
+    names = storage.listdir(out)
+    shards = [n for n in names if n.endswith(".array_record")]
     assert shards == sorted(p.name for p in one.glob("*.array_record")) and len(shards) == 4  # 7 rows, 2 per shard
-    two_src, one_src = open_source(str(out)), open_source(str(one))
+    assert not [n for n in names if "partial" in n] and all(f"{n}.json" in names for n in shards)
+    two_src, one_src = open_source(storage.local_copy(out)), open_source(str(one))
     two = [decode_array_record(two_src.records[i]) for i in range(len(two_src.records))]
     ref = [decode_array_record(one_src.records[i]) for i in range(len(one_src.records))]
     assert [r["file_name"] for r in two] == [f"{i}.png" for i in range(7)]  # each row once, in order

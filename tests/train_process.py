@@ -13,11 +13,24 @@ if os.environ.get("SWD_TEST_CACHE"):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
+from swd_jax.command_line import run_main  # noqa: E402
 from swd_jax.train import distributed  # noqa: E402
 from swd_jax.train.loop import train  # noqa: E402
 from tests.test_train import small_config  # noqa: E402
 
-if __name__ == "__main__":
+
+
+def main() -> int:
     distributed.initialize()
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(sys.argv[2]).items()}
-    train(small_config(**overrides), sys.argv[1])
+    from swd_jax.train.preemption import PREEMPTED_EXIT, Preempted
+    try:
+        train(small_config(**overrides), sys.argv[1])
+    except Preempted as e:
+        print(e, file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))  # as the console scripts: one `error:` line when another process failed first

@@ -1,35 +1,38 @@
-"""Convert a diffusers SD3/SD3.5 transformer to an orbax checkpoint of our MMDiT params, once, before training.
+"""`swd-convert SRC DST`: a diffusers SD3/SD3.5 or FLUX.1 transformer -> an orbax checkpoint of our params, once.
 
-    python -m swd_jax.convert SRC DST [--dtype bfloat16] [--overwrite]
+    swd-convert SRC DST [--dtype bfloat16] [--overwrite]
 
-SRC is a diffusers transformer folder (config.json + safetensors) or a pipeline folder (then SRC/transformer).
-The work is `swd_jax.convert.converted.convert`; training reads DST with `load_converted(DST)`.
+SRC is a diffusers transformer folder (config.json + safetensors) or a pipeline folder (then SRC/transformer);
+DST a new or empty folder. Either may be `gs://BUCKET/...` (of a pipeline folder on Cloud Storage only
+transformer/ is downloaded). The work is `swd_jax.convert.converted.convert`; training reads DST with
+`load_converted(DST)` (`--config.model.path=DST`).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from swd_jax.command_line import add_common_flags, quiet_logs, run_main
 from swd_jax.convert.converted import DTYPES, convert
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m swd_jax.convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="swd-convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="diffusers transformer folder, or a pipeline folder with transformer/")
-    parser.add_argument("dst", help="output folder (config.json, conversion.json, params/)")
+    parser.add_argument("dst", help="output folder (config.json, conversion.json, params/); local or gs://")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="storage dtype of the params")
     parser.add_argument("--overwrite", action="store_true", help="replace existing params in DST")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_common_flags(parser)
     args = parser.parse_args(argv)
-    try:
+    quiet_logs(args.verbose)
+
+    def _run():
         cfg = convert(args.src, args.dst, args.dtype, args.overwrite, progress=not args.no_progress)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    single = f" + {cfg.num_single_layers} single" if hasattr(cfg, "num_single_layers") else ""
-    print(f"wrote {type(cfg).__name__.removesuffix('Config')} with {cfg.num_layers}{single} blocks ({args.dtype}) "
-          f"to {args.dst}")
-    return 0
+        single = f" + {cfg.num_single_layers} single" if hasattr(cfg, "num_single_layers") else ""
+        print(f"wrote {type(cfg).__name__.removesuffix('Config')} with {cfg.num_layers}{single} blocks "
+              f"({args.dtype}) to {args.dst}")
+    return run_main(_run, args.debug)
 
 
 if __name__ == "__main__":

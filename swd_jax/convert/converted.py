@@ -1,6 +1,8 @@
 """A converted checkpoint: a diffusers SD3/SD3.5 or FLUX.1 transformer written once as an orbax checkpoint of our params.
 
-`convert(SRC, DST)` (the command `python -m swd_jax.convert SRC DST`) writes it; `load_converted(DST)` reads it.
+`convert(SRC, DST)` (the command `swd-convert SRC DST`) writes it; `load_converted(DST)` reads it. SRC and DST may
+be local or `gs://` (a pipeline folder on Cloud Storage: only its transformer/ is downloaded; DST's params are
+written and read by orbax directly, its JSON files through `swd_jax.storage`).
 SRC is a diffusers transformer folder (config.json + safetensors) or a pipeline folder (then SRC/transformer); its
 config's `_class_name` (SD3Transformer2DModel or FluxTransformer2DModel) picks the model.
 DST receives `config.json` (our MMDiTConfig or FluxConfig, diffusers field names), `conversion.json` (dtype, source, count)
@@ -17,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from swd_jax import storage
+from swd_jax.convert.folders import local_model_folder, read_json, source_path
 from swd_jax.convert.orbax_params import load_params, save_params
 from swd_jax.convert.safetensors_reader import SafetensorsFolder
 from swd_jax.convert import flux as flux_convert
@@ -58,9 +62,19 @@ def convert(src: str, dst: str, dtype: str = "float32", overwrite: bool = False,
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} not supported; choose one of {sorted(DTYPES)}")
-    folder = transformer_folder(src)
-    if os.path.exists(os.path.join(dst, PARAMS)) and not overwrite:
-        raise FileExistsError(f"{dst} already holds converted params; pass --overwrite to replace them")
+    src, dst = storage.resolve(src), storage.resolve(dst)
+    if storage.isfile(dst):
+        raise NotADirectoryError(f"{dst} is a file, not a folder")
+    existing = storage.listdir(dst)
+    if existing and not overwrite:
+        if PARAMS in existing:
+            raise FileExistsError(f"{dst} already holds converted params; pass --overwrite to replace them")
+        raise FileExistsError(f"{dst} is not empty (holds {', '.join(existing[:5])}{' ...' if len(existing) > 5 else ''}"
+                              "); give a new or empty folder, or --overwrite to write there anyway")
+    if not storage.isdir(src) and not storage.exists(src):
+        raise FileNotFoundError(f"{src} does not exist")
+    local = local_model_folder(src, parts=("transformer",))
+    folder = transformer_folder(local)
     name = transformer_class(folder)
     config_cls, convert_fn, _ = FAMILIES[name]
     cfg = config_cls.from_folder(folder)
@@ -71,27 +85,30 @@ def convert(src: str, dst: str, dtype: str = "float32", overwrite: bool = False,
            if not bool(jnp.all(jnp.isfinite(x)))]
     if bad:
         raise ValueError(f"{folder}: {len(bad)} weights hold NaN or infinite values, e.g. {bad[:3]}; not converted")
-    os.makedirs(dst, exist_ok=True)
-    save_params(os.path.join(dst, PARAMS), params, overwrite=overwrite)
-    with open(os.path.join(dst, CONFIG), "w") as f:
-        json.dump(dict(_class_name=name, **dataclasses.asdict(cfg)), f, indent=2)
+    storage.makedirs(dst)
+    save_params(storage.join(dst, PARAMS), params, overwrite=overwrite)
+    storage.write_text(storage.join(dst, CONFIG), json.dumps(dict(_class_name=name, **dataclasses.asdict(cfg)),
+                                                             indent=2))
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    with open(os.path.join(dst, META), "w") as f:
-        json.dump({"dtype": dtype, "source": os.path.abspath(folder), "num_params": n}, f, indent=2)
+    source = source_path(src, local, folder) if storage.is_remote(src) else os.path.abspath(folder)
+    # written last: model_kind() calls DST a converted checkpoint once conversion.json and params/ are there
+    storage.write_text(storage.join(dst, META), json.dumps({"dtype": dtype, "source": source, "num_params": n},
+                                                           indent=2))
     return cfg
 
 
 def model_kind(path: str) -> str:
     """'converted' (written by `convert`), 'pipeline' (diffusers pipeline folder) or 'transformer' (its
     transformer folder); a one-line error saying what the folder is when it is none of them."""
-    if not os.path.isdir(path):
+    path = storage.resolve(path)
+    names = storage.listdir(path)
+    if not names:
         raise FileNotFoundError(f"model.path {path!r} is not a folder")
-    if os.path.exists(os.path.join(path, META)) and os.path.isdir(os.path.join(path, PARAMS)):
+    if META in names and storage.isdir(storage.join(path, PARAMS)):
         return "converted"
-    if os.path.exists(os.path.join(path, "model_index.json")) or \
-            os.path.exists(os.path.join(path, "transformer", CONFIG)):
+    if "model_index.json" in names or storage.exists(storage.join(path, "transformer", CONFIG)):
         return "pipeline"
-    if os.path.exists(os.path.join(path, CONFIG)) and any(f.endswith(".safetensors") for f in os.listdir(path)):
+    if CONFIG in names and any(f.endswith(".safetensors") for f in names):
         return "transformer"
     raise FileNotFoundError(f"{path} is neither a converted checkpoint (conversion.json + params/, from "
                             "`swd-convert`), a diffusers pipeline folder (model_index.json or transformer/) nor a "
@@ -104,14 +121,35 @@ def load_converted(dst: str, shardings=None) -> tuple[MMDiTConfig | FluxConfig, 
     `shardings`, if given, is a pytree like the params of `jax.sharding.Sharding`s; otherwise every leaf is
     restored replicated over all devices (`swd_jax.convert.orbax_params.load_params`).
     """
+    dst = storage.resolve(dst)
+    names = storage.listdir(dst)
     for name in (CONFIG, META, PARAMS):
-        if not os.path.exists(os.path.join(dst, name)):
-            raise FileNotFoundError(f"{dst} has no {name}; write it with `python -m swd_jax.convert SRC {dst}`")
-    config_cls, _, abstract_fn = FAMILIES[transformer_class(dst)]
-    cfg = config_cls.from_folder(dst)
-    with open(os.path.join(dst, META)) as f:
-        dtype = json.load(f)["dtype"]
-    abstract = abstract_fn(cfg, DTYPES[dtype])
+        if name not in names:
+            raise FileNotFoundError(f"{dst} has no {name}; write it with `swd-convert SRC {dst}`")
+    cfg = read_config(dst)
+    dtype = read_json(storage.join(dst, META), "conversion record").get("dtype")
+    if dtype not in DTYPES:
+        raise ValueError(f"{storage.join(dst, META)}: dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    abstract = FAMILIES[_class_name(cfg)][2](cfg, DTYPES[dtype])
     if shardings is not None:
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    return cfg, load_params(os.path.join(dst, PARAMS), abstract)
+    return cfg, load_params(storage.join(dst, PARAMS), abstract)
+
+
+def read_config(folder: str) -> MMDiTConfig | FluxConfig:
+    """The transformer config in `folder`/config.json (local or gs://), its class by `_class_name`."""
+    d = read_json(storage.join(folder, CONFIG), "transformer config")
+    name = d.get("_class_name", "SD3Transformer2DModel") if isinstance(d, dict) else None
+    if name not in FAMILIES:
+        raise ValueError(f"{storage.join(folder, CONFIG)}: transformer class {name!r} is not supported; expected "
+                         f"one of {sorted(FAMILIES)}")
+    return FAMILIES[name][0].from_dict(d)
+
+
+def conversion_source(dst: str) -> str:
+    """The diffusers transformer folder a converted checkpoint was made from (its conversion.json's "source")."""
+    return read_json(storage.join(storage.resolve(dst), META), "conversion record").get("source") or ""
+
+
+def _class_name(cfg) -> str:
+    return "FluxTransformer2DModel" if isinstance(cfg, FluxConfig) else "SD3Transformer2DModel"

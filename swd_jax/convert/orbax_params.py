@@ -9,12 +9,13 @@ Typed PRNG keys are refused: store `jax.random.key_data(key)` instead. The train
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from swd_jax import storage
 
 _MAX_LISTED = 20  # differences listed in a mismatch error
 
@@ -90,8 +91,8 @@ def check_matches(stored_metadata, abstract, where: str) -> None:
 def save_params(path: str, params, *, overwrite: bool = False) -> None:
     """Write one pytree of arrays to the orbax checkpoint directory `path` (atomically); blocks until done."""
     check_no_prng_keys(params, "params")
-    path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not overwrite:
+    path = storage.resolve(path)  # local (absolute) or gs://, which orbax writes directly
+    if storage.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, params, force=overwrite)
@@ -101,8 +102,8 @@ def save_params(path: str, params, *, overwrite: bool = False) -> None:
 def load_params(path: str, abstract) -> Any:
     """Read the pytree at `path` into `abstract`'s shapes, dtypes and shardings; strict like `restore`."""
     check_no_prng_keys(abstract, "abstract")
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.isdir(path):
+    path = storage.resolve(path)  # local (absolute) or gs://, which orbax reads directly
+    if not storage.isdir(path):
         raise FileNotFoundError(f"no parameter checkpoint at {path}")
     target = with_shardings(abstract)
     with ocp.StandardCheckpointer() as ckptr:

@@ -40,7 +40,26 @@ class SafetensorsFile:
         self.metadata = header.pop("__metadata__", {}) or {}
         self._entries = header
         self._offset = 8 + n
+        self._check_ranges(size)
         self._mmap = np.memmap(path, dtype=np.uint8, mode="r")
+
+    def _check_ranges(self, size: int) -> None:
+        """Every tensor's byte range inside the file and as long as its shape and dtype say (one line naming the
+        file and the first tensor that is not: a truncated download, a garbled header)."""
+        for name, e in self._entries.items():
+            try:
+                start, end = (int(x) for x in e["data_offsets"])
+                shape = [int(d) for d in e["shape"]]
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{self.path}: garbled safetensors header entry for tensor {name!r}: {e!r}") from None
+            if self._offset + end > size:
+                raise ValueError(f"{self.path} is truncated: tensor {name!r} ends at byte {self._offset + end} but "
+                                 f"the file has {size} bytes (an incomplete download or copy?)")
+            dtype = _DTYPES.get(e.get("dtype"))
+            if dtype is not None and end - start != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+                raise ValueError(f"{self.path}: tensor {name!r} has {end - start} bytes for shape {tuple(shape)} "
+                                 f"{e['dtype']} ({int(np.prod(shape)) * np.dtype(dtype).itemsize} expected): a "
+                                 "corrupt file")
 
     def keys(self) -> list[str]:
         return list(self._entries)

@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="where checkpoints, metrics, samples and the exported student go")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume although fields that change what the run trains differ from the recorded config")
+    p.add_argument("--restart-from-scratch", action="store_true",
+                   help="start again from step 0 although DIR/checkpoints holds steps (they are kept, renamed "
+                   "<step>.restarted); without it a run never starts over while any step, set aside or not, is there")
     p.add_argument("-h", "--help", action="store_true", help="show this help and every config field, then exit")
     p.add_argument("--coordinator", help="several processes: host:port of process 0 (else $SWD_COORDINATOR; "
                    "TPU VMs: automatic)")
@@ -55,9 +58,16 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --config and --workdir are required (see --help)", file=sys.stderr)
         return 2
     quiet_logs(args.verbose)
+    from swd_jax.train import supervisor
+    if supervisor.wanted(args.num_processes):  # several processes: jax's native aborts kept off the console
+        child = [sys.executable, "-m", "swd_jax.train", *(sys.argv[1:] if argv is None else argv)]
+        return supervisor.supervise(child, args.process_id, args.coordinator)
 
     def _run():
         c = apply_overrides(load_config(args.config), rest)
+        if args.restart_from_scratch:  # an action on this run, not a config field: never compared on a resume
+            with c.unlocked():
+                c.train.restart_from_scratch = True
         import jax
 
         from swd_jax.train import distributed
@@ -66,7 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         if cache and jax.process_index() == 0:
             print(f"compile cache: {cache}", file=sys.stderr)
         from swd_jax.train.loop import train
-        last = train(c, args.workdir, allow_config_change=args.allow_config_change)
+        from swd_jax.train.preemption import PREEMPTED_EXIT, Preempted
+        try:
+            last = train(c, args.workdir, allow_config_change=args.allow_config_change)
+        except Preempted as e:
+            if jax.process_index() == 0:
+                print(str(e), file=sys.stderr)
+            return PREEMPTED_EXIT
         if jax.process_index() == 0 and last:
             print(json.dumps({k: v for k, v in last.items() if k in ("gen/loss", "fake/loss", "step_time_s")}))
 

@@ -7,8 +7,10 @@ automatically, stops with a clear error on a non-finite loss, and exports the st
 Several processes (a TPU slice, or `launch/local_multiprocess.sh`) run the same loop, each feeding its own
 share of every global batch; `swd_jax.train.distributed` connects them first.
 
-Robustness: the workdir is locked (`<workdir>/.lock`, process 0; a second run stops naming the first one's pid
-and host); a state is saved only if every array is finite, and a checkpoint whose next iteration gives a
+The workdir may be local or `gs://` (`swd_jax.storage`; only process 0 writes the run's own files, see
+`swd_jax.train.workdir`). Robustness: the workdir is leased (`<workdir>/.lock`, process 0; a second run stops
+naming the first one's pid and host); a SIGTERM or SIGINT (a preemption notice) stops every process at one
+agreed step, checkpoints it and raises `Preempted` (exit 75; `swd_jax.train.preemption`); a state is saved only if every array is finite, and a checkpoint whose next iteration gives a
 non-finite loss is moved aside (`<step>.nonfinite`), so a rerun never resumes from poisoned weights;
 `metrics.jsonl` holds each step once (a resume drops the rows after its checkpoint; a deleted file is
 recreated). After a kill (any moment: compile, mid-step, inside a save) a rerun resumes from the latest
@@ -16,22 +18,23 @@ complete checkpoint and ends bitwise equal to an uninterrupted run.
 """
 from __future__ import annotations
 
-import fcntl
-import json
 import os
-import socket
 import sys
 import time
 
 import jax
 import numpy as np
 
+from swd_jax import storage
 from swd_jax.train import distributed, sharding
 from swd_jax.train.checkpoint import Checkpointer
 from swd_jax.train.config_checks import check_values, resume_changes
-from swd_jax.train.sources import make_source
+from swd_jax.train.sources import check_data, make_source
 from swd_jax.train.setup import Run, build_run, count_params, loss_config
+from swd_jax.train.preemption import Preempted, PreemptionWatch
 from swd_jax.train.steps import batches_per_iteration, make_iteration
+from swd_jax.train.workdir import (MetricsWriter, WorkdirInUse, WorkdirLease, WorkdirLock,  # noqa: F401
+                                   check_resume_config as _check_resume_config, record_config as _record_config)
 
 
 def compile_iterations(run: Run, source) -> dict:
@@ -53,105 +56,38 @@ def to_device(run: Run, host_batches: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(s, np.asarray(v, np.float32)) for k, v in host_batches.items()}
 
 
-class WorkdirInUse(FileExistsError):
-    """Another run holds the workdir."""
-
-
-class WorkdirLock:
-    """An exclusive `flock` on `<workdir>/.lock` held by process 0 for the run (released by the OS on a kill)."""
-
-    def __init__(self, workdir: str):
-        self.file = None
-        if jax.process_index() != 0:
-            return
-        path = os.path.join(workdir, ".lock")
-        self.file = open(path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.seek(0)
-            owner = self.file.read().strip() or "another process"
-            self.file.close()
-            raise WorkdirInUse(f"{workdir} is in use by {owner}; stop that run or use another --workdir") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()} on {socket.gethostname()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})")
-        self.file.flush()
-
-    def release(self):
-        if self.file is not None:
-            fcntl.flock(self.file, fcntl.LOCK_UN)
-            self.file.close()
-            self.file = None
-
-
-class MetricsWriter:
-    """Every metric to TensorBoard (tensorboardX) and to `metrics.jsonl` (one row per step), from process 0 only.
-
-    Opening it for a run resumed at `start` drops the rows of later steps (written before a kill, replayed now);
-    a `metrics.jsonl` deleted during the run is recreated with a warning.
-    """
-
-    def __init__(self, workdir: str, start: int = 0):
-        self.active = jax.process_index() == 0
-        if self.active:
-            from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start + 1 if start else None)
-            self.path = os.path.join(workdir, "metrics.jsonl")
-            self._keep_rows_up_to(start)
-            self.jsonl = open(self.path, "a")
-
-    def _keep_rows_up_to(self, start: int):
-        if not os.path.exists(self.path):
-            return
-        kept = []
-        with open(self.path) as f:
-            for n, line in enumerate(f, 1):
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a kill: only the last can be
-                    print(f"{self.path} line {n}: not JSON (cut by a kill?); dropped", file=sys.stderr)
-                    continue
-                if row.get("step", 0) <= start:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
-
-    def write(self, step: int, metrics: dict):
-        if not self.active:
-            return
-        for k, v in metrics.items():
-            self.tb.add_scalar(k, v, step)
-        if not os.path.exists(self.path):
-            print(f"{self.path} was deleted during the run; recreated from step {step}", file=sys.stderr)
-            self.jsonl.close()
-            self.jsonl = open(self.path, "a")
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.flush()
-
-    def image(self, tag: str, grid_HW3: np.ndarray, step: int):
-        """A uint8 [H, W, 3] image to TensorBoard (validation grids)."""
-        if self.active:
-            self.tb.add_image(tag, grid_HW3, step, dataformats="HWC")
-            self.tb.flush()
-
-    def close(self):
-        if self.active:
-            self.tb.close()
-            self.jsonl.close()
-
-
 def _check_finite(step: int, metrics: dict, ckpt: Checkpointer):
-    """Stop on a non-finite loss; the checkpoint it was computed from (step - 1), if any, is moved aside."""
+    """Stop on a non-finite loss, with one line naming the likely cause; set aside only what this run produced.
+
+    The rule: iteration `step` is computed from the state of step - 1. If THIS run saved that checkpoint (it was
+    finite, and the very next iteration from it diverged under this run's settings) it is moved aside as
+    `<step-1>.nonfinite`, so a rerun resumes from the one before. A checkpoint this run resumed from is never
+    moved: it was saved finite and passed its checksums, so a divergence after a resume blames what changed on
+    the resume (named: 'optim.lr changed from 0.001 to 1e+30 on this resume') and a rerun without the change
+    resumes from it.
+    """
     bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
-    if bad:
-        ckpt.wait_until_finished()
-        moved = ckpt.quarantine(step - 1, f"iteration {step} from this state gave non-finite losses {bad}")
-        note = f" Checkpoint {step - 1}, which gave it, was moved to {moved}." if moved else ""
-        raise FloatingPointError(f"non-finite loss at step {step}: {bad}. Stopped.{note} "
-                                 f"{ckpt.last_good_message()} Lower the learning rate or check the data.")
+    if not bad:
+        return
+    from swd_jax.train.config_checks import training_changes
+    ckpt.wait_until_finished()
+    src, note, advice = step - 1, "", "Lower the learning rate or check the data."
+    if src in ckpt.saved_steps:
+        moved = ckpt.quarantine(src, f"iteration {step} from this state gave non-finite losses {bad}")
+        note = f" Checkpoint {src}, which gave it, was moved to {moved}." if moved else ""
+    elif ckpt.restored_step is not None and not ckpt.saved_steps:
+        first = "the first iteration" if src == ckpt.restored_step else "an iteration"
+        note = (f" It is {first} after resuming from step {ckpt.restored_step}, which is kept (saved finite, "
+                "checksums verified)")
+        changes = [f"{line.split(':', 1)[0]} changed from {line.split(': ', 1)[1].replace(' -> ', ' to ', 1)}"
+                   for line in training_changes(ckpt.resume_changes)]
+        if changes:
+            note += f"; likely cause: {'; '.join(changes)} on this resume."
+            advice = f"Rerun without the change to go on from step {ckpt.restored_step}."
+        else:
+            note += "; nothing in the config changed on this resume."
+    raise FloatingPointError(f"non-finite loss at step {step}: {bad}. Stopped.{note} "
+                             f"{ckpt.last_good_message()} {advice}")
 
 
 def train(config, workdir: str, *, stop_after: int | None = None, devices=None,
@@ -163,22 +99,27 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None,
     unless `allow_config_change` (see `config_checks.resume_changes`); the others are recorded.
     """
     check_values(config)
-    os.makedirs(workdir, exist_ok=True)
+    check_data(config)  # bad data fails here, in milliseconds, before any model is built
+    workdir = storage.resolve(workdir)
+    if jax.process_index() == 0:
+        storage.makedirs(workdir)
     recorded_changes = _check_resume_config(config, workdir, allow_config_change)
-    lock = WorkdirLock(workdir)
+    lease = WorkdirLease(workdir)
     try:
-        return _train_locked(config, workdir, stop_after, devices, recorded_changes)
+        return _train_locked(config, workdir, stop_after, devices, recorded_changes, lease)
     finally:
-        lock.release()
+        lease.release()
 
 
-def _train_locked(config, workdir: str, stop_after: int | None, devices, recorded_changes: list[str]) -> dict:
+def _train_locked(config, workdir: str, stop_after: int | None, devices, recorded_changes: list[str],
+                  lease: WorkdirLease) -> dict:
     run = build_run(config, devices)
     c, m = config, run.models
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=c.train.ckpt_every, keep=c.train.keep)
+    ckpt = Checkpointer(storage.join(workdir, "checkpoints"), save_every=c.train.ckpt_every, keep=c.train.keep)
     position, start = 0, 0
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), run.state)
-    restored = ckpt.restore_latest(abstract)
+    ckpt.resume_changes = list(recorded_changes)  # named if the first iterations after the resume diverge
+    restored = ckpt.restore_latest(abstract, restart=bool(c.train.get("restart_from_scratch", False)))
     if restored is not None:
         run.state, extra = restored
         position, start = extra["data_position"], int(extra["step"])
@@ -210,9 +151,13 @@ def _train_locked(config, workdir: str, stop_after: int | None, devices, recorde
     from tqdm.auto import tqdm
     bar = tqdm(total=c.train.steps, initial=start, desc="SwD", disable=jax.process_index() != 0)
     pending, last, t_last = None, {}, time.perf_counter()
-    state, compiled = run.state, {}
+    state, compiled, saved, preempted_at = run.state, {}, start, None
+    watch = PreemptionWatch().__enter__()
     try:
         for step in range(start, end):
+            if watch.reached(step):  # a preemption notice: every process stops here and saves this step
+                preempted_at = step
+                break
             k = m.schedule.interval(step)
             batches = to_device(run, source.batches(k, n))
             with jax.set_mesh(run.mesh):
@@ -228,22 +173,38 @@ def _train_locked(config, workdir: str, stop_after: int | None, devices, recorde
                 if pending is not None:  # never save a state whose losses were not checked
                     last = _log(pending, writer, bar, ckpt, t_last, c)
                     t_last, pending = time.perf_counter(), None
-                ckpt.save(step + 1, state, {"step": step + 1, "data_position": source.position,
-                                            "process_count": jax.process_count()}, force=True)
+                _save(ckpt, step + 1, state, source, writer, lease)
+                saved = step + 1
             if validate and ((step + 1) % c.train.sample_every == 0 or step + 1 == c.train.steps):
                 validate(step + 1, state)
             if evaluate is not None and evaluate.due(step + 1):
                 writer.write(step + 1, evaluate(step + 1, state))
         if pending is not None:
             last = _log(pending, writer, bar, ckpt, t_last, c)
+        if preempted_at is not None and saved != preempted_at:
+            _save(ckpt, preempted_at, state, source, writer, lease)
     finally:
+        watch.__exit__()
         bar.close()
         writer.close()
         ckpt.close()
     run.state = state
+    if preempted_at is not None:
+        took = watch.seconds_since_signal()
+        raise Preempted(preempted_at, f"preempted ({watch.signal_name or 'SIGTERM'}): checkpoint step "
+                        f"{preempted_at} saved in {ckpt.directory}" + (f" {took:.1f} s after the signal" if took
+                                                                       else "") + "; rerun the same command to resume")
     if c.train.export_peft and end == c.train.steps:
         _export(run, workdir)
     return last
+
+
+def _save(ckpt: Checkpointer, step: int, state, source, writer: MetricsWriter, lease: WorkdirLease) -> None:
+    """Checkpoint `step` (asynchronously), after checking the workdir is still this run's; upload the metrics."""
+    lease.check()
+    ckpt.save(step, state, {"step": step, "data_position": source.position, "process_count": jax.process_count()},
+              force=True)
+    writer.sync()
 
 
 def _compile(fn, k: int, schedule, args, bar):
@@ -254,35 +215,6 @@ def _compile(fn, k: int, schedule, args, bar):
     out = fn.lower(*args).compile()
     bar.write(f"compiled scale interval {k} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return out
-
-
-def _check_resume_config(c, workdir: str, allow: bool) -> list[str]:
-    """Refuse a resume whose config changes what the run trains (unless allowed); the harmless changes."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return []
-    try:
-        with open(path) as f:
-            recorded = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable recorded config ({e}); move it away to start a new run there") from None
-    refused, allowed = resume_changes(recorded, c)
-    if refused and not allow:
-        raise ValueError(f"{workdir} holds a run with another config; these changes alter what it trains: "
-                         f"{'; '.join(refused)}. Use a new --workdir, or pass --allow-config-change to resume anyway")
-    return refused + allowed
-
-
-def _record_config(c, workdir: str, start: int, changes: list[str]) -> None:
-    """config.json = the config in force; config_history.jsonl keeps every change made on a resume."""
-    if changes:
-        with open(os.path.join(workdir, "config_history.jsonl"), "a") as f:
-            f.write(json.dumps({"resumed_at_step": start, "changes": changes}) + "\n")
-        print(f"resuming with config changes: {'; '.join(changes)}", file=sys.stderr)
-    tmp = os.path.join(workdir, "config.json.tmp")
-    with open(tmp, "w") as f:
-        f.write(c.to_json_best_effort(indent=2))
-    os.replace(tmp, os.path.join(workdir, "config.json"))
 
 
 def _log(pending, writer, bar, ckpt, t_last, c) -> dict:
@@ -324,7 +256,7 @@ def _make_validation(run: Run, source, workdir: str, writer: MetricsWriter):
     def validate(step: int, state):
         images = sampler(run.base, state["student"], cond, seed=c.train.seed)
         grid = image_grid(images)
-        save_png(os.path.join(workdir, "samples", f"step_{step:06d}.png"), grid)
+        save_png(os.path.join(writer.folder, "samples", f"step_{step:06d}.png"), grid)  # uploaded by sync
         writer.image("samples", grid, step)
 
     return validate
@@ -343,8 +275,9 @@ def _export(run: Run, workdir: str):
     if jax.process_index() != 0:
         return
     student = jax.device_get(student)
-    out = os.path.join(workdir, "student_peft")
-    export_peft(student, run.models.transformer.lora, out, cfg=run.transformer_config, overwrite=True)
-    export_diffusers_lora(student, run.models.transformer.lora, out, cfg=run.transformer_config,
+    out = storage.Staged(storage.join(workdir, "student_peft"))  # written locally, uploaded to a gs:// workdir
+    export_peft(student, run.models.transformer.lora, out.path, cfg=run.transformer_config, overwrite=True)
+    export_diffusers_lora(student, run.models.transformer.lora, out.path, cfg=run.transformer_config,
                           overwrite=True)  # pytorch_lora_weights.safetensors: pipe.load_lora_weights(out) reads it
-    print(f"student LoRA exported to {out}", file=sys.stderr)
+    out.close()
+    print(f"student LoRA exported to {out.destination}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
     python -m swd_jax.precompute --model /ckpt/stable-diffusion-3.5-medium --data /data/sd35_medium_train_data \
         --out /data/sd35m_pre --scales 64,80,96,128
+    swd-precompute ... --data gs://my-data/sd35m_train --out gs://my-data/sd35m_pre   # Cloud Storage both ways
 
 Input: an SwD dataset folder (images + `metainfo.csv`, columns found by name as `data.read_metainfo` does).
 Output, in `--out` (the `PrecomputedSource` of `train_data` reads it), format `FORMAT`:
@@ -30,10 +31,16 @@ Sharding: rows are cut into shards of `--shard_size`; host h of P writes shards 
 together all of them). With `--distributed` each process of a slice (or of `launch/local_multiprocess.sh`)
 runs this command; the layout comes as for the trainer (`swd_jax.train.distributed`). On a host,
 a batch of `--per_device_batch` x local devices is split over its local devices (data parallel, parameters
-replicated). Resumable: a shard is written under a `.partial` name and renamed when complete (beside it
-`<shard>.json` records its row count, checked by the trainer at start-up); finished shards are skipped on a
-rerun. Undecodable or missing images raise naming the file (`--skip_bad` skips
-and counts them instead). Images not of the largest scale's pixel size are center-cropped and resized by
+replicated). Resumable: a shard is written under a `.partial` name and renamed when complete (beside it,
+written first, `<shard>.json` records its row count, size and CRC32C, checked by the trainer at start-up:
+`shard_checks`); finished shards are skipped on a rerun. On a gs:// `--out` a shard is written to a local
+scratch file and uploaded when complete (one object upload: it appears only once whole), so a rerun resumes
+the same way; `--data` may be gs:// too (downloaded to the local cache, `storage.local_copy`).
+`precompute.json` also records the command, which the trainer quotes to say how to redo a bad shard.
+metainfo.csv is read strictly (`metainfo`: a bad line is refused with its number; rows read are reported
+against lines in the file; `--strict_prompts` also refuses empty prompts). Missing images are refused before
+any model loads and undecodable ones raise naming the file (`--skip_bad` skips and counts both instead).
+Images not of the largest scale's pixel size are center-cropped and resized by
 `data.decode_image` first (the SwD datasets are 1024 px squares: untouched).
 
 Memory: every encoder is replicated on each local device; T5-XXL alone is ~9.5 GB at
@@ -46,10 +53,14 @@ import argparse
 import concurrent.futures
 import dataclasses
 import functools
+import io
 import json
 import logging
 import os
+import shlex
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,9 +69,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from swd_jax import storage
 from swd_jax.command_line import add_common_flags, enable_compile_cache, quiet_logs, run_main
 from swd_jax.convert.vae import load_vae
-from swd_jax.train.records import ArrayRecordsWriter, decode_image, read_metainfo
+from swd_jax.train.metainfo import describe, read_metainfo
+from swd_jax.train.records import ArrayRecordsWriter, decode_image
+from swd_jax.train.shard_checks import shard_sidecar
 from swd_jax.models.vae import AutoencoderKL, normalize_latents
 from swd_jax.flux_prompt_encoding import FluxTextModels, encode_any_tokens, load_prompt_encoder
 from swd_jax.prompt_encoding import TextModels
@@ -124,12 +138,11 @@ def encode_batch(text_models: TextModels | FluxTextModels, vae: AutoencoderKL, s
 
 
 def check_format(path: str) -> None:
-    """Raise, saying how to redo it, if the precompute folder `path` was written in another format."""
-    settings = os.path.join(path, "precompute.json")
-    if not os.path.exists(settings):
+    """Raise, saying how to redo it, if the precompute folder `path` (local or gs://) was written in another format."""
+    settings = storage.join(path, "precompute.json")
+    if not storage.exists(settings):
         return
-    with open(settings) as f:
-        old = json.load(f)
+    old = json.loads(storage.read_text(settings))
     if old.get("format", 1) != FORMAT:
         scales = ",".join(str(s) for s in old.get("scales", [])) or "S1,S2,..."
         raise ValueError(
@@ -172,7 +185,7 @@ class Precomputer:
 def _load_image(data_dir: str, name: str, resolution: int) -> np.ndarray:
     path = os.path.join(data_dir, name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"image {path} named in metainfo does not exist")
+        raise FileNotFoundError(f"image {path} named in metainfo does not exist (--skip_bad leaves it out)")
     with open(path, "rb") as f:
         raw = f.read()
     try:
@@ -181,43 +194,79 @@ def _load_image(data_dir: str, name: str, resolution: int) -> np.ndarray:
         raise ValueError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
 
 
-def _check_settings(out_dir: str, settings: dict) -> None:
-    path = os.path.join(out_dir, "precompute.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+def _check_settings(out_dir: str, settings: dict, record: dict) -> None:
+    """Refuse a rerun into `out_dir` with other `settings`; the first run writes them (+ `record`, not compared)."""
+    path = storage.join(out_dir, "precompute.json")
+    if storage.exists(path):
+        old = json.loads(storage.read_text(path))
         check_format(out_dir)
         diff = {k: (old.get(k), settings[k]) for k in settings if old.get(k) != settings[k]}
         if diff:
             raise ValueError(f"{out_dir} holds a precompute with other settings {diff} (old, new); use a new --out")
     elif jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump(settings, f, indent=2)
+        storage.write_text(path, json.dumps({**settings, **record}, indent=2))
+
+
+def _check_images(data_dir: str, rows, csv_path: str) -> None:
+    """Refuse, before any model is loaded, rows whose image file does not exist (named with their csv line)."""
+    missing = [(line, name) for line, (name, _) in zip(rows.line_of, rows) if not os.path.isfile(
+        os.path.join(data_dir, name))]
+    if missing:
+        shown = ", ".join(f"line {line}: {name}" for line, name in missing[:3])
+        raise FileNotFoundError(f"{csv_path}: {len(missing)} of {len(rows)} images not found in {data_dir} ({shown}"
+                                f"{', ...' if len(missing) > 3 else ''}); --skip_bad leaves them out")
+
+
+def _finish_shard(local: str, final: str, rows: int, skipped_bad: int) -> None:
+    """Publish a complete local shard file as `final` (local or gs://): its sidecar (row count, size, CRC32C)
+    first, then the shard itself (a rename, or one upload: the object appears only once complete)."""
+    storage.write_text(final + ".json", json.dumps(shard_sidecar(local, rows, skipped_bad)))
+    if storage.is_remote(final):
+        storage.copy_file(local, final)
+        os.remove(local)
+    else:
+        os.replace(local, final)
 
 
 def precompute(model_dir: str, data_dir: str, out_dir: str, scales: Sequence[int], *, metainfo: str = "metainfo.csv",
                max_sequence_length: int = 256, shard_size: int = 512, per_device_batch: int = 1,
                dtype: str = "bfloat16", param_dtype: str = "bfloat16",
-               store_dtype: str = "bfloat16", skip_bad: bool = False, devices=None, progress: bool = True) -> dict:
-    """Write this host's shards of `data_dir` into `out_dir`; returns counts {written, skipped_shards, bad}."""
+               store_dtype: str = "bfloat16", skip_bad: bool = False, devices=None, progress: bool = True,
+               allow_empty_prompts: bool = True, command: str | None = None) -> dict:
+    """Write this host's shards of `data_dir` into `out_dir`; returns counts {written, skipped_shards, bad}.
+
+    `data_dir` and `out_dir` may be gs:// (the images are downloaded to the local cache first; shards are
+    written locally and uploaded one by one as each completes). `command`: recorded in precompute.json, so the
+    trainer can say how to redo a shard.
+    """
     for name, d in (("dtype", dtype), ("param_dtype", param_dtype), ("store_dtype", store_dtype)):
         if d not in DTYPES:
             raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {d!r}")
-    rows = read_metainfo(metainfo if os.path.isabs(metainfo) else os.path.join(data_dir, metainfo))
-    os.makedirs(out_dir, exist_ok=True)
+    csv_path = metainfo if (os.path.isabs(metainfo) or storage.is_remote(metainfo)) else storage.join(data_dir,
+                                                                                                       metainfo)
+    rows = read_metainfo(csv_path, allow_empty_prompts=allow_empty_prompts)
+    if jax.process_index() == 0:
+        print(describe(rows, csv_path), file=sys.stderr)
+    data_dir = storage.local_copy(data_dir, what="--data")  # itself when local
+    if not skip_bad:
+        _check_images(data_dir, rows, csv_path)
+    out_dir = storage.resolve(out_dir)
+    storage.makedirs(out_dir)
     previous_scales(scales)
     settings = dict(format=FORMAT, scales=list(scales), max_sequence_length=max_sequence_length,
                     store_dtype=store_dtype, dtype=dtype, n_rows=len(rows), shard_size=shard_size)
-    _check_settings(out_dir, settings)
+    _check_settings(out_dir, settings, {"checksums": True, "out": out_dir, **({"command": command} if command else {})})
     enc = Precomputer(model_dir, scales, max_sequence_length=max_sequence_length, dtype=DTYPES[dtype],
                       param_dtype=DTYPES[param_dtype], store_dtype=DTYPES[store_dtype], devices=devices)
-    if jax.process_index() == 0 and not os.path.exists(os.path.join(out_dir, "uncond.npz")):
-        tmp = os.path.join(out_dir, "uncond.partial.npz")
-        np.savez(tmp, **enc.uncond())
-        os.replace(tmp, os.path.join(out_dir, "uncond.npz"))
+    if jax.process_index() == 0 and not storage.exists(storage.join(out_dir, "uncond.npz")):
+        buf = io.BytesIO()
+        np.savez(buf, **enc.uncond())
+        storage.write_bytes(storage.join(out_dir, "uncond.npz"), buf.getvalue())  # atomic
     ranges = shard_ranges(len(rows), shard_size)
     mine = [i for i in range(len(ranges)) if i % jax.process_count() == jax.process_index()]
-    todo = [i for i in mine if not os.path.exists(os.path.join(out_dir, shard_name(i, len(ranges))))]
+    done = set(storage.listdir(out_dir))
+    todo = [i for i in mine if shard_name(i, len(ranges)) not in done]
+    scratch = tempfile.mkdtemp(prefix="swd_precompute_") if storage.is_remote(out_dir) else None
     from tqdm.auto import tqdm
     bar = tqdm(total=sum(ranges[i][1] - ranges[i][0] for i in mine), disable=not progress, desc="precompute",
                initial=sum(ranges[i][1] - ranges[i][0] for i in mine if i not in todo))
@@ -231,14 +280,15 @@ def precompute(model_dir: str, data_dir: str, out_dir: str, scales: Sequence[int
         except (OSError, ValueError):
             if not skip_bad:
                 raise
-            log.warning("skipping row %d (%s): unreadable image", r, rows[r][0])
+            print(f"{csv_path} line {rows.line_of[r] if rows.line_of else '?'}: image {rows[r][0]} missing or "
+                  "unreadable; skipped (--skip_bad)", file=sys.stderr)
             return None
 
     try:
         for i in todo:
             a, b = ranges[i]
-            final = os.path.join(out_dir, shard_name(i, len(ranges)))
-            partial = final.replace(".array_record", ".partial")
+            final = storage.join(out_dir, shard_name(i, len(ranges)))
+            partial = os.path.join(scratch or out_dir, shard_name(i, len(ranges)).replace(".array_record", ".partial"))
             bad_before = counts["bad"]
             with ArrayRecordsWriter(partial) as w:
                 for start in range(a, b, batch):
@@ -256,12 +306,12 @@ def precompute(model_dir: str, data_dir: str, out_dir: str, scales: Sequence[int
                                      "file_name": rows[r][0]})
                             counts["written"] += 1
                     bar.update(len(idx))
-            with open(final + ".json", "w") as f:  # what the trainer's start-up check expects of the shard
-                json.dump({"rows": w.count, "skipped_bad": counts["bad"] - bad_before}, f)
-            os.replace(partial, final)
+            _finish_shard(partial, final, w.count, counts["bad"] - bad_before)
     finally:
         pool.shutdown()
         bar.close()
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     return counts
 
 
@@ -270,8 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="diffusers SD3 or FLUX pipeline folder (vae/, text_encoder*/, tokenizer*/)")
-    p.add_argument("--data", required=True, help="SwD dataset folder: images + metainfo.csv")
-    p.add_argument("--out", required=True)
+    p.add_argument("--data", required=True, help="SwD dataset folder: images + metainfo.csv (local or gs://)")
+    p.add_argument("--out", required=True, help="output folder (local or gs://: shards uploaded as each completes)")
     p.add_argument("--scales", required=True, help="latent sizes, e.g. 64,80,96,128")
     p.add_argument("--metainfo", default="metainfo.csv")
     p.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens (FLUX-SwD: 512)")
@@ -280,7 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", help="compute dtype")
     p.add_argument("--param_dtype", default="bfloat16", help="float32 if memory allows (T5 weights are fp16)")
     p.add_argument("--store_dtype", default="bfloat16")
-    p.add_argument("--skip_bad", action="store_true", help="skip unreadable images instead of raising")
+    p.add_argument("--skip_bad", action="store_true", help="skip unreadable or missing images instead of raising")
+    p.add_argument("--strict_prompts", action="store_true",
+                   help="refuse metainfo rows with an empty prompt (by default they are counted and trained with "
+                        "the empty prompt)")
     p.add_argument("--distributed", action="store_true",
                    help="several processes: layout from --coordinator/--num_processes/--process_id, else the "
                         "SWD_COORDINATOR/SWD_NUM_PROCESSES/SWD_PROCESS_ID variables, else auto (TPU VMs)")
@@ -301,10 +354,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         counts = precompute(a.model, a.data, a.out, _scales(a.scales), metainfo=a.metainfo,
                             max_sequence_length=a.max_sequence_length, shard_size=a.shard_size,
                             per_device_batch=a.per_device_batch, dtype=a.dtype,
-                            param_dtype=a.param_dtype, store_dtype=a.store_dtype, skip_bad=a.skip_bad)
+                            param_dtype=a.param_dtype, store_dtype=a.store_dtype, skip_bad=a.skip_bad,
+                            allow_empty_prompts=not a.strict_prompts, command=_redo_command(argv))
         print(json.dumps({"host": jax.process_index(), **counts}), file=sys.stderr)
 
     return run_main(_run, a.debug)
+
+
+def _redo_command(argv: Sequence[str] | None) -> str:
+    """This command as one process runs it (the multi-process flags dropped): what redoes missing shards."""
+    args, drop = list(sys.argv[1:] if argv is None else argv), {"--coordinator", "--num_processes", "--process_id"}
+    out, skip = [], False
+    for x in args:
+        if skip:
+            skip = False
+            continue
+        if x in drop:
+            skip = True
+        elif x != "--distributed" and x.split("=")[0] not in drop:
+            out.append(x)
+    return "swd-precompute " + shlex.join(out)
 
 
 def _scales(text: str) -> list[int]:

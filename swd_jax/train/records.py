@@ -19,8 +19,16 @@ Two record kinds, one loader:
 - `position` counts the BATCHES a host has consumed. Batch k is a pure function of (seed, k, host), so
   resuming from position k gives exactly batches k, k+1, ... of an uninterrupted run, and the position is the
   same on every host: the checkpoint stores one integer.
-- an unreadable record (corrupt image, bad bytes) is skipped and counted; its slot is refilled by a record
-  drawn with a generator seeded by (seed, global slot, try), which keeps the position <-> batch map exact.
+- a record whose IMAGE does not decode (a corrupt image file) is skipped and counted; its slot is refilled by a
+  record drawn with a generator seeded by (seed, global slot, try), which keeps the position <-> batch map
+  exact. A record that cannot be READ from its file (a Riegeli hash mismatch: a bit flip, a bad copy), or an
+  arrays record that does not decode, is not skipped: the loader stops with `shard_checks.CorruptShard`, one
+  line naming the shard file, the record index in it, and how to redo the shard (training on a shard that is
+  silently losing records would change the data without saying so).
+
+array_record (0.8.6) opens local files only (riegeli file descriptors: a gs:// path fails with `open() failed`);
+data on Cloud Storage is mounted or copied first (`shard_checks.local_data_path`), and precompute writes its
+shards locally and uploads them. metainfo.csv is read strictly by `metainfo.read_metainfo` (re-exported here).
 
 Differences from the reference loader (`src/dataset.py`): it lists image files in the folder and reads csv
 columns 1 and 2 by position, shuffling with a windowed per-rank sampler; we read the csv by column NAME,
@@ -29,12 +37,12 @@ Images are yielded as HWC (`uint8`, or `float32` in [-1, 1] = the reference's `2
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import glob
 import io
 import logging
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -47,8 +55,9 @@ from etils import epath
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
-IMAGE_COLUMNS = ("image_path", "file_name", "filename", "image", "path")
-PROMPT_COLUMNS = ("prompt", "caption", "text")
+from swd_jax.train.shard_checks import CorruptShard, redo_hint
+from swd_jax.train.metainfo import IMAGE_COLUMNS, PROMPT_COLUMNS, read_metainfo  # noqa: F401  (re-exported)
+
 DATASET_NAME = "swd_images"  # the tfds builder's name: out_dir/swd_images/<version>/
 ARRAY_RECORD_OPTIONS = "group_size:1"  # one record per chunk: cheap random access
 _ARRAY_FORMAT = "swd_arrays/v1"
@@ -61,41 +70,6 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------------------
 # metainfo.csv -> tfds array_record dataset
 # ----------------------------------------------------------------------------------------------------------------
-def _pick_column(found: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, path: str) -> str:
-    """Return the csv column holding `what`: `wanted` if given, else the first of `candidates` present."""
-    if wanted is not None:
-        if wanted not in found:
-            raise ValueError(f"{path}: {what} column {wanted!r} not in the csv header {list(found)}")
-        return wanted
-    by_lower = {c.strip().lower(): c for c in found}
-    for c in candidates:
-        if c in by_lower:
-            return by_lower[c]
-    raise ValueError(f"{path}: no {what} column; expected one of {list(candidates)}, the header has {list(found)}")
-
-
-def read_metainfo(csv_path: str, *, image_column: str | None = None,
-                  prompt_column: str | None = None) -> list[tuple[str, str]]:
-    """Read (file name, prompt) pairs from a metainfo.csv, choosing its columns by name."""
-    with open(csv_path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ValueError(f"{csv_path} line {line}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at offset "
-                         f"{e.start}); save the csv as UTF-8") from None
-    with io.StringIO(text, newline="") as f:
-        reader = csv.DictReader(f)
-        found = list(reader.fieldnames or [])
-        image_col = _pick_column(found, image_column, IMAGE_COLUMNS, "image file", csv_path)
-        prompt_col = _pick_column(found, prompt_column, PROMPT_COLUMNS, "prompt", csv_path)
-        rows = [(row[image_col], row[prompt_col] or "") for row in reader]
-    if not rows:
-        raise ValueError(f"{csv_path}: no rows")
-    return rows
-
-
 class SwdImages(tfds.core.GeneratorBasedBuilder):
     """tfds builder: an SwD image folder + metainfo.csv -> records {image: encoded bytes, prompt, file_name}."""
 
@@ -234,14 +208,25 @@ class RecordSource:
 
     records: Any
     kind: str
+    files: tuple[str, ...] = ()  # array_record files, in record order ("arrays")
+    ends: tuple[int, ...] = ()  # the index one past each file's last record
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def where(self, index: int) -> str:
+        """'FILE record J' for global record `index` (or 'record INDEX' when the files are not known)."""
+        if not self.files:
+            return f"record {index}"
+        k = int(np.searchsorted(self.ends, index, side="right"))
+        return f"{self.files[k]} record {index - (self.ends[k - 1] if k else 0)}"
+
 
 def array_record_files(folder: str) -> list[str]:
-    """The array_record shards in `folder` (sorted; not their `<shard>.json` row-count sidecars)."""
-    return sorted(f for f in glob.glob(os.path.join(folder, "*.array_record*")) if not f.endswith(".json"))
+    """The array_record shards in `folder` (sorted): `*.array_record` and tfds' `*.array_record-i-of-n`, not
+    their `<shard>.json` sidecars nor `storage.local_copy`'s `.swd_source` markers."""
+    return sorted(f for f in glob.glob(os.path.join(folder, "*.array_record*"))
+                  if re.search(r"\.array_record(-\d+-of-\d+)?$", f))
 
 
 def open_source(path: str | Sequence[str]) -> RecordSource:
@@ -264,7 +249,17 @@ def open_source(path: str | Sequence[str]) -> RecordSource:
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         raise FileNotFoundError(f"array_record files not found: {missing[:5]}")
-    return RecordSource(grain.sources.ArrayRecordDataSource(files), "arrays")
+    from array_record.python.array_record_module import ArrayRecordReader
+    counts = []
+    for f in files:
+        r = ArrayRecordReader(f)
+        counts.append(r.num_records())
+        try:
+            r.close()
+        except RuntimeError:  # a damaged file: its records fail to read, naming it (see _ReadRecord)
+            pass
+    return RecordSource(grain.sources.ArrayRecordDataSource(files), "arrays", tuple(files),
+                        tuple(int(e) for e in np.cumsum(counts)))
 
 
 def decode_image(data: bytes, resolution: int | None, image_dtype: str) -> np.ndarray:
@@ -289,14 +284,29 @@ def decode_image(data: bytes, resolution: int | None, image_dtype: str) -> np.nd
 class _ReadRecord:
     """grain map transform: (global slot, record index) -> decoded example, refilling unreadable ones."""
 
-    def __init__(self, source, kind: str, *, resolution: int | None, image_dtype: str, seed: int,
+    def __init__(self, rs: RecordSource, *, resolution: int | None, image_dtype: str, seed: int,
                  shard_index: int, max_retries: int):
-        self.source, self.kind, self.resolution, self.image_dtype = source, kind, resolution, image_dtype
+        self.rs, self.source, self.kind = rs, rs.records, rs.kind
+        self.resolution, self.image_dtype = resolution, image_dtype
         self.seed, self.shard_index, self.max_retries = seed, shard_index, max_retries
+
+    def _corrupt(self, record_index: int, e: Exception) -> CorruptShard:
+        where = self.rs.where(record_index)
+        hint = redo_hint(os.path.dirname(self.rs.files[0]), [where.split(" record ")[0]]) if self.rs.files else \
+            "rebuild the dataset"
+        return CorruptShard(f"{where}: unreadable ({type(e).__name__}: {' '.join(str(e).split())[:160]}); {hint}")
+
+    def _read(self, record_index: int):
+        """The raw record; a read or (arrays) format error is a corrupt shard: CorruptShard, not a skip."""
+        try:
+            raw = self.source[record_index]
+            return decode_array_record(raw) if self.kind == "arrays" else raw
+        except Exception as e:  # riegeli: RuntimeError "Corrupted Riegeli/records file"; msgpack/format errors
+            raise self._corrupt(record_index, e) from None
 
     def _decode(self, raw) -> dict[str, Any]:
         if self.kind == "arrays":
-            example = decode_array_record(raw)
+            example = raw
             if isinstance(example.get("image"), bytes):
                 example["image"] = decode_image(example["image"], self.resolution, self.image_dtype)
             return example
@@ -310,7 +320,9 @@ class _ReadRecord:
         record_index = int(record_index)
         for attempt in range(self.max_retries + 1):
             try:
-                example = self._decode(self.source[record_index])
+                example = self._decode(self._read(record_index))
+            except CorruptShard:
+                raise
             except _UNREADABLE as e:
                 log.warning("record %d unreadable (%s: %s); skipped", record_index, type(e).__name__, e)
                 rng = np.random.default_rng([self.seed, slot, attempt])
@@ -413,7 +425,7 @@ def make_loader(source: str | Sequence[str] | RecordSource, batch_size_per_host:
         return g, int(stream[g])
 
     ds = grain.MapDataset.range(len(stream) // hosts).map(global_slot)
-    ds = ds.map(_ReadRecord(src, kind, resolution=resolution, image_dtype=image_dtype, seed=seed,
+    ds = ds.map(_ReadRecord(rs, resolution=resolution, image_dtype=image_dtype, seed=seed,
                             shard_index=shard_index, max_retries=max_retries))
     ds = ds.batch(batch_size_per_host, batch_fn=_collate)[start_position:]
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -20,7 +19,8 @@ from swd_jax.models.flux import FluxConfig
 from swd_jax.models.layers import (ATTENTION_IMPLS, LORA, REMAT_POLICIES, LoraConfig, check_blocks_without_remat,
                                    check_remat)
 from swd_jax.models.mmdit import MMDiTConfig
-from swd_jax.convert.converted import model_kind
+from swd_jax.convert.converted import model_kind, read_config
+from swd_jax.convert.folders import local_transformer_folder
 from swd_jax.schedule import PRESETS, ScaleSchedule, get_schedule
 from swd_jax.train.backbone import backbone_kind, backbone_of, check_kind, model_guidance, random_config
 from swd_jax.train.steps import LossConfig, SwDModels, init_state
@@ -81,8 +81,7 @@ def load_base(c, mesh) -> tuple[MMDiTConfig | FluxConfig, dict]:
         init = lambda: nn.unbox(model.init(jax.random.key(c.train.seed), *bb.example_inputs(cfg, 1))["params"])
         return cfg, jax.jit(init, out_shardings=shardings)()
     if source == "diffusers":
-        folder = os.path.join(m.path, "transformer") if os.path.isdir(os.path.join(m.path, "transformer")) else m.path
-        return bb.load_diffusers(folder, dtype=pdt, shardings=shardings)
+        return bb.load_diffusers(local_transformer_folder(m.path), dtype=pdt, shardings=shardings)
     from swd_jax.convert.converted import load_converted
     cfg, params = load_converted(m.path, shardings=shardings)
     wrong = {str(x.dtype) for x in jax.tree.leaves(params)} - {jnp.dtype(pdt).name}
@@ -116,8 +115,9 @@ def default_feature_block(num_layers: int) -> int:
 
 def _read_model_config(source: str, path: str) -> MMDiTConfig | FluxConfig:
     """The config of a diffusers transformer (or pipeline) folder or a converted checkpoint, by its _class_name."""
-    if source == "diffusers" and os.path.isdir(os.path.join(path, "transformer")):
-        path = os.path.join(path, "transformer")
+    if source == "converted":
+        return read_config(path)  # local or gs://
+    path = local_transformer_folder(path)  # gs://: a local copy of transformer/
     return FAMILIES[transformer_class(path)][0].from_folder(path)
 
 

@@ -13,87 +13,21 @@ x_prev is the latent of the official cascade image: the image area-resized to 8 
 - "images": image records (swd_jax.train.records.build_image_dataset) encoded online by our VAE + text encoders.
 - "precomputed": array_record shards written by `python -m swd_jax.precompute` (posterior moments `mean_{s}`,
   `std_{s}` for every scale s and `prev_mean_{s}`, `prev_std_{s}` of its cascaded previous-scale image,
-  `prompt_embeds`, `pooled_prompt_embeds`; `uncond.npz` beside them), read with the grain loader.
+  `prompt_embeds`, `pooled_prompt_embeds`; `uncond.npz` beside them), read with the grain loader; checked at
+  start-up as `data.verify` says ("fast" or "full", `shard_checks`).
+A gs:// `data.path` is refused with the fix (mount the bucket with gcsfuse), or downloaded to each host with
+`data.copy_to_local=True` (`shard_checks.local_data_path`): array_record cannot read gs:// itself.
 """
 from __future__ import annotations
 
-import glob
-import json
 import os
-import re
-import sys
 
 import jax
 import numpy as np
 
 from swd_jax.schedule import ScaleSchedule
-
-SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.array_record$")
-
-
-class IncompleteData(ValueError):
-    """Precomputed data with a missing, unfinished or truncated shard."""
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise IncompleteData(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-
-
-def check_precomputed(path: str, files: list[str]) -> int:
-    """Start-up check of `python -m swd_jax.precompute` output; returns its row count, raises IncompleteData.
-
-    Refused: `.partial` shards (an unfinished precompute), shard names `-i-of-N` with an index missing or
-    with several N, N not what precompute.json's n_rows / shard_size give, and a shard holding fewer rows
-    than its `<shard>.json` (or, without one, its row range) says: truncated. Rows precompute skipped as
-    unreadable (`--skip_bad`) are counted in a warning.
-    """
-    partial = sorted(glob.glob(os.path.join(path, "*.partial")))
-    if partial:
-        raise IncompleteData(f"{path}: unfinished precompute output {[os.path.basename(p) for p in partial]}; "
-                             "rerun `python -m swd_jax.precompute` with the same --out to finish it")
-    meta_path = os.path.join(path, "precompute.json")
-    meta = _read_json(meta_path) if os.path.exists(meta_path) else {}
-    named = {f: SHARD_NAME.search(os.path.basename(f)) for f in files}
-    if not all(named.values()):
-        return -1  # hand-made files (no -i-of-N names): nothing to check against
-    totals = {int(m.group(2)) for m in named.values()}
-    if len(totals) > 1:
-        raise IncompleteData(f"{path}: shards of different precomputes (-of-{sorted(totals)}) in one folder")
-    n = totals.pop()
-    if meta.get("n_rows") and meta.get("shard_size") and n != -(-meta["n_rows"] // meta["shard_size"]):
-        raise IncompleteData(f"{path}: {n} shards, but {meta_path} says {meta['n_rows']} rows in shards of "
-                             f"{meta['shard_size']}")
-    have = {int(m.group(1)): f for f, m in named.items()}
-    missing = sorted(set(range(n)) - set(have))
-    if missing:
-        from swd_jax.train.precompute import shard_name
-        raise IncompleteData(f"{path}: {len(missing)} of {n} shards missing: "
-                             f"{[shard_name(i, n) for i in missing[:5]]}; rerun precompute with the same --out")
-    from array_record.python.array_record_module import ArrayRecordReader
-    rows = skipped = 0
-    for i, f in sorted(have.items()):
-        side = f + ".json"
-        if os.path.exists(side):
-            info = _read_json(side)
-            expected, skipped = info["rows"], skipped + info.get("skipped_bad", 0)
-        elif meta.get("n_rows") and meta.get("shard_size"):
-            expected = min(meta["shard_size"], meta["n_rows"] - i * meta["shard_size"])
-        else:
-            expected = None
-        got = ArrayRecordReader(f).num_records()
-        if got == 0 or (expected is not None and got != expected):
-            raise IncompleteData(f"{f}: holds {got} rows, expected {expected or 'some'}: truncated or overwritten; "
-                                 "delete it and rerun precompute with the same --out")
-        rows += got
-    if skipped:
-        print(f"{path}: {skipped} rows were skipped by precompute --skip_bad (unreadable images); training on "
-              f"{rows}", file=sys.stderr)
-    return rows
-
+from swd_jax.train.shard_checks import (  # noqa: F401  (re-exported)
+    SHARD_NAME, CorruptShard, IncompleteData, check_precomputed, local_data_path)
 
 LATENTS = ("sample", "mean")
 
@@ -147,7 +81,7 @@ class PrecomputedSource(_RecordSource):
     """array_record shards of precomputed posterior moments (per scale) and text embeddings, via grain."""
 
     def __init__(self, path: str, schedule: ScaleSchedule, global_batch: int, seed: int, position: int = 0,
-                 latent: str = "sample"):
+                 latent: str = "sample", verify: str = "fast"):
         from swd_jax.train.precompute import check_format
         from swd_jax.train.records import array_record_files, make_loader
         _check_latent(latent)
@@ -156,7 +90,7 @@ class PrecomputedSource(_RecordSource):
         files = array_record_files(path)
         if not files:
             raise FileNotFoundError(f"no .array_record shards in {path}; run `python -m swd_jax.precompute` first")
-        check_precomputed(path, files)
+        _checked_once(path, files, verify)
         uncond = os.path.join(path, "uncond.npz")
         if not os.path.exists(uncond):
             raise FileNotFoundError(f"{uncond} missing: precompute writes the empty-prompt embeddings there")
@@ -244,15 +178,44 @@ def register_source(kind: str, factory) -> None:
     SOURCES[kind] = factory
 
 
+def check_data(c) -> None:
+    """The start-up check of the configured data, cheap enough to run before any model is built (the loop's
+    first step): a gs:// path refused or copied, precomputed shards checked as `data.verify` says. The source
+    made later repeats none of it (a folder checked in this process is remembered)."""
+    if c.data.kind not in ("precomputed", "images") or not c.data.path:
+        return
+    path = local_data_path(c.data.path, c.data.get("copy_to_local", False))
+    if c.data.kind == "precomputed":
+        from swd_jax.train.precompute import check_format
+        from swd_jax.train.records import array_record_files
+        check_format(path)
+        files = array_record_files(path)
+        if files:
+            _checked_once(path, files, c.data.get("verify", "fast"))
+
+
+_CHECKED: set = set()
+
+
+def _checked_once(path: str, files: list[str], verify: str) -> None:
+    names = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    key = (path, verify, tuple(names), tuple((f, os.path.getsize(f), os.path.getmtime(f)) for f in files))
+    if key not in _CHECKED:
+        check_precomputed(path, files, verify)
+        _CHECKED.add(key)
+
+
 def _precomputed(c, schedule, transformer_config, position=0, devices=None):
     if not c.data.path:
         raise ValueError("data.kind='precomputed' needs data.path (the output folder of swd_jax.precompute)")
-    return PrecomputedSource(c.data.path, schedule, c.train.batch_size, c.data.seed, position,
-                             c.data.latent)
+    path = local_data_path(c.data.path, c.data.get("copy_to_local", False))
+    return PrecomputedSource(path, schedule, c.train.batch_size, c.data.seed, position, c.data.latent,
+                             c.data.get("verify", "fast"))
 
 
 def _images(c, schedule, transformer_config, position=0, devices=None):
-    return OnlineSource(c.data.path, c.model.path, schedule, c.train.batch_size, c.data.seed, position,
+    path = local_data_path(c.data.path, c.data.get("copy_to_local", False))
+    return OnlineSource(path, c.model.path, schedule, c.train.batch_size, c.data.seed, position,
                         c.data.max_sequence_length, c.model.dtype, devices, c.data.latent)
 
 

@@ -1,7 +1,6 @@
 """Validation images during training: the student's scale-wise samples for fixed prompts, saved as a PNG grid."""
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 
@@ -9,23 +8,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swd_jax.convert.converted import META
+from swd_jax import storage
+from swd_jax.convert.converted import META, conversion_source
 from swd_jax.sampler import scale_wise_sample
 
 
 def source_vae_folder(model_source: str, model_path: str) -> str | None:
     """The vae/ folder to decode validation latents with: MODEL/vae, or for a converted checkpoint the vae/ beside
-    the transformer folder its conversion.json names as "source" (the pipeline it was converted from); else None."""
+    the transformer folder its conversion.json names as "source" (the pipeline it was converted from); else None.
+    Local or gs:// (then the folder returned is a cached local copy)."""
     if not model_path:
         return None
-    candidates = [os.path.join(model_path, "vae")]
-    meta = os.path.join(model_path, META)
-    if model_source in ("converted", "auto") and os.path.exists(meta):
-        with open(meta) as f:
-            src = json.load(f).get("source")
+    candidates = [storage.join(model_path, "vae")]
+    meta = storage.join(model_path, META)
+    if model_source in ("converted", "auto") and storage.isfile(meta):
+        src = conversion_source(model_path)
         if src:
-            candidates.append(os.path.join(os.path.dirname(os.path.normpath(src)), "vae"))
-    return next((d for d in candidates if os.path.isdir(d)), None)
+            candidates.append(storage.join(storage.parent(src.rstrip("/")), "vae"))
+    found = next((d for d in candidates if storage.isdir(d)), None)
+    return None if found is None else storage.local_copy(found, what="VAE folder")  # gs://: a local copy
 
 
 def image_grid(images_NHWC: np.ndarray, columns: int | None = None) -> np.ndarray:
