@@ -7,7 +7,7 @@
 the transformer's `_class_name` picks the family (`swd_jax.train.backbone`): FLUX.1 (FluxTransformer2DModel) gets
 FLUX's CLIP-L + T5 encoder (512 T5 tokens by default), the `flux_4` preset and, for FLUX-dev, the guidance scale
 through the guidance embedding (default 4.5, as the published FLUX-SwD samples; schnell has none; no CFG);
-`converted=` replaces its transformer by our converted params (`python -m swd_jax.convert`). `lora=` is a run's
+`converted=` replaces its transformer by our converted params (`swd-convert`). `lora=` is a run's
 workdir (its latest checkpointed student, with the run's LoRA config and scale schedule from its config.json),
 a PEFT adapter folder (the published SwD adapters; with or without the text-stream targets) or a diffusers LoRA
 file. Samplers (`SamplerSettings`): "scale_wise" (the student's: K steps, upscaling between scales; presets of
@@ -334,7 +334,8 @@ class SwDPipeline:
     def flux_scheduler(self) -> tuple[str, dict]:
         """(source, config) of the FLUX teacher's sigmas: the folder's scheduler/scheduler_config.json, else
         FLUX.1-dev's values (`swd_jax.schedule.FLUX_DEV_SCHEDULER`)."""
-        path = os.path.join(self.local_folder, "scheduler", "scheduler_config.json")
+        remote = storage.is_remote(self.model_folder)  # then read from its local copy
+        path = os.path.join(self.local_folder if remote else self.model_folder, "scheduler", "scheduler_config.json")
         if not os.path.isfile(path):
             return "FLUX.1-dev defaults", dict(FLUX_DEV_SCHEDULER)
         try:
@@ -346,7 +347,7 @@ class SwDPipeline:
             flux_dynamic_sigmas(1, 1, config)  # checks its fields
         except ValueError as e:  # json.JSONDecodeError included
             raise ValueError(f"{path}: {e}") from None
-        return path, config
+        return (storage.join(self.model_folder, "scheduler", "scheduler_config.json") if remote else path), config
 
     def settings(self, sampler: SamplerSettings) -> dict:
         """Every setting an image depends on (besides its prompt and seed), for images.json."""

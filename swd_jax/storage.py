@@ -29,7 +29,7 @@ def resolve(path) -> str:
     """`gs://` paths as given (without a trailing slash); local ones absolute, `~` expanded."""
     path = os.fspath(path)
     if is_remote(path):
-        if path.rstrip("/") == GCS.rstrip("/") or len(path) <= len(GCS):
+        if not path[len(GCS):].split("/", 1)[0]:
             raise ValueError(f"{path!r}: a gs:// path needs a bucket (gs://BUCKET/...)")
         return path.rstrip("/")
     return os.path.abspath(os.path.expanduser(path))

@@ -169,7 +169,8 @@ CASES = [
                                                                  "--out", t / "out"),
               2, r"prompt file .*p.csv does not exist"),
     FaultCase("evaluate-empty-image-folder", lambda t: (t / "images").mkdir() or evaluate(
-        "--images", t / "images", "--clip", t), 2, r"images has no images.json \(swd-generate writes it\) and no images"),
+        "--images", t / "images", "--clip", t), 2,
+              r"images has no images.json \(swd-generate writes it\) and no images"),
     FaultCase("evaluate-images-without-index", lambda t: (os.remove(os.path.join(_images(t), "images.json")), evaluate(
         "--images", t / "images", "--clip", t))[1], 2, r"to pair its 2 images with prompts give --prompts FILE.csv"),
     FaultCase("evaluate-no-metric", lambda t: evaluate("--images", _images(t)), 2, r"no metric to compute"),

@@ -3,17 +3,25 @@
 `gcs_bucket` (import it into a test module) yields a fresh `gs://...` bucket on an emulator started once per
 session. google-cloud-storage and gcsfs (hence etils epath) reach it through `STORAGE_EMULATOR_HOST`; orbax's
 tensorstore through `TENSORSTORE_GCS_HTTP_URL` plus `GOOGLE_AUTH_TOKEN_FOR_TESTING`. `emulator_env()` is the
-environment a child process (a trainer, a console command) needs to reach the same emulator.
+environment a child process (a trainer, a console command) needs to reach the same emulator. Every process that
+talks to it uses gcsfs with `gcs_emulator_site/sitecustomize.py`'s fix (the emulator hangs on gcsfs's racing
+requests otherwise).
 """
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import uuid
 
 import pytest
 
 _server = [None]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SITE = os.path.join(ROOT, "tests", "gcs_emulator_site")
+sys.path.insert(0, SITE)
+from sitecustomize import make_gcsfs_info_sequential  # noqa: E402  (tests/gcs_emulator_site)
+sys.path.remove(SITE)
 
 
 def _start():
@@ -25,7 +33,8 @@ def _start():
         # blocks on its next log line and every request hangs. Drain it.
         threading.Thread(target=_drain, args=(server._process.stderr,), daemon=True).start()
         _server[0] = server
-        os.environ.update(emulator_env())
+        os.environ.update({k: v for k, v in emulator_env().items() if k != "PYTHONPATH"})
+        make_gcsfs_info_sequential()
     return _server[0]
 
 
@@ -35,9 +44,12 @@ def _drain(pipe) -> None:
 
 
 def emulator_env() -> dict:
+    """The variables a child process needs to reach the emulator; PYTHONPATH puts `gcs_emulator_site` (its
+    sitecustomize makes gcsfs safe against the emulator) and the repository first."""
     url = _server[0].url
+    path = os.pathsep.join(p for p in (SITE, ROOT, os.environ.get("PYTHONPATH", "")) if p)
     return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake", "GOOGLE_CLOUD_PROJECT": "swd-test"}
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake", "GOOGLE_CLOUD_PROJECT": "swd-test", "PYTHONPATH": path}
 
 
 def new_bucket() -> str:

@@ -39,8 +39,8 @@ def test_readme_pod_block_runs_literally_on_gcs(sd3, gcs_bucket, tmp_path):  # n
     bin_dir = os.path.dirname(sys.executable)
     env = dict(os.environ, PIPE=str(root), DATA=str(data), BUCKET=gcs_bucket, JAX_PLATFORMS="cpu",
                PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               SWD_COMPILE_CACHE=jax_cache_dir(), SWD_GCS_CACHE=str(tmp_path / "gcs_cache"), **emulator_env())
+               SWD_COMPILE_CACHE=jax_cache_dir(), SWD_GCS_CACHE=str(tmp_path / "gcs_cache"))
+    env.update(emulator_env())  # the emulator's variables; PYTHONPATH with this repository first
     env.pop("XLA_FLAGS", None)
     times = {}
     for cmd in pod_commands():

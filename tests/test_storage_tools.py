@@ -44,38 +44,17 @@ def pipe(sd3):  # noqa: F811
     return root
 
 
-@pytest.fixture
-def bucket(gcs_emulator):  # noqa: F811
-    """A bucket on an emulator of its own. fake-gcs-server stops answering after some hundreds of cancelled requests,
-    and gcsfs's info() (under storage.exists/isdir/isfile, local_copy) races an object GET against a listing and
-    cancels the loser: the downloads of a whole pipeline here would use up a shared emulator."""
-    import gcsfs
-    from etils.epath import backend
-
-    from tests import gcs_emulator as emu
-
-    def restart():
-        if emu._server[0] is not None:
-            emu._server[0].stop()
-            emu._server[0] = None
-        gcsfs.GCSFileSystem.clear_instance_cache()
-        backend.fsspec_backend._get_filesystem.cache_clear()
-    restart()
-    yield emu.new_bucket()
-    restart()
-
-
 def _cached_names(cache) -> set[str]:
     return {f for _, _, files in os.walk(cache) for f in files}
 
 
-def test_convert_load_and_verify_on_gcs(pipe, bucket, gcs_cache):
+def test_convert_load_and_verify_on_gcs(pipe, gcs_bucket, gcs_cache):
     from swd_jax.convert.__main__ import main as convert_main
     from swd_jax.convert.converted import conversion_source, load_converted, model_kind
     from swd_jax.convert.transformer import load_transformer
     from swd_jax.train.setup import _read_model_config, model_source
     from swd_jax.verify import main as verify_main
-    src, ckpt = f"{bucket}/pipe", f"{bucket}/ckpt"
+    src, ckpt = f"{gcs_bucket}/pipe", f"{gcs_bucket}/ckpt"
     storage.copy_tree(str(pipe), src)
     assert convert_main([src, ckpt, "--no-progress"]) == 0
     assert sorted(storage.listdir(ckpt)) == ["config.json", "conversion.json", "params"]
@@ -115,17 +94,17 @@ def _run_with_student_peft(folder, cfg_folder):
     return folder
 
 
-def test_generate_and_evaluate_on_gcs(pipe, bucket, gcs_cache, tmp_path, capsys):
+def test_generate_and_evaluate_on_gcs(pipe, gcs_bucket, gcs_cache, tmp_path, capsys):
     from PIL import Image
 
     from swd_jax import evaluate
     from swd_jax.generate import main as generate_main
     from tests.test_evaluate import _clip_folder
-    model, run, out = f"{bucket}/pipe", f"{bucket}/run", f"{bucket}/images"
+    model, run, out = f"{gcs_bucket}/pipe", f"{gcs_bucket}/run", f"{gcs_bucket}/images"
     storage.copy_tree(str(pipe), model)
     storage.copy_tree(str(_run_with_student_peft(tmp_path / "run", pipe / "transformer")), run)
-    storage.write_text(f"{bucket}/prompts.txt", "a red tower\n\nthe low tower\n")
-    rc = generate_main(["--model", model, "--lora", run, "--out", out, "--prompts", f"{bucket}/prompts.txt",
+    storage.write_text(f"{gcs_bucket}/prompts.txt", "a red tower\n\nthe low tower\n")
+    rc = generate_main(["--model", model, "--lora", run, "--out", out, "--prompts", f"{gcs_bucket}/prompts.txt",
                         "--batch", "2", "--max-sequence-length", str(T5_LEN), "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     assert JUNK not in _cached_names(gcs_cache)
@@ -138,8 +117,8 @@ def test_generate_and_evaluate_on_gcs(pipe, bucket, gcs_cache, tmp_path, capsys)
     assert np.asarray(Image.open(os.path.join(local, "00000.png"))).shape == (16, 16, 3)
 
     _clip_folder(tmp_path / "clip", 0)
-    storage.copy_tree(str(tmp_path / "clip"), f"{bucket}/clip")
-    assert evaluate.main(["--images", out, "--clip", f"{bucket}/clip", "--clip-batch-size", "2"]) == 0
+    storage.copy_tree(str(tmp_path / "clip"), f"{gcs_bucket}/clip")
+    assert evaluate.main(["--images", out, "--clip", f"{gcs_bucket}/clip", "--clip-batch-size", "2"]) == 0
     metrics = json.loads(storage.read_text(f"{out}/metrics.json"))
     assert metrics["num_images"] == 2 and np.isfinite(metrics["clip_score"])
-    assert metrics["metrics_sources"]["clip"] == f"{bucket}/clip"
+    assert metrics["metrics_sources"]["clip"] == f"{gcs_bucket}/clip"

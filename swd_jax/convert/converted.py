@@ -69,8 +69,9 @@ def convert(src: str, dst: str, dtype: str = "float32", overwrite: bool = False,
     if existing and not overwrite:
         if PARAMS in existing:
             raise FileExistsError(f"{dst} already holds converted params; pass --overwrite to replace them")
-        raise FileExistsError(f"{dst} is not empty (holds {', '.join(existing[:5])}{' ...' if len(existing) > 5 else ''}"
-                              "); give a new or empty folder, or --overwrite to write there anyway")
+        held = ", ".join(existing[:5]) + (" ..." if len(existing) > 5 else "")
+        raise FileExistsError(f"{dst} is not empty (holds {held}); give a new or empty folder, or --overwrite to "
+                              "write there anyway")
     if not storage.isdir(src) and not storage.exists(src):
         raise FileNotFoundError(f"{src} does not exist")
     local = local_model_folder(src, parts=("transformer",))

@@ -1,4 +1,4 @@
-"""The FLUX side of `python -m swd_jax.verify`: random inputs, diffusers' FluxTransformer2DModel (+ PEFT) as
+"""The FLUX side of `swd-verify`: random inputs, diffusers' FluxTransformer2DModel (+ PEFT) as
 FluxPipeline calls it, and our converted Flux (+ imported LoRA), each returning the velocity and every block's
 image tokens (double blocks, then single blocks). torch is imported only inside the torch-side functions.
 

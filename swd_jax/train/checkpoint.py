@@ -236,6 +236,7 @@ class Checkpointer:
                 f"{self.last_good_message()}")
         extra[CHECKSUMS] = sums
         self.wait_until_finished()  # the previous save's failure stops the run here, named
+        self._probe_writable(step)
         try:
             with _quiet_orbax():
                 saved = self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -248,6 +249,19 @@ class Checkpointer:
             self._pending = step
             self.saved_steps.add(step)
         return saved
+
+    def _probe_writable(self, step: int) -> None:
+        """A local folder that refuses a new file fails here: an orbax save that fails before its background
+        threads get their start signal leaves them waiting forever, and the process would never exit."""
+        if storage.is_remote(self.directory) or jax.process_index() != 0:
+            return
+        probe = os.path.join(self.directory, f".write_probe.{os.getpid()}")
+        try:
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            raise self._save_failed(step, e) from None
 
     def _save_failed(self, step: int | None, e: BaseException) -> SaveFailed:
         self._failed, self._pending = True, None
