@@ -1,4 +1,4 @@
-"""The built-in demo: SwD on scikit-learn's handwritten digits, end to end on CPU (swd_jax/demo.py).
+"""The built-in demo: SwD on scikit-learn's handwritten digits, end to end on CPU (swd_jax/demo/).
 
     python -m swd_jax.demo --workdir /tmp/swd_demo
 

@@ -12,7 +12,8 @@ Inputs:
   sorted file order. `--limit N` evaluates the first N (official: 5008).
 - FID: `--inception` (pytorch-fid's .pth, or the .safetensors `python -m swd_jax.convert.inception` makes)
   and `--fid-stats X.npz` (mu, sigma) or `--real-images DIR`.
-- `--clip DIR` / `--pickscore DIR`: transformers CLIPModel folders with safetensors weights;
+- `--clip DIR` / `--pickscore DIR`: transformers CLIPModel folders with safetensors weights, or their Hub ids
+  (laion/CLIP-ViT-H-14-laion2B-s32B-b79K, yuvalkirstain/PickScore_v1; only safetensors and JSON/text files);
   `--processor DIR` (default: the --clip folder) gives the tokenizer and preprocessing (laion's, as the
   official code uses for both).
 Metrics a run has no models for are skipped. Prints a table and writes `--out` (default DIR/metrics.json).

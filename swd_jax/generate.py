@@ -22,7 +22,9 @@ OUT/images.json: a list of {"file", "prompt", "seed", "index", + every setting};
 sharded over the local devices; on several hosts each takes every P-th image and writes images.<p>.json.
 MODEL, --converted, --lora, --prompts and OUT may be `gs://BUCKET/...`: a model folder or an adapter is downloaded
 to a local cache (of a pipeline folder only the parts used), a converted checkpoint or a run's checkpoint is read
-from there by orbax, and OUT's files are written locally first, then uploaded.
+from there by orbax, and OUT's files are written locally first, then uploaded. MODEL and --lora may be Hugging
+Face Hub ids, ORG/NAME[@REVISION] (e.g. stabilityai/stable-diffusion-3.5-medium, yresearch/swd-medium-6-steps),
+fetched into the Hub's cache as diffusers' from_pretrained does (HF_HUB_OFFLINE=1: from the cache alone).
 """
 from __future__ import annotations
 
@@ -84,9 +86,10 @@ def _check_counts(args) -> None:
 
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(prog="swd-generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="diffusers SD3/SD3.5 or FLUX.1 pipeline folder")
+    p.add_argument("--model", required=True,
+                   help="diffusers SD3/SD3.5 or FLUX.1 pipeline folder, or its Hub id (ORG/NAME[@REV])")
     p.add_argument("--converted", help="our converted transformer params (instead of MODEL/transformer)")
-    p.add_argument("--lora", help="run workdir, PEFT adapter folder or diffusers LoRA .safetensors")
+    p.add_argument("--lora", help="run workdir, PEFT adapter folder or diffusers LoRA .safetensors, or a Hub id")
     p.add_argument("--sampler", choices=("scale_wise", "full_resolution", "teacher"), default="scale_wise")
     p.add_argument("--schedule", help="preset: sd35_medium_6 (SD3 default), sd35_medium_4, sd35_large_4, "
                    "flux_4 (FLUX default)")

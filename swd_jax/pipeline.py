@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from swd_jax import storage
-from swd_jax.convert.folders import NOT_TRANSFORMER, PIPELINE_PARTS, local_model_folder, read_json, source_path
+from swd_jax.convert.folders import (NOT_TRANSFORMER, PIPELINE_PARTS, from_hub, hub_id, local_model_folder, read_json,
+                                     source_path)
 from swd_jax.convert.peft_lora import adapter_files, import_lora
 from swd_jax.convert.transformer import transformer_class, transformer_folder
 from swd_jax.convert.vae import load_vae
@@ -157,7 +158,7 @@ def load_student(path: str, cfg: MMDiTConfig | FluxConfig, dtype=jnp.float32) ->
     import ml_collections
     import orbax.checkpoint as ocp
 
-    from swd_jax.convert.orbax_params import check_matches
+    from swd_jax.convert.orbax_params import check_matches, tree_metadata
     from swd_jax.convert.peft_lora import abstract_lora
     from swd_jax.train.setup import make_schedule
 
@@ -171,8 +172,8 @@ def load_student(path: str, cfg: MMDiTConfig | FluxConfig, dtype=jnp.float32) ->
         return Student(lora, params, peft, schedule, run_config)
     lora = LoraConfig(rank=int(c.lora.rank), alpha=float(c.lora.alpha), targets=tuple(c.lora.targets))
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    stored = tree_metadata(state_dir)  # not Checkpointer.metadata: <step>/state has no step metadata of its own
     with ocp.StandardCheckpointer() as ckptr:
-        stored = ckptr.metadata(state_dir).item_metadata
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=one), stored)
         if "student" not in target:
             raise ValueError(f"{state_dir}: a training checkpoint without a 'student' entry")
@@ -237,16 +238,17 @@ class SwDPipeline:
         optional LoRA. `max_sequence_length`: T5 tokens, default the family's (SD3 256, FLUX 512)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-        folder = storage.resolve(folder)
-        if not storage.isdir(folder):
-            raise FileNotFoundError(f"model folder {folder} does not exist")
+        if hub_id(folder) is None:  # else a Hub id, fetched below (only the parts read)
+            folder = storage.resolve(folder)
+            if not storage.isdir(folder):
+                raise FileNotFoundError(f"model folder {folder} does not exist")
         devices = list(devices or jax.local_devices())
         mesh = jax.sharding.Mesh(np.array(devices), ("data",))
         rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         pdt = DTYPES[dtype]
         run_config = None
         if lora is not None:
-            lora = storage.resolve(lora)
+            lora = storage.resolve(from_hub(lora, None, "LoRA adapter"))  # a Hub id: its snapshot
             if not storage.exists(lora):
                 raise FileNotFoundError(f"no LoRA adapter or run workdir at {lora}")
         if lora is not None and not _is_run(lora):  # not a run: an adapter, checked before the model loads

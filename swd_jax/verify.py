@@ -8,7 +8,8 @@ picks SD3 (SD3Transformer2DModel) or FLUX (FluxTransformer2DModel: `swd_jax.conv
 double then single, sigmas in [0, 1) and for FLUX-dev a guidance scale of 3.5 or 4.5 per example). FOLDER may also
 be a converted checkpoint written by `swd-convert` (what training reads): it is compared with the diffusers folder
 its conversion.json names, or `--reference FOLDER`. Every folder may be `gs://...` (a converted checkpoint is read
-from there as training reads it; diffusers folders and adapters are downloaded to a local cache). Needs the PyTorch extra (`pip install -e .[torch]`). ADAPTER is a PEFT
+from there as training reads it; diffusers folders and adapters are downloaded to a local cache); FOLDER,
+--reference and --lora may be Hub ids (ORG/NAME[@REV], through the Hugging Face cache). Needs the PyTorch extra (`pip install -e .[torch]`). ADAPTER is a PEFT
 adapter folder (loaded on the torch side with `PeftModel.from_pretrained`) or a diffusers LoRA file/folder
 (`load_lora_adapter`); our side uses `swd_jax.convert.peft_lora.import_lora`. At every latent size the same
 random latents, context, pooled vector and one timestep per example (uniform in [0, 1000)) go through both;
@@ -44,7 +45,7 @@ import numpy as np
 from swd_jax import storage
 from swd_jax.command_line import add_common_flags, quiet_logs
 from swd_jax.convert.converted import conversion_source, load_converted, model_kind, read_config
-from swd_jax.convert.folders import PIPELINE_PARTS, local_model_folder
+from swd_jax.convert.folders import PIPELINE_PARTS, from_hub, local_model_folder, local_path
 from swd_jax.convert.peft_lora import import_lora
 from swd_jax.convert.safetensors_reader import SafetensorsFolder
 from swd_jax.convert.transformer import load_transformer, transformer_class, transformer_folder
@@ -196,13 +197,14 @@ def verify(folder: str, lora: str | None = None, sizes: Sequence[int] = (64, 96,
         raise ValueError("need batch >= 1 and at least one latent size")
     tol = DEFAULT_TOL[dtype] if tol is None else tol
     converted = None
+    folder = from_hub(folder, PIPELINE_PARTS if components else ("transformer",))  # a Hub id: its snapshot
     if model_kind(folder) == "converted":  # check the checkpoint training reads, against its diffusers source
         converted, folder = folder, reference or _conversion_source(folder)
     elif reference is not None:
         raise ValueError(f"--reference is for a converted checkpoint; {folder} is a diffusers folder")
     folder = local_model_folder(folder, parts=PIPELINE_PARTS if components else ("transformer",))
     if lora is not None:
-        lora = storage.local_copy(storage.resolve(lora), what="LoRA adapter")
+        lora = local_path(lora, what="LoRA adapter")
     tfolder = transformer_folder(folder)
     SafetensorsFolder(tfolder)  # a truncated or garbled file is named here, not by torch's loader
     if transformer_class(tfolder) == "FluxTransformer2DModel":

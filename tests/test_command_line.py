@@ -49,7 +49,7 @@ def test_overrides_replace_parse_types_and_name_close_fields():
     ("lora.targets", (), r"lora.targets=\(\): name at least one module"),
     ("loss.dmd_range", (20, 10), r"loss.dmd_range=\(20, 10\): must be \(low, high\) with 0 <= low < high <= 28"),
     ("loss.n_fake_steps", 0, r"loss.n_fake_steps=0: must be at least 1 when do_dmd"),
-    ("optim.lr", 0.0, r"optim.lr=0.0: must be positive"),
+    ("optim.lr", 0.0, r"optim.lr=0.0: must be finite and positive"),
 ])
 def test_bad_values_are_refused_before_anything_compiles(field, value, pattern):
     c = base_config()
@@ -89,18 +89,23 @@ def test_resume_check_in_the_workdir(tmp_path):
     assert json.load(open(tmp_path / "config.json"))["train"]["batch_size"] == 32
 
 
-@pytest.mark.parametrize("module", ["swd_jax.train.__main__", "swd_jax.demo.__main__", "swd_jax.convert.__main__",
-                                    "swd_jax.verify", "swd_jax.train.precompute",
-                                    "swd_jax.evaluate"])
-def test_every_command_exits_0_on_help(module, capsys):
+def _console_scripts() -> dict[str, str]:
+    import tomllib
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)["project"]["scripts"]
+
+
+@pytest.mark.parametrize("name", sorted(_console_scripts()))
+def test_every_command_exits_0_on_help_with_its_name_and_the_common_flags(name, capsys):
     import importlib
-    main = importlib.import_module(module).main
+    module, func = _console_scripts()[name].split(":")
     try:
-        rc = main(["--help"])
+        rc = getattr(importlib.import_module(module), func)(["--help"])
     except SystemExit as e:  # argparse's own --help
         rc = e.code
-    assert rc in (0, None)
-    assert "usage:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert rc in (0, None) and out.startswith(f"usage: {name} "), out[:200]
+    assert "--debug" in out and "--verbose" in out
 
 
 def test_user_errors_are_one_line_and_exit_2(capsys):

@@ -4,8 +4,9 @@
 
 SRC is a diffusers transformer folder (config.json + safetensors) or a pipeline folder (then SRC/transformer);
 DST a new or empty folder. Either may be `gs://BUCKET/...` (of a pipeline folder on Cloud Storage only
-transformer/ is downloaded). The work is `swd_jax.convert.converted.convert`; training reads DST with
-`load_converted(DST)` (`--config.model.path=DST`).
+transformer/ is downloaded); SRC may be a Hugging Face Hub id, ORG/NAME[@REVISION] (fetched into the Hub's cache,
+only transformer/ of a pipeline; HF_HUB_OFFLINE=1: from the cache alone). The work is
+`swd_jax.convert.converted.convert`; training reads DST with `load_converted(DST)` (`--config.model.path=DST`).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from swd_jax.convert.converted import DTYPES, convert
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="swd-convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="diffusers transformer folder, or a pipeline folder with transformer/")
+    parser.add_argument("src", help="diffusers transformer folder, a pipeline folder with transformer/, or a Hub id "
+                        "(ORG/NAME[@REV])")
     parser.add_argument("dst", help="output folder (config.json, conversion.json, params/); local or gs://")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="storage dtype of the params")
     parser.add_argument("--overwrite", action="store_true", help="replace existing params in DST")

@@ -62,7 +62,8 @@ def convert(src: str, dst: str, dtype: str = "float32", overwrite: bool = False,
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} not supported; choose one of {sorted(DTYPES)}")
-    src, dst = storage.resolve(src), storage.resolve(dst)
+    dst = storage.resolve(dst)
+    src = storage.resolve(src) if storage.is_remote(src) else src  # local: as typed (it may be a Hub id)
     if storage.isfile(dst):
         raise NotADirectoryError(f"{dst} is a file, not a folder")
     existing = storage.listdir(dst)
@@ -72,9 +73,9 @@ def convert(src: str, dst: str, dtype: str = "float32", overwrite: bool = False,
         held = ", ".join(existing[:5]) + (" ..." if len(existing) > 5 else "")
         raise FileExistsError(f"{dst} is not empty (holds {held}); give a new or empty folder, or --overwrite to "
                               "write there anyway")
-    if not storage.isdir(src) and not storage.exists(src):
+    if storage.is_remote(src) and not storage.exists(src):
         raise FileNotFoundError(f"{src} does not exist")
-    local = local_model_folder(src, parts=("transformer",))
+    local = local_model_folder(src, parts=("transformer",), what="SRC")  # local, a gs:// copy or a Hub snapshot
     folder = transformer_folder(local)
     name = transformer_class(folder)
     config_cls, convert_fn, _ = FAMILIES[name]

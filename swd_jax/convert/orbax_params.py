@@ -99,6 +99,19 @@ def save_params(path: str, params, *, overwrite: bool = False) -> None:
         ckptr.wait_until_finished()
 
 
+def tree_metadata(path: str):
+    """The stored tree (shapes, dtypes) of the orbax pytree folder `path`, read by its handler alone.
+
+    `Checkpointer.metadata` also reads the step's `_CHECKPOINT_METADATA`, which a pytree that is one item of a
+    training checkpoint (`<step>/state`) does not hold (it is in `<step>/`): absl would warn on every read."""
+    from etils import epath
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        return handler.metadata(epath.Path(path))
+    finally:
+        handler.close()
+
+
 def load_params(path: str, abstract) -> Any:
     """Read the pytree at `path` into `abstract`'s shapes, dtypes and shardings; strict like `restore`."""
     check_no_prng_keys(abstract, "abstract")
@@ -106,6 +119,6 @@ def load_params(path: str, abstract) -> Any:
     if not storage.isdir(path):
         raise FileNotFoundError(f"no parameter checkpoint at {path}")
     target = with_shardings(abstract)
+    check_matches(tree_metadata(path), target, path)
     with ocp.StandardCheckpointer() as ckptr:
-        check_matches(ckptr.metadata(path).item_metadata, target, path)
         return ckptr.restore(path, target)

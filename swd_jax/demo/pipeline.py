@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from swd_jax.demo import yardsticks as demo_eval
-from swd_jax.convert.orbax_params import check_matches, load_params
+from swd_jax.convert.orbax_params import check_matches, load_params, tree_metadata
 from swd_jax.train.checkpoint import Checkpointer
 from swd_jax.models.layers import LORA, LoraConfig
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
@@ -199,9 +199,7 @@ def load_student(c, workdir: str, name: str, cfg: MMDiTConfig, base: dict) -> di
     ckpt_dir = os.path.join(workdir, name, "checkpoints")
     step = latest_step(ckpt_dir)
     path = os.path.join(ckpt_dir, str(step), "state")
-    import orbax.checkpoint as ocp
-    with ocp.StandardCheckpointer() as ck:
-        stored = ck.metadata(path).item_metadata
+    stored = tree_metadata(path)
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     state = load_params(path, jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), stored))
     lora_cfg = LoraConfig(rank=c.lora.rank, alpha=c.lora.alpha, targets=tuple(c.lora.targets))

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from swd_jax import storage
+from swd_jax.convert.folders import local_path
 from swd_jax.eval import fid as fid_lib
 from swd_jax.eval import image_chain
 from swd_jax.eval.scores import ClipScorer, load_tokenizer, tokenize
@@ -38,11 +39,14 @@ class Evaluator:
              fid_batch_size: int = 50, clip_batch_size: int = 8, progress: Callable | None = None) -> "Evaluator":
         """Load what the given paths allow: FID needs `inception` and `fid_stats` (.npz) or `real_images` (a
         folder); CLIP score / PickScore need their CLIPModel folders, and the laion processor (`processor`,
-        default the `clip` folder) for the tokenizer and preprocessing. Any path may be gs:// (a cached local copy)."""
+        default the `clip` folder) for the tokenizer and preprocessing. Any path may be gs:// (a cached local copy);
+        the CLIP folders may be Hub ids (ORG/NAME[@REV], e.g. yuvalkirstain/PickScore_v1)."""
         ev = cls()
-        inception, fid_stats, real_images, clip, pickscore, processor = (
+        inception, fid_stats, real_images = (
             None if p is None else storage.local_copy(storage.resolve(p), what=what) for p, what in (
-                (inception, "Inception weights"), (fid_stats, "FID statistics"), (real_images, "real image folder"),
+                (inception, "Inception weights"), (fid_stats, "FID statistics"), (real_images, "real image folder")))
+        clip, pickscore, processor = (  # folders, gs:// folders or Hub ids (a snapshot in the Hub's cache)
+            None if p is None else local_path(p, what=what) for p, what in (
                 (clip, "CLIP model folder"), (pickscore, "PickScore model folder"), (processor, "CLIP processor")))
         if (fid_stats or real_images) and not inception:
             raise ValueError("FID needs --inception (pytorch-fid's pt_inception-2015-12-05 weights)")

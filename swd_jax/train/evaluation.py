@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from swd_jax.convert.converted import META, model_kind
+from swd_jax.convert.folders import NOT_TRANSFORMER, from_hub
 from swd_jax.train.config_loading import ConfigError
 
 
@@ -46,7 +47,8 @@ def parse_sets(sets) -> list[PromptSet]:
 
 
 def pipeline_folder(model_path: str) -> str:
-    """The diffusers pipeline folder whose text encoders and VAE the evaluation uses."""
+    """The diffusers pipeline folder whose text encoders and VAE the evaluation uses (a Hub id: its snapshot)."""
+    model_path = from_hub(model_path, NOT_TRANSFORMER, "model.path")
     kind = model_kind(model_path)
     if kind == "pipeline":
         return model_path

@@ -10,8 +10,10 @@ share of every global batch; `swd_jax.train.distributed` connects them first.
 The workdir may be local or `gs://` (`swd_jax.storage`; only process 0 writes the run's own files, see
 `swd_jax.train.workdir`). Robustness: the workdir is leased (`<workdir>/.lock`, process 0; a second run stops
 naming the first one's pid and host); a SIGTERM or SIGINT (a preemption notice) stops every process at one
-agreed step, checkpoints it and raises `Preempted` (exit 75; `swd_jax.train.preemption`); a state is saved only if every array is finite, and a checkpoint whose next iteration gives a
-non-finite loss is moved aside (`<step>.nonfinite`), so a rerun never resumes from poisoned weights;
+agreed step, checkpoints it and raises `Preempted` (exit 75; `swd_jax.train.preemption`); a state is saved only if every array is finite; a checkpoint this run saved whose next iteration gives a
+non-finite loss is moved aside (`<step>.nonfinite`), while a divergence right after a resume names what changed
+on the resume and moves nothing (`_check_finite`); a broken step is moved aside as `<step>.corrupt` and the run
+resumes from the one before; a run never starts over silently while steps exist (`--restart-from-scratch`);
 `metrics.jsonl` holds each step once (a resume drops the rows after its checkpoint; a deleted file is
 recreated). After a kill (any moment: compile, mid-step, inside a save) a rerun resumes from the latest
 complete checkpoint and ends bitwise equal to an uninterrupted run.

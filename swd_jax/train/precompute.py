@@ -35,7 +35,9 @@ replicated). Resumable: a shard is written under a `.partial` name and renamed w
 written first, `<shard>.json` records its row count, size and CRC32C, checked by the trainer at start-up:
 `shard_checks`); finished shards are skipped on a rerun. On a gs:// `--out` a shard is written to a local
 scratch file and uploaded when complete (one object upload: it appears only once whole), so a rerun resumes
-the same way; `--data` may be gs:// too (downloaded to the local cache, `storage.local_copy`).
+the same way; `--data` may be gs:// too (downloaded to the local cache, `storage.local_copy`). `--model` may be
+gs:// or a Hugging Face Hub id (ORG/NAME[@REV]: its encoders and VAE fetched into the Hub's cache). `--scales`
+are checked against the model's transformer/config.json as swd-train checks them, before any work.
 `precompute.json` also records the command, which the trainer quotes to say how to redo a bad shard.
 metainfo.csv is read strictly (`metainfo`: a bad line is refused with its number; rows read are reported
 against lines in the file; `--strict_prompts` also refuses empty prompts). Missing images are refused before
@@ -71,6 +73,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from swd_jax import storage
 from swd_jax.command_line import add_common_flags, enable_compile_cache, quiet_logs, run_main
+from swd_jax.convert.folders import NOT_TRANSFORMER, hub_id, local_model_folder
 from swd_jax.convert.vae import load_vae
 from swd_jax.train.metainfo import describe, read_metainfo
 from swd_jax.train.records import ArrayRecordsWriter, decode_image
@@ -151,6 +154,27 @@ def check_format(path: str) -> None:
             f"`python -m swd_jax.precompute --model MODEL --data DATA --out NEW_DIR --scales {scales}`")
 
 
+def check_scales_fit_model(model_dir: str, scales: Sequence[int]) -> None:
+    """Refuse, before any work, scales the trainer would refuse for the model's transformer (its
+    transformer/config.json; of a Hub id only that file is fetched). A folder without one, a gs:// folder or a
+    missing folder is not checked here (the encoders' loading names a missing folder)."""
+    previous_scales(scales)
+    if storage.is_remote(model_dir) or not (os.path.isdir(model_dir) or hub_id(model_dir)):
+        return
+    local = local_model_folder(model_dir, ("transformer/config.json",), "--model")
+    folder = os.path.join(local, "transformer")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return
+    from swd_jax.convert.converted import FAMILIES
+    from swd_jax.convert.transformer import transformer_class
+    from swd_jax.train.setup import check_scales_fit
+    cfg = FAMILIES[transformer_class(folder)][0].from_folder(folder)
+    try:
+        check_scales_fit(tuple(scales), cfg)
+    except ValueError as e:
+        raise ValueError(f"--scales {','.join(map(str, scales))}: swd-train would refuse them: {e}") from None
+
+
 class Precomputer:
     """Encoders and tokenizers with parameters replicated over `devices`; batches split over them."""
 
@@ -158,6 +182,7 @@ class Precomputer:
                  dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, store_dtype=jnp.bfloat16,
                  devices: Sequence[jax.Device] | None = None):
         self.spec = LatentSpec(tuple(int(s) for s in scales), previous_scales(scales), store_dtype)
+        model_dir = local_model_folder(model_dir, NOT_TRANSFORMER, "model folder")  # gs:// or a Hub id: local copy
         self.mesh = Mesh(np.asarray(devices or jax.local_devices()), ("data",))
         replicated = NamedSharding(self.mesh, P())
         self.text = load_prompt_encoder(model_dir, max_sequence_length=max_sequence_length, dtype=dtype,
@@ -242,6 +267,7 @@ def precompute(model_dir: str, data_dir: str, out_dir: str, scales: Sequence[int
     for name, d in (("dtype", dtype), ("param_dtype", param_dtype), ("store_dtype", store_dtype)):
         if d not in DTYPES:
             raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {d!r}")
+    check_scales_fit_model(model_dir, scales)
     csv_path = metainfo if (os.path.isabs(metainfo) or storage.is_remote(metainfo)) else storage.join(data_dir,
                                                                                                        metainfo)
     rows = read_metainfo(csv_path, allow_empty_prompts=allow_empty_prompts)
@@ -319,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="swd-precompute", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
-                   help="diffusers SD3 or FLUX pipeline folder (vae/, text_encoder*/, tokenizer*/)")
+                   help="diffusers SD3 or FLUX pipeline folder (vae/, text_encoder*/, tokenizer*/), local, gs:// or "
+                   "a Hub id (ORG/NAME[@REV])")
     p.add_argument("--data", required=True, help="SwD dataset folder: images + metainfo.csv (local or gs://)")
     p.add_argument("--out", required=True, help="output folder (local or gs://: shards uploaded as each completes)")
     p.add_argument("--scales", required=True, help="latent sizes, e.g. 64,80,96,128")

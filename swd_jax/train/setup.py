@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -20,7 +21,7 @@ from swd_jax.models.layers import (ATTENTION_IMPLS, LORA, REMAT_POLICIES, LoraCo
                                    check_remat)
 from swd_jax.models.mmdit import MMDiTConfig
 from swd_jax.convert.converted import model_kind, read_config
-from swd_jax.convert.folders import local_transformer_folder
+from swd_jax.convert.folders import from_hub, local_transformer_folder
 from swd_jax.schedule import PRESETS, ScaleSchedule, get_schedule
 from swd_jax.train.backbone import backbone_kind, backbone_of, check_kind, model_guidance, random_config
 from swd_jax.train.steps import LossConfig, SwDModels, init_state
@@ -69,11 +70,12 @@ def load_base(c, mesh) -> tuple[MMDiTConfig | FluxConfig, dict]:
     m = c.model
     pdt = _dtype(m.param_dtype, "model.param_dtype")
     kind = m.get("kind", "mmdit")
-    source = model_source(m.source, m.path)
+    path = from_hub(m.path, ("transformer",), "model.path")  # a Hub id: its snapshot in the Hub's cache
+    source = model_source(m.source, path)
     if source == "random":
         cfg = random_config(kind, m.random.to_dict())
     else:
-        cfg = _read_model_config(source, m.path)
+        cfg = _read_model_config(source, path)
     bb = backbone_kind(kind) if source == "random" else check_kind(kind, cfg, m.path)
     shardings = sharding.boxed_shardings(bb.boxed_params(cfg, pdt), mesh, c.mesh.rules)
     if source == "random":
@@ -81,9 +83,9 @@ def load_base(c, mesh) -> tuple[MMDiTConfig | FluxConfig, dict]:
         init = lambda: nn.unbox(model.init(jax.random.key(c.train.seed), *bb.example_inputs(cfg, 1))["params"])
         return cfg, jax.jit(init, out_shardings=shardings)()
     if source == "diffusers":
-        return bb.load_diffusers(local_transformer_folder(m.path), dtype=pdt, shardings=shardings)
+        return bb.load_diffusers(local_transformer_folder(path), dtype=pdt, shardings=shardings)
     from swd_jax.convert.converted import load_converted
-    cfg, params = load_converted(m.path, shardings=shardings)
+    cfg, params = load_converted(path, shardings=shardings)
     wrong = {str(x.dtype) for x in jax.tree.leaves(params)} - {jnp.dtype(pdt).name}
     if wrong:
         raise ValueError(f"{m.path} holds {sorted(wrong)} weights but model.param_dtype={m.param_dtype!r}; "
@@ -121,9 +123,10 @@ def _read_model_config(source: str, path: str) -> MMDiTConfig | FluxConfig:
     return FAMILIES[transformer_class(path)][0].from_folder(path)
 
 
-def check_schedule_fits(schedule: ScaleSchedule, cfg: MMDiTConfig) -> None:
+def check_schedule_fits(schedule: ScaleSchedule | Sequence[int], cfg: MMDiTConfig) -> None:
     """Every scale a multiple of the patch and within the position grid; else name what fits."""
-    bad = [s for s in schedule.scales if s > cfg.max_latent_size or s % cfg.patch_size]
+    scales = tuple(getattr(schedule, "scales", schedule))
+    bad = [s for s in scales if s > cfg.max_latent_size or s % cfg.patch_size]
     if not bad:
         return
     fitting = [name for name, p in PRESETS.items()
@@ -131,10 +134,21 @@ def check_schedule_fits(schedule: ScaleSchedule, cfg: MMDiTConfig) -> None:
     top, patch = cfg.max_latent_size, cfg.patch_size
     example = sorted({max(patch, top * f // (4 * patch) * patch) for f in (2, 3, 4)})
     bounds = {1: "0,28", 2: "0,14,28", 3: "0,7,14,28"}[len(example)]
-    raise ValueError(f"schedule scales {tuple(schedule.scales)} do not fit this model: {bad} are not multiples of "
+    raise ValueError(f"schedule scales {scales} do not fit this model: {bad} are not multiples of "
                      f"patch {patch} up to {top} (position grid {cfg.pos_embed_max_size} x patch {patch}); "
                      f"presets that fit: {fitting or 'none'}; e.g. --config.schedule.preset= "
                      f"--config.schedule.scales={','.join(map(str, example))} --config.schedule.boundaries={bounds}")
+
+
+def check_scales_fit(scales: Sequence[int], cfg: MMDiTConfig | FluxConfig) -> None:
+    """The trainer's check of the schedule's latent sizes against the model (swd-precompute runs it too)."""
+    if isinstance(cfg, MMDiTConfig):
+        check_schedule_fits(scales, cfg)
+    for s in scales:  # FLUX: any even size (2x2 packing)
+        try:
+            backbone_of(cfg).module_cls(cfg).check_latent_size(s, s)
+        except ValueError as e:
+            raise ValueError(f"schedule scale {s} does not fit the model: {e}") from None
 
 
 @dataclasses.dataclass
@@ -169,13 +183,7 @@ def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
         bad = [b for b in getattr(loss, name) if not 0 <= b < n_blocks]
         if bad:
             raise ValueError(f"loss.{name} {bad} outside the model's blocks 0..{n_blocks - 1}")
-    if isinstance(cfg, MMDiTConfig):
-        check_schedule_fits(schedule, cfg)
-    for s in schedule.scales:  # FLUX: any even size (2x2 packing)
-        try:
-            bb.module_cls(cfg).check_latent_size(s, s)
-        except ValueError as e:
-            raise ValueError(f"schedule scale {s} does not fit the model: {e}") from None
+    check_scales_fit(schedule.scales, cfg)
     guidance = model_guidance(cfg, c.model.get("guidance", None), loss.cfg_teacher, loss.guidance_teacher)
     if c.model.attention_impl not in ATTENTION_IMPLS:
         raise ValueError(f"model.attention_impl={c.model.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
@@ -205,7 +213,7 @@ def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
     ex = bb.example_inputs(cfg, 1)
 
     def init_lora(key):
-        return lora_model.init(key, *ex)[LORA]
+        return lora_model.init(key, *ex).get(LORA, {})  # no collection at all when no target matched
 
     abstract_lora = jax.eval_shape(init_lora, jax.random.key(0))
     if not jax.tree.leaves(abstract_lora):

@@ -10,6 +10,7 @@ import numpy as np
 
 from swd_jax import storage
 from swd_jax.convert.converted import META, conversion_source
+from swd_jax.convert.folders import from_hub
 from swd_jax.sampler import scale_wise_sample
 
 
@@ -19,6 +20,7 @@ def source_vae_folder(model_source: str, model_path: str) -> str | None:
     Local or gs:// (then the folder returned is a cached local copy)."""
     if not model_path:
         return None
+    model_path = from_hub(model_path, ("vae",), "model.path")  # a Hub id: its snapshot (vae/ only)
     candidates = [storage.join(model_path, "vae")]
     meta = storage.join(model_path, META)
     if model_source in ("converted", "auto") and storage.isfile(meta):

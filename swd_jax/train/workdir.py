@@ -64,7 +64,10 @@ class WorkdirLease:
     # -- local: flock --------------------------------------------------------------------------------------
     def _acquire_local(self):
         path = os.path.join(self.workdir, ".lock")
-        self._file = open(path, "a+")
+        try:
+            self._file = open(path, "a+")
+        except OSError as e:  # read-only file system, no permission: one line, not a traceback
+            raise PermissionError(f"cannot write {path}: {e.strerror}; the workdir must be writable") from None
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
