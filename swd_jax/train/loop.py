@@ -103,14 +103,20 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None,
     check_values(config)
     check_data(config)  # bad data fails here, in milliseconds, before any model is built
     workdir = storage.resolve(workdir)
+    created = jax.process_index() == 0 and not storage.exists(workdir)
     if jax.process_index() == 0:
         storage.makedirs(workdir)
     recorded_changes = _check_resume_config(config, workdir, allow_config_change)
     lease = WorkdirLease(workdir)
+    ok = False
     try:
-        return _train_locked(config, workdir, stop_after, devices, recorded_changes, lease)
+        out = _train_locked(config, workdir, stop_after, devices, recorded_changes, lease)
+        ok = True
+        return out
     finally:
         lease.release()
+        if not ok and created and storage.listdir(workdir) in ([], [".lock"]):
+            storage.remove_tree(workdir)  # a failed start leaves no empty workdir behind
 
 
 def _train_locked(config, workdir: str, stop_after: int | None, devices, recorded_changes: list[str],

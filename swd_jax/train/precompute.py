@@ -168,7 +168,10 @@ def check_scales_fit_model(model_dir: str, scales: Sequence[int]) -> None:
     from swd_jax.convert.converted import FAMILIES
     from swd_jax.convert.transformer import transformer_class
     from swd_jax.train.setup import check_scales_fit
-    cfg = FAMILIES[transformer_class(folder)][0].from_folder(folder)
+    family = FAMILIES.get(transformer_class(folder))
+    if family is None:  # not a transformer we train: the trainer names it
+        return
+    cfg = family[0].from_folder(folder)
     try:
         check_scales_fit(tuple(scales), cfg)
     except ValueError as e:
