@@ -12,9 +12,9 @@ import time
 import jax
 import jax.numpy as jnp
 import pytest
-import torch
 
-from tests.test_prompt_encoding import T5_LEN, _save, sd3  # noqa: F401  (module-scoped fixture)
+from tests.test_prompt_encoding import T5_LEN, sd3  # noqa: F401  (module-scoped fixture)
+from tests.test_readme_journey import complete_pipeline
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -32,16 +32,9 @@ def _publish(hf_home, repo: str, folder) -> str:
 @pytest.fixture(scope="module")
 def hub(sd3, tmp_path_factory):  # noqa: F811
     """$HF_HOME with org/tiny-sd3 (a pipeline) and org/tiny-swd (a PEFT adapter), offline."""
-    from diffusers import SD3Transformer2DModel
-
     from tests.test_storage_tools import _run_with_student_peft
     pipe = sd3[1]
-    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
-    torch.manual_seed(0)
-    _save(SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=40, out_channels=4,
-        pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm"), pipe / "transformer")
+    complete_pipeline(pipe)
     run = _run_with_student_peft(tmp_path_factory.mktemp("run"), pipe / "transformer")
     home = tmp_path_factory.mktemp("hf_home")
     snapshot = _publish(home, "org/tiny-sd3", pipe)

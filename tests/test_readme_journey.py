@@ -18,6 +18,17 @@ from tests.test_prompt_encoding import _dataset, _save, sd3  # noqa: F401  (modu
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def complete_pipeline(root) -> None:
+    """The tiny SD3 folder of the `sd3` fixture made a whole pipeline: model_index.json and a random transformer."""
+    from diffusers import SD3Transformer2DModel
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    torch.manual_seed(0)
+    _save(SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=40, out_channels=4,
+        pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm"), root / "transformer")
+
+
 def journey_commands() -> list[str]:
     """The README's journey block: one command per logical line (backslash continuations joined)."""
     text = open(os.path.join(ROOT, "README.md")).read()
@@ -31,12 +42,7 @@ def test_readme_journey_runs_literally(sd3, tmp_path):  # noqa: F811
     from diffusers import SD3Transformer2DModel
     from peft import PeftModel
     root = sd3[1]
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
-    torch.manual_seed(0)
-    _save(SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=40, out_channels=4,
-        pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm"), root / "transformer")
+    complete_pipeline(root)
     data = _dataset(tmp_path / "data", 8)
     work = tmp_path / "elsewhere"
     work.mkdir()

@@ -11,8 +11,8 @@ import pytest
 
 from swd_jax import storage
 from tests.gcs_emulator import emulator_env, gcs_bucket, gcs_emulator  # noqa: F401
-from tests.test_prompt_encoding import _dataset, _save, sd3  # noqa: F401  (module-scoped fixture)
-from tests.test_readme_journey import ROOT, jax_cache_dir
+from tests.test_prompt_encoding import _dataset, sd3  # noqa: F401  (module-scoped fixture)
+from tests.test_readme_journey import ROOT, complete_pipeline, jax_cache_dir
 
 
 def pod_commands() -> list[str]:
@@ -24,15 +24,8 @@ def pod_commands() -> list[str]:
 
 
 def test_readme_pod_block_runs_literally_on_gcs(sd3, gcs_bucket, tmp_path):  # noqa: F811
-    import torch
-    from diffusers import SD3Transformer2DModel
     root = sd3[1]
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
-    torch.manual_seed(0)
-    _save(SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=40, out_channels=4,
-        pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm"), root / "transformer")
+    complete_pipeline(root)
     data = _dataset(tmp_path / "data", 8)
     work = tmp_path / "elsewhere"
     work.mkdir()

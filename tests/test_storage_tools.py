@@ -7,11 +7,11 @@ import os
 import jax
 import numpy as np
 import pytest
-import torch
 
 from swd_jax import storage
 from tests.gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (fixtures)
-from tests.test_prompt_encoding import T5_LEN, _save, sd3  # noqa: F401  (module-scoped fixture)
+from tests.test_prompt_encoding import T5_LEN, sd3  # noqa: F401  (module-scoped fixture)
+from tests.test_readme_journey import complete_pipeline
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2")
 JUNK = "sd3.5_tiny.safetensors"  # a hub snapshot's top-level single-file checkpoint: never downloaded
@@ -32,15 +32,9 @@ def gcs_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipe(sd3):  # noqa: F811
     """A tiny SD3 pipeline folder: text encoders, tokenizers, VAE, transformer, model_index.json, a junk file."""
-    from diffusers import SD3Transformer2DModel
     root = sd3[1]
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    complete_pipeline(root)
     (root / JUNK).write_bytes(b"\0" * 1024)
-    torch.manual_seed(0)
-    _save(SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=40, out_channels=4,
-        pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm"), root / "transformer")
     return root
 
 
