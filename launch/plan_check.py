@@ -7,6 +7,14 @@ Reads benchmarks/tpu_plan.json (written by `python -m benchmarks.tpu_plan --json
 so it runs on the machine that launches, with or without jax. Exit 1: the per-chip batch exceeds the largest the
 plan fits in HBM (override with --force-batch); exit 0 otherwise, also when the plan has no entry for the slice
 or measured a single batch that fits (then a larger batch is unverified, not refused).
+
+A generation job (`swd-generate --sampler teacher --shard-size ...`, the teacher's training set):
+
+    python3 launch/plan_check.py ACCELERATOR --generate MODEL [--batch-per-device N] [--images 200000] [--force-batch]
+    e.g. python3 launch/plan_check.py v5p-16 --generate sd35_medium --batch-per-device 4
+
+reads benchmarks/tpu_sampling_plan.json (`python -m benchmarks.tpu_sampling_plan`): prints the largest batch per
+chip, images/s per chip and the hours for the set on this slice; exit 1 when N exceeds the largest batch.
 """
 from __future__ import annotations
 
@@ -135,7 +143,77 @@ def suggest_variant(plans: dict, model: str, gen: str, chips: int, per_chip: flo
               f"vs {ours:.2f}): add {flags}")
 
 
+SAMPLING_PLAN = os.path.join(REPO, "benchmarks", "tpu_sampling_plan.json")
+SAMPLING_MODELS = {**MODELS, "medium": "medium", "large": "large", "flux": "flux"}
+
+
+def _option(rest: list[str], name: str, default: str | None = None) -> str | None:
+    """`--name VALUE` or `--name=VALUE` from the arguments."""
+    for i, o in enumerate(rest):
+        if o == name and i + 1 < len(rest):
+            return rest[i + 1]
+        if o.startswith(name + "="):
+            return o.split("=", 1)[1]
+    return default
+
+
+def check_generation(accel: str, rest: list[str]) -> int:
+    """The sampling plan of the teacher on this slice: its figures, and a refusal of a batch it says won't fit."""
+    name = _option(rest, "--generate") or ""
+    model = SAMPLING_MODELS.get(os.path.basename(name).removesuffix(".py"))
+    gen, _, n = accel.partition("-")
+    gen = GENERATIONS.get(gen, gen)
+    if gen not in CORES_PER_CHIP or not n.isdigit() or model is None:
+        print(f"plan check: no TPU sampling plan for {name or '?'} on {accel}; launching without a batch check")
+        return 0
+    chips = max(1, int(n) // CORES_PER_CHIP[gen])
+    plans = {}
+    if os.path.exists(SAMPLING_PLAN):
+        with open(SAMPLING_PLAN) as f:
+            plans = json.load(f)
+    same = [p for key, p in plans.items() if key.startswith(f"{model}@{gen}:") and "/" not in key
+            and has_full_depth(p)]
+    if not same:
+        print(f"plan check: {SAMPLING_PLAN} has no {model} plan for {gen}; launching without a batch check")
+        return 0
+    plan = same[0]
+    images = int(_option(rest, "--images", "200000"))
+    best, safe = plan["max_batch_per_chip"], plan["max_batch_per_chip_10pct_headroom"]
+    note = " (extrapolated from cut-depth compiles)" if plan.get("extrapolated") else ""
+    print(f"TPU sampling plan for {plan['model']} on {plan['topology']}{note}: {plan['steps']} Euler steps at latent "
+          f"{plan['latent']}{' with CFG' if plan.get('cfg') else ''}, {plan['attention']} attention, HBM "
+          f"{plan['hbm_gib']:.0f} GiB/chip:")
+    print(f"  {'batch/chip':>10s} {'peak GiB':>9s} {'s/step':>7s} {'images/s/chip':>13s} {'hours':>7s}")
+    fig = lambda x, w, d: f"{'-':>{w}s}" if x is None else f"{x:{w}.{d}f}"
+    for r in sorted((r for r in plan["rows"] if r["blocks"] == plan["full_blocks"]), key=lambda r: r["batch_per_chip"]):
+        ips = r.get("images_per_s_per_chip")
+        hours = images / (chips * ips) / 3600 if ips else None
+        print(f"  {r['batch_per_chip']:10d} {r['peak_gib']:9.1f} {fig(r['step_seconds'], 7, 3)} {fig(ips, 13, 3)} "
+              f"{fig(hours, 7, 1)}")
+    print(f"  largest batch/chip that fits: {best}; with 10 % headroom: {safe}; hours: {images} images on {accel} "
+          f"({chips} chips)")
+    per_chip = _option(rest, "--batch-per-device")
+    if per_chip is None:
+        print(f"this launch: the plan's batch, {safe} images/chip (swd-generate's default on a TPU)")
+        return 0
+    per_chip = int(per_chip)
+    print(f"this launch: {per_chip} images/chip")
+    if best is not None and per_chip <= best:
+        return 0
+    if best is not None and plan.get("max_batch_is_lower_bound"):
+        print(f"plan check: the plan covers only {best} images/chip (it fits); {per_chip} is unverified, launching")
+        return 0
+    if "--force-batch" in rest:
+        print("plan check: the plan says this batch does not fit; --force-batch given, launching anyway")
+        return 0
+    print(f"plan check: {per_chip} images/chip does not fit ({best or 'no batch'} does); lower --batch-per-device "
+          "or pass --force-batch")
+    return 1
+
+
 def main(argv: list[str]) -> int:
+    if any(a == "--generate" or a.startswith("--generate=") for a in argv[1:]):
+        return check_generation(argv[0], argv[1:])
     if len(argv) < 2:
         print(__doc__.split("\n\n")[1])
         return 2

@@ -25,6 +25,13 @@ to a local cache (of a pipeline folder only the parts used), a converted checkpo
 from there by orbax, and OUT's files are written locally first, then uploaded. MODEL and --lora may be Hugging
 Face Hub ids, ORG/NAME[@REVISION] (e.g. stabilityai/stable-diffusion-3.5-medium, yresearch/swd-medium-6-steps),
 fetched into the Hub's cache as diffusers' from_pretrained does (HF_HUB_OFFLINE=1: from the cache alone).
+
+A training set (`--shard-size N`, `swd_jax.generate_set`): OUT gets exactly the layout swd-precompute reads (the
+PNGs + metainfo.csv with file_name,prompt), written in shards of N images with a manifest each, resumable (a rerun
+verifies and skips complete shards, redoes the others) and the same bits on any number of processes. Several
+processes (every host of a slice runs the same command): --coordinator/--num_processes/--process_id, else
+SWD_COORDINATOR/SWD_NUM_PROCESSES/SWD_PROCESS_ID, else a TPU VM's own layout, as swd-train. The images per chip
+(--batch-per-device) default to benchmarks/tpu_sampling_plan.json's largest batch on a TPU, else 1.
 """
 from __future__ import annotations
 
@@ -79,7 +86,8 @@ def _check_counts(args) -> None:
     """Counts that must be positive (or >= 0), refused with one line before anything loads."""
     for flag, value, least in (("--batch", args.batch, 1), ("--num-per-prompt", args.num_per_prompt, 1),
                                ("--steps", args.steps, 1), ("--limit", args.limit, 0), ("--seed", args.seed, 0),
-                               ("--size", args.size, 1), ("--max-sequence-length", args.max_sequence_length, 1)):
+                               ("--size", args.size, 1), ("--max-sequence-length", args.max_sequence_length, 1),
+                               ("--shard-size", args.shard_size, 1), ("--batch-per-device", args.batch_per_device, 1)):
         if value is not None and value < least:
             raise ValueError(f"{flag} must be {'a positive integer' if least else '>= 0'}, got {value}")
 
@@ -110,6 +118,16 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: SD3 256, FLUX 512)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--shard-size", type=int, help="write a training set (images + metainfo.csv) in resumable "
+                   "shards of this many images (swd_jax.generate_set)")
+    p.add_argument("--batch-per-device", type=int, help="with --shard-size: images per chip (default: the TPU "
+                   "sampling plan's on a TPU, else 1); --batch sets the whole batch instead")
+    p.add_argument("--verify", choices=("full", "size"), default="full",
+                   help="with --shard-size: how a rerun checks the complete shards it skips (sha256, or sizes only)")
+    p.add_argument("--coordinator", help="several processes: host:port of process 0 (else $SWD_COORDINATOR; "
+                   "TPU VMs: automatic)")
+    p.add_argument("--num_processes", type=int, help="several processes: how many (else $SWD_NUM_PROCESSES)")
+    p.add_argument("--process_id", type=int, help="several processes: this one's id (else $SWD_PROCESS_ID)")
     add_common_flags(p)
     return p.parse_args(argv)
 
@@ -152,6 +170,8 @@ def run(args) -> dict:
                                        max_sequence_length=args.max_sequence_length)
     sampler = pipe.sampler(args.sampler, _schedule(args), steps=args.steps, guidance_scale=args.guidance,
                            size=args.size)
+    if args.shard_size is not None:
+        return _run_set(args, pipe, sampler, prompts)
     settings = pipe.settings(sampler)
     p, n_proc = jax.process_index(), jax.process_count()
     total = len(prompts) * args.num_per_prompt
@@ -163,6 +183,20 @@ def run(args) -> dict:
     steady = (sum(times[1:]) / sum(counts[1:])) if len(times) > 1 else times[0] / counts[0]
     return {"images": len(records), "ms_per_image": 1e3 * steady, "first_batch_s": times[0], "sampler": sampler.kind,
             "batches": len(times)}
+
+
+def _run_set(args, pipe, sampler, prompts: list[str]) -> dict:
+    """--shard-size: this process's share of the training set (swd_jax.generate_set)."""
+    from swd_jax.generate_set import generate_set
+    per_device = args.batch_per_device
+    if args.batch is not None:
+        if per_device is not None:
+            raise ValueError("give --batch or --batch-per-device, not both")
+        per_device = -(-args.batch // pipe.num_devices)
+    r = generate_set(pipe, sampler, prompts, args.out, seed=args.seed, num_per_prompt=args.num_per_prompt,
+                     shard_size=args.shard_size, batch_per_device=per_device, verify=args.verify,
+                     progress=not args.no_progress)
+    return {**r, "sampler": sampler.kind}
 
 
 def _generate(args, pipe, prompts, sampler, settings, folder: str, p: int, n_proc: int, total: int, sync):
@@ -195,12 +229,39 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_logs(args.verbose)
 
+    from swd_jax.train import supervisor
+    if supervisor.wanted(args.num_processes):  # several processes: jax's native aborts kept off the console
+        child = [sys.executable, "-m", "swd_jax.generate", *(sys.argv[1:] if argv is None else argv)]
+        return supervisor.supervise(child, args.process_id, args.coordinator)
+
     def _run():
+        from swd_jax.command_line import enable_compile_cache
+        from swd_jax.train import distributed
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        enable_compile_cache()
         r = run(args)
+        if args.shard_size is not None:
+            _print_set_summary(args, r)
+            return
         how = (f"after the first batch, which compiles: {r['first_batch_s']:.1f} s" if r["batches"] > 1
                else "one batch, compiling included")
         print(f"{r['images']} images ({r['sampler']}) in {args.out}: {r['ms_per_image']:.1f} ms/image ({how})")
     return run_main(_run, args.debug)
+
+
+def _print_set_summary(args, r: dict) -> None:
+    import jax
+    p = jax.process_index()
+    who = f"process {p}: " if jax.process_count() > 1 else ""
+    how = (f"after the first batch, which compiles: {r['first_batch_s']:.1f} s" if r["compile_excluded"]
+           else "compiling included")
+    kept = f"; {r['verified']} complete shards verified ({r['verify_s']:.1f} s)" if r["verified"] else ""
+    redone = f", {r['redone']} of them redone" if r["redone"] else ""
+    print(f"{who}{r['images']} images ({r['shards']} shards, {r['sampler']}) in {r['seconds']:.1f} s: "
+          f"{r['images_per_s_per_chip']:.3f} images/s per chip ({how}; {r['chips']} chips, batch {r['batch']})"
+          f"{kept}{redone}", flush=True)
+    if "set_images" in r:
+        print(f"set complete: {r['set_images']} images and metainfo.csv in {args.out}", flush=True)
 
 
 if __name__ == "__main__":
