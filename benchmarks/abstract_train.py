@@ -22,6 +22,7 @@ from configs import flux_dev
 from configs.common import base_config
 from swd_jax.train import sharding
 from swd_jax.discriminator import DiscriminatorHead
+from swd_jax.models.block_scan import stack_blocks
 from swd_jax.models.flux import FLUX_DEV, FluxConfig
 from swd_jax.models.layers import LORA, LoraConfig
 from swd_jax.models.mmdit import SD35_LARGE, SD35_MEDIUM, MMDiTConfig
@@ -54,6 +55,7 @@ class TrainShape:
     n_fake_steps: int = 5
     guidance: float | None = None  # FLUX-dev: the guidance-embedding input of student, fake model and teacher
     lora_targets: tuple[str, ...] | None = None  # None: configs/common.py's
+    scan_blocks: bool = True  # model.scan_blocks: runs of identical blocks under one scan (False: unrolled)
 
     def config(self) -> ml_collections.ConfigDict:
         """The run config (configs/common.py defaults) this shape stands for."""
@@ -61,6 +63,7 @@ class TrainShape:
         c.model.dtype, c.model.param_dtype, c.model.remat = self.dtype, self.param_dtype, self.remat
         c.model.remat_policy, c.model.attention_impl = self.remat_policy, self.attention_impl
         c.model.blocks_without_remat = self.blocks_without_remat
+        c.model.scan_blocks = self.scan_blocks
         if self.lora_targets is not None:
             c.lora.targets = self.lora_targets
         c.lora.rank, c.lora.alpha = self.lora_rank, float(self.lora_rank)
@@ -109,7 +112,8 @@ def build_models(shape: TrainShape) -> SwDModels:
     transformer = backbone_of(shape.model).module_cls(shape.model, lora=lora, dtype=dtype, param_dtype=pdt,
                                                       remat=shape.remat, remat_policy=shape.remat_policy,
                                                       blocks_without_remat=shape.blocks_without_remat,
-                                                      attention_impl=c.model.attention_impl)
+                                                      attention_impl=c.model.attention_impl,
+                                                      scan_blocks=shape.scan_blocks, scan_splits=(shape.cls_block,))
     head = DiscriminatorHead(shape.model.inner_dim, c.head.num_layers, dtype=dtype)
     loss = loss_config(c)
     guidance = model_guidance(shape.model, c.model.get("guidance", None), loss.cfg_teacher, loss.guidance_teacher)
@@ -132,6 +136,8 @@ def abstract_state(m: SwDModels, mesh, rules=sharding.DEFAULT_RULES):
     lora, head = nn.unbox(boxed_lora), nn.unbox(boxed_head)
     lora_sh = sharding.boxed_shardings(boxed_lora, mesh, rules)
     head_sh = sharding.boxed_shardings(boxed_head, mesh, rules)
+    groups = m.transformer.block_groups()  # the stacked layout of a scanned model, as build_run makes it
+    lora, lora_sh = stack_blocks(lora, groups), stack_blocks(nn.unbox(lora_sh), groups)
     state = jax.eval_shape(lambda: init_state(lora, lora, head, m, jax.random.key_data(jax.random.key(0))))
     rep = sharding.replicated(mesh)
     fake_sh = {"lora": lora_sh, "head": head_sh}
@@ -144,11 +150,12 @@ def abstract_state(m: SwDModels, mesh, rules=sharding.DEFAULT_RULES):
     return _with_sharding(state, shardings), shardings
 
 
-def abstract_base(shape: TrainShape, mesh, rules=sharding.DEFAULT_RULES):
-    """(abstract base weights in param_dtype, their FSDP shardings) as `train.setup.load_base` places them."""
+def abstract_base(shape: TrainShape, mesh, rules=sharding.DEFAULT_RULES, groups=()):
+    """(abstract base weights in param_dtype, their FSDP shardings) as `train.setup.load_base` places them, in the
+    layout of the model's block `groups` (stacked where scanned) as `train.setup.build_run` holds them."""
     boxed = backbone_of(shape.model).boxed_params(shape.model, DTYPES[shape.param_dtype])
-    sh = sharding.boxed_shardings(boxed, mesh, rules)
-    return _with_sharding(nn.unbox(boxed), sh), sh
+    sh = stack_blocks(sharding.boxed_shardings(boxed, mesh, rules), groups)
+    return _with_sharding(stack_blocks(nn.unbox(boxed), groups), sh), sh
 
 
 def abstract_batches(shape: TrainShape, m: SwDModels, mesh, k: int):
@@ -173,7 +180,7 @@ def iteration_program(shape: TrainShape, mesh, k: int | None = None, rules=shard
     m = build_models(shape)
     k = m.schedule.num_intervals - 1 if k is None else k
     state, state_sh = abstract_state(m, mesh, rules)
-    base, base_sh = abstract_base(shape, mesh, rules)
+    base, base_sh = abstract_base(shape, mesh, rules, m.transformer.block_groups())
     batches, uncond = abstract_batches(shape, m, mesh, k)
     rep = sharding.replicated(mesh)
     fn = jax.jit(make_iteration(m, k), in_shardings=(state_sh, base_sh, batches["x"].sharding, rep),

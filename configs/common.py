@@ -11,9 +11,11 @@ def base_config() -> ml_collections.ConfigDict:
     # the reference's gradient checkpointing), "attention" (also the splash kernel's output and log-sum-exp: no
     # attention forward rerun), "dots" (also the matmul outputs) or "dots_attention" (both): less recompute, more
     # memory (swd_jax.models.layers.REMAT_POLICIES); blocks_without_remat: the last this many blocks run without
-    # remat (all their activations kept: HBM left over buys speed).
+    # remat (all their activations kept: HBM left over buys speed). scan_blocks: each run of identical blocks is one
+    # scan over stacked weights, compiled once (False: every block unrolled, today's program at full depth; the
+    # numbers agree to 1e-6 and checkpoints are the same either way, so a resume may switch it).
     c.model = dict(source="auto", path="", dtype="bfloat16", param_dtype="bfloat16", remat=True, remat_policy="full",
-                   blocks_without_remat=0,
+                   blocks_without_remat=0, scan_blocks=True,
                    # "xla" | "chunked" (any backend, flash-like memory) | "splash" (TPU) | "splash_fused" (TPU,
                    # the kernel's fused backward: dq partial sums in bf16) | "cudnn" (GPU);
                    # attention_chunk: query rows per chunk of "chunked".

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from swd_jax.models.block_scan import BlockGroup, block_groups, check_features, run_group
 from swd_jax.models.layers import (LoraConfig, LoraDense, RMSNorm, check_blocks_without_remat, dot_product_attention,
                                    layer_norm, remat_block, timestep_embedding)
 from swd_jax.models.mmdit import FeedForward, _Common, modulate
@@ -284,6 +285,17 @@ class Flux(nn.Module):
     attention_chunk: int | None = None
     remat_policy: str = "full"  # with remat: what a block keeps for the backward (layers.REMAT_POLICIES)
     blocks_without_remat: int = 0  # with remat: the last this many blocks (single-stream first) run without it
+    scan_blocks: bool = False  # runs of identical blocks under one scan, params stacked (models.block_scan)
+    scan_splits: tuple[int, ...] = ()  # with scan: blocks that end a group (the feature blocks the losses tap)
+
+    def block_groups(self) -> list[BlockGroup]:
+        """The blocks as this module runs them: one group per block unrolled, runs of identical blocks scanned."""
+        cfg = self.config
+        plain = check_blocks_without_remat(self.blocks_without_remat, cfg.num_blocks, self.remat)
+        kinds = ([("transformer_blocks_", i, "double") for i in range(cfg.num_layers)]
+                 + [("single_transformer_blocks_", i, "single") for i in range(cfg.num_single_layers)])
+        return block_groups(kinds, scan=self.scan_blocks, splits=self.scan_splits,
+                            plain_from=cfg.num_blocks - plain if self.remat else None)
 
     def check_latent_size(self, height: int, width: int):
         for name, s in (("height", height), ("width", width)):
@@ -323,27 +335,42 @@ class Flux(nn.Module):
         cos, sin = (jnp.asarray(a) for a in rope_tables(T, h, w, cfg.axes_dims_rope))
 
         act_axes = ("activation_batch", "activation_tokens", "activation_embed")
-        double_cls = remat_block(DoubleBlock, self.remat, self.remat_policy, self.attention_impl)
-        single_cls = remat_block(SingleBlock, self.remat, self.remat_policy, self.attention_impl)
-        plain_from = cfg.num_blocks - check_blocks_without_remat(self.blocks_without_remat, cfg.num_blocks, self.remat)
+        groups = self.block_groups()
+        check_features(groups, feature_blocks)
+
+        def double_step(block, carry, temb, cos, sin):
+            c, x = block(carry[1], carry[0], temb, cos, sin)
+            return c, nn.with_logical_constraint(x, act_axes)
+
+        def single_step(block, h, temb, cos, sin):
+            return nn.with_logical_constraint(block(h, temb, cos, sin), act_axes)
+
         feats = {}
         last = max(feature_blocks) if features_only else cfg.num_blocks - 1
-        for i in range(min(last + 1, cfg.num_layers)):
-            cls = double_cls if i < plain_from else DoubleBlock
-            c_BTD, x_BLD = cls(name=f"transformer_blocks_{i}", **bkw)(x_BLD, c_BTD, temb, cos, sin)
-            x_BLD = nn.with_logical_constraint(x_BLD, act_axes)
-            if i in feature_blocks:
-                feats[i] = x_BLD
-        h_BLD = jnp.concatenate([c_BTD, x_BLD], axis=1)
-        for i in range(cfg.num_layers, last + 1):
-            cls = single_cls if i < plain_from else SingleBlock
-            h_BLD = cls(name=f"single_transformer_blocks_{i - cfg.num_layers}", **bkw)(h_BLD, temb, cos, sin)
-            h_BLD = nn.with_logical_constraint(h_BLD, act_axes)
-            if i in feature_blocks:
-                feats[i] = h_BLD[:, T:]
+        h_BLD = None
+        for g in groups:
+            if g.start > last:
+                break
+            scanned = g.size > 1
+            if g.kind == "double":
+                block = remat_block(DoubleBlock, g.remat, self.remat_policy, self.attention_impl, scanned)(
+                    name=g.name, **bkw)
+                c_BTD, x_BLD = run_group(block, g.size, double_step, (c_BTD, x_BLD), temb, cos, sin)
+                if g.stop - 1 in feature_blocks:
+                    feats[g.stop - 1] = x_BLD
+                continue
+            if h_BLD is None:
+                h_BLD = jnp.concatenate([c_BTD, x_BLD], axis=1)
+            block = remat_block(SingleBlock, g.remat, self.remat_policy, self.attention_impl, scanned)(
+                name=g.name, **bkw)
+            h_BLD = run_group(block, g.size, single_step, h_BLD, temb, cos, sin)
+            if g.stop - 1 in feature_blocks:
+                feats[g.stop - 1] = h_BLD[:, T:]
         features = tuple(feats[i] for i in feature_blocks)
         if features_only:
             return features
+        if h_BLD is None:  # no single-stream blocks
+            h_BLD = jnp.concatenate([c_BTD, x_BLD], axis=1)
 
         scale, shift = AdaLN(n=2, name="norm_out", **kw)(temb)
         y = modulate(layer_norm(h_BLD[:, T:]), shift, scale).astype(self.dtype)

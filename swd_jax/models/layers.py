@@ -143,13 +143,16 @@ def check_blocks_without_remat(n: int, num_blocks: int, remat: bool) -> int:
     return n
 
 
-def remat_block(block_cls, remat: bool, policy: str = "full", attention_impl: str = "xla"):
-    """`block_cls` rematerialised with `policy` (one of REMAT_POLICIES) if `remat`, else as is."""
+def remat_block(block_cls, remat: bool, policy: str = "full", attention_impl: str = "xla", scanned: bool = False):
+    """`block_cls` rematerialised with `policy` (one of REMAT_POLICIES) if `remat`, else as is.
+
+    `scanned`: the block runs as a scan body, where the loop already keeps XLA from merging the recomputation
+    into the forward (`prevent_cse=False`, as jax.checkpoint advises under scan)."""
     saved = remat_saved(policy)
     if not remat:
         return block_cls
     check_remat(policy, attention_impl)
-    return nn.remat(block_cls, policy=saved)
+    return nn.remat(block_cls, policy=saved, prevent_cse=not scanned)
 
 
 ATTENTION_CHUNK = 512  # query rows per chunk of the "chunked" attention

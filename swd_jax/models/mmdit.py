@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from swd_jax.models.block_scan import BlockGroup, block_groups, check_features, run_group
 from swd_jax.models.layers import (LoraConfig, LoraDense, RMSNorm, check_blocks_without_remat, dot_product_attention,
                                    layer_norm, remat_block,
                                    sincos_pos_embed_2d, timestep_embedding)
@@ -253,6 +254,17 @@ class MMDiT(nn.Module):
     attention_chunk: int | None = None  # "chunked" attention only: query rows per chunk
     remat_policy: str = "full"  # with remat: what a block keeps for the backward (layers.REMAT_POLICIES)
     blocks_without_remat: int = 0  # with remat: the last this many blocks run without it (keep all activations)
+    scan_blocks: bool = False  # runs of identical blocks under one scan, params stacked (models.block_scan)
+    scan_splits: tuple[int, ...] = ()  # with scan: blocks that end a group (the feature blocks the losses tap)
+
+    def block_groups(self) -> list[BlockGroup]:
+        """The blocks as this module runs them: one group per block unrolled, runs of identical blocks scanned."""
+        cfg = self.config
+        plain = check_blocks_without_remat(self.blocks_without_remat, cfg.num_layers, self.remat)
+        plain_from = cfg.num_layers - plain if self.remat else None
+        kinds = [("transformer_blocks_", i, (i in cfg.dual_attention_layers, i == cfg.num_layers - 1))
+                 for i in range(cfg.num_layers)]
+        return block_groups(kinds, scan=self.scan_blocks, splits=self.scan_splits, plain_from=plain_from)
 
     def check_latent_size(self, height: int, width: int):
         cfg = self.config
@@ -288,21 +300,27 @@ class MMDiT(nn.Module):
         c_BTD = LoraDense(D, ("joint", "embed"), True, None, self.dtype, self.param_dtype,
                           name="context_embedder")(context_BTJ)
 
-        remat_cls = remat_block(JointBlock, self.remat, self.remat_policy, self.attention_impl)
-        plain_from = cfg.num_layers - check_blocks_without_remat(self.blocks_without_remat, cfg.num_layers, self.remat)
+        groups = self.block_groups()
+        check_features(groups, feature_blocks)
+        act_axes = ("activation_batch", "activation_tokens", "activation_embed")
+
+        def step(block, carry, temb):
+            c, x = block(carry[1], carry[0], temb)
+            return c, nn.with_logical_constraint(x, act_axes)
+
         feats = {}
         last = max(feature_blocks) if features_only else cfg.num_layers - 1
-        for i in range(last + 1):
-            block_cls = remat_cls if i < plain_from else JointBlock
-            c_BTD, x_BLD = block_cls(heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim,
-                                     context_pre_only=i == cfg.num_layers - 1,
-                                     dual_attention=i in cfg.dual_attention_layers, qk_norm=cfg.qk_norm,
-                                     impl=self.attention_impl, chunk=self.attention_chunk,
-                                     name=f"transformer_blocks_{i}", **kw)(
-                x_BLD, c_BTD, temb)
-            x_BLD = nn.with_logical_constraint(x_BLD, ("activation_batch", "activation_tokens", "activation_embed"))
-            if i in feature_blocks:
-                feats[i] = x_BLD
+        for g in groups:
+            if g.start > last:
+                break
+            dual, pre_only = g.kind
+            block_cls = remat_block(JointBlock, g.remat, self.remat_policy, self.attention_impl, g.size > 1)
+            block = block_cls(heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim,
+                              context_pre_only=pre_only, dual_attention=dual, qk_norm=cfg.qk_norm,
+                              impl=self.attention_impl, chunk=self.attention_chunk, name=g.name, **kw)
+            c_BTD, x_BLD = run_group(block, g.size, step, (c_BTD, x_BLD), temb)
+            if g.stop - 1 in feature_blocks:
+                feats[g.stop - 1] = x_BLD
         features = tuple(feats[i] for i in feature_blocks)
         if features_only:
             return features

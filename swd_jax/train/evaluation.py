@@ -79,6 +79,7 @@ class TrainingEvaluator:
         from swd_jax.eval.protocol import Evaluator
         c = run.config
         e = c.eval
+        self.unrolled = run.unrolled
         self.sets = parse_sets(e.sets)
         if not self.sets:
             raise ConfigError("eval.every > 0 needs eval.sets (name:captions.csv[:fid_stats.npz], ...)")
@@ -112,9 +113,10 @@ class TrainingEvaluator:
         encoder = SD3PromptEncoder(folder, max_sequence_length=c.data.max_sequence_length, dtype=pdt, param_dtype=pdt,
                                    sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         lora = run.models.transformer.lora
-        student = Student(lora, jax.tree.map(np.zeros_like, _host(run.state["student"])), "training",
+        # The pipeline runs the unrolled model: base and student in the stored layout (`Run.unrolled`).
+        student = Student(lora, jax.tree.map(np.zeros_like, _host(run.unrolled(run.state["student"]))), "training",
                           run.models.schedule)
-        base = jax.tree.map(lambda x: np.asarray(x, pdt), _host(run.base))
+        base = jax.tree.map(lambda x: np.asarray(x, pdt), _host(run.unrolled(run.base)))
         return SwDPipeline(run.transformer_config, base, encoder, vae, vae_params, student=student, dtype=dtype,
                            mesh=mesh, model_folder=folder, transformer_source=c.model.path)
 
@@ -124,7 +126,7 @@ class TrainingEvaluator:
     def __call__(self, step: int, state) -> dict:
         """Sample and score every set with the student in `state`; {"eval/<set>/<metric>": value}."""
         from swd_jax.eval.protocol import evaluate_images
-        student = _host(state["student"])  # a collective on several processes: every process calls this
+        student = _host(self.unrolled(state["student"]))  # a collective on several processes: all call this
         if self.pipe is None:
             return {}
         self.pipe.lora = jax.device_put(student, self.pipe.replicated)

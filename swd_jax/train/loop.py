@@ -34,6 +34,7 @@ from swd_jax.train.config_checks import check_values, resume_changes
 from swd_jax.train.sources import check_data, make_source
 from swd_jax.train.setup import Run, build_run, count_params, loss_config
 from swd_jax.train.preemption import Preempted, PreemptionWatch
+from swd_jax.train.progress import Progress
 from swd_jax.train.steps import batches_per_iteration, make_iteration
 from swd_jax.train.workdir import (MetricsWriter, WorkdirInUse, WorkdirLease, WorkdirLock,  # noqa: F401
                                    check_resume_config as _check_resume_config, record_config as _record_config)
@@ -126,10 +127,12 @@ def _train_locked(config, workdir: str, stop_after: int | None, devices, recorde
     ckpt = Checkpointer(storage.join(workdir, "checkpoints"), save_every=c.train.ckpt_every, keep=c.train.keep)
     position, start = 0, 0
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), run.state)
+    to_stored, from_stored = _stored_layout(run)
     ckpt.resume_changes = list(recorded_changes)  # named if the first iterations after the resume diverge
-    restored = ckpt.restore_latest(abstract, restart=bool(c.train.get("restart_from_scratch", False)))
+    restored = ckpt.restore_latest(run.unrolled(abstract), restart=bool(c.train.get("restart_from_scratch", False)))
     if restored is not None:
-        run.state, extra = restored
+        stored_state, extra = restored
+        run.state = from_stored(stored_state)
         position, start = extra["data_position"], int(extra["step"])
         if start > c.train.steps:
             raise ValueError(f"{ckpt.directory} holds step {start}, beyond train.steps={c.train.steps}: the run "
@@ -156,8 +159,7 @@ def _train_locked(config, workdir: str, stop_after: int | None, devices, recorde
         evaluate = TrainingEvaluator(run)
     n = batches_per_iteration(m.loss)
     end = c.train.steps if stop_after is None else min(c.train.steps, start + stop_after)
-    from tqdm.auto import tqdm
-    bar = tqdm(total=c.train.steps, initial=start, desc="SwD", disable=jax.process_index() != 0)
+    bar = Progress(c.train.steps, start, "SwD", disable=jax.process_index() != 0)  # its ETA leaves compiles out
     pending, last, t_last = None, {}, time.perf_counter()
     state, compiled, saved, preempted_at = run.state, {}, start, None
     watch = PreemptionWatch().__enter__()
@@ -181,7 +183,7 @@ def _train_locked(config, workdir: str, stop_after: int | None, devices, recorde
                 if pending is not None:  # never save a state whose losses were not checked
                     last = _log(pending, writer, bar, ckpt, t_last, c)
                     t_last, pending = time.perf_counter(), None
-                _save(ckpt, step + 1, state, source, writer, lease)
+                _save(ckpt, step + 1, to_stored(state), source, writer, lease)
                 saved = step + 1
             if validate and ((step + 1) % c.train.sample_every == 0 or step + 1 == c.train.steps):
                 validate(step + 1, state)
@@ -190,7 +192,7 @@ def _train_locked(config, workdir: str, stop_after: int | None, devices, recorde
         if pending is not None:
             last = _log(pending, writer, bar, ckpt, t_last, c)
         if preempted_at is not None and saved != preempted_at:
-            _save(ckpt, preempted_at, state, source, writer, lease)
+            _save(ckpt, preempted_at, to_stored(state), source, writer, lease)
     finally:
         watch.__exit__()
         bar.close()
@@ -207,6 +209,16 @@ def _train_locked(config, workdir: str, stop_after: int | None, devices, recorde
     return last
 
 
+def _stored_layout(run: Run):
+    """(to_stored, from_stored): the run's state to and from the unrolled layout checkpoints hold (identity unless
+    blocks are scanned), so a checkpoint does not depend on `model.scan_blocks`."""
+    if all(g.size == 1 for g in run.block_groups):
+        return (lambda s: s), (lambda s: s)
+    to_stored = jax.jit(run.unrolled, out_shardings=run.unrolled(run.state_shardings))
+    from_stored = jax.jit(run.stacked, out_shardings=run.state_shardings)  # new shapes: nothing to donate
+    return to_stored, from_stored
+
+
 def _save(ckpt: Checkpointer, step: int, state, source, writer: MetricsWriter, lease: WorkdirLease) -> None:
     """Checkpoint `step` (asynchronously), after checking the workdir is still this run's; upload the metrics."""
     lease.check()
@@ -220,7 +232,8 @@ def _compile(fn, k: int, schedule, args, bar):
     t0 = time.perf_counter()
     bar.write(f"compiling scale interval {k} (latent {schedule.scale(k)}; first time only, cached on disk)...",
               file=sys.stderr)
-    out = fn.lower(*args).compile()
+    with bar.compiling(f"scale interval {k}"):
+        out = fn.lower(*args).compile()
     bar.write(f"compiled scale interval {k} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return out
 
@@ -276,7 +289,7 @@ def _export(run: Run, workdir: str):
     Every process takes part in gathering the (possibly cross-process sharded) LoRA; process 0 writes it.
     """
     from swd_jax.convert.peft_lora import export_diffusers_lora, export_peft
-    student = run.state["student"]
+    student = run.unrolled(run.state["student"])  # PEFT and diffusers name every block
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         student = multihost_utils.process_allgather(student, tiled=True)

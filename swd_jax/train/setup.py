@@ -16,6 +16,7 @@ from swd_jax.train import sharding
 from swd_jax.convert.converted import FAMILIES
 from swd_jax.convert.transformer import transformer_class
 from swd_jax.discriminator import DiscriminatorHead
+from swd_jax.models.block_scan import BlockGroup, stack_blocks, unstack_blocks
 from swd_jax.models.flux import FluxConfig
 from swd_jax.models.layers import (ATTENTION_IMPLS, LORA, REMAT_POLICIES, LoraConfig, check_blocks_without_remat,
                                    check_remat)
@@ -162,6 +163,16 @@ class Run:
     base_shardings: Any
     state: dict
     state_shardings: Any
+    block_groups: list[BlockGroup]  # how the transformer runs its blocks; base and state are in its layout
+
+    def unrolled(self, tree):
+        """`tree` (base weights, a state or part of one) in the stored, unrolled layout: what checkpoints, exports
+        and the sampling pipeline hold. A jit places the copy with the same shardings per block."""
+        return unstack_blocks(tree, self.block_groups)
+
+    def stacked(self, tree):
+        """The inverse of `unrolled`: a stored tree in this run's layout."""
+        return stack_blocks(tree, self.block_groups)
 
 
 def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
@@ -203,11 +214,16 @@ def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
                                 param_dtype=_dtype(c.model.param_dtype, "model.param_dtype"), remat=c.model.remat,
                                 remat_policy=c.model.remat_policy, attention_impl=c.model.attention_impl,
                                 blocks_without_remat=c.model.blocks_without_remat,
-                                attention_chunk=c.model.attention_chunk)
+                                attention_chunk=c.model.attention_chunk, scan_blocks=c.model.get("scan_blocks", False),
+                                scan_splits=tuple(sorted(set(loss.cls_blocks) | set(loss.mmd_blocks))))
+    groups = transformer.block_groups()
+    # The stacked layout of a scanned model, made once here; every stored form stays unrolled (models.block_scan).
+    base_shardings = stack_blocks(jax.tree.map(lambda a: a.sharding, base), groups)
+    if any(g.size > 1 for g in groups):
+        base = jax.jit(lambda b: stack_blocks(b, groups), out_shardings=base_shardings, donate_argnums=0)(base)
     head = DiscriminatorHead(cfg.inner_dim, c.head.num_layers, dtype=dtype)
     models = SwDModels(transformer, head, schedule, loss, make_optimizer(c.optim.lr, c.optim),
                        make_optimizer(c.optim.lr_fake, c.optim), guidance)
-    base_shardings = jax.tree.map(lambda a: a.sharding, base)
 
     lora_model = bb.module_cls(cfg, lora=lora, param_dtype=jnp.float32)
     ex = bb.example_inputs(cfg, 1)
@@ -223,21 +239,26 @@ def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
     head_init = lambda key: head.init(key, jnp.zeros((1, 1, cfg.inner_dim)))["params"]
     head_shardings = sharding.boxed_shardings(jax.eval_shape(head_init, jax.random.key(0)), mesh, c.mesh.rules)
 
+    stacked_lora_shardings = stack_blocks(nn.unbox(lora_shardings), groups)
+
+    def make_lora(key):  # drawn in the unrolled layout (the same numbers scanned or not), then stacked
+        lora_tree = jax.lax.with_sharding_constraint(nn.unbox(init_lora(key)), nn.unbox(lora_shardings))
+        return jax.lax.with_sharding_constraint(stack_blocks(lora_tree, groups), stacked_lora_shardings)
+
     def make_state(seed):
         key = jax.random.key(seed)
         k_student, k_fake, k_head = jax.random.split(key, 3)
-        student = nn.unbox(init_lora(k_student))
-        student = jax.lax.with_sharding_constraint(student, nn.unbox(lora_shardings))
+        student = make_lora(k_student)
         fake = heads = None
         if models.loss.do_dmd:
-            fake = jax.lax.with_sharding_constraint(nn.unbox(init_lora(k_fake)), nn.unbox(lora_shardings))
+            fake = make_lora(k_fake)
             heads = jax.lax.with_sharding_constraint(nn.unbox(head_init(k_head)), nn.unbox(head_shardings))
         return init_state(student, fake, heads, models, jax.random.key_data(jax.random.key(c.train.seed + 1)))
 
     with jax.set_mesh(mesh):
         state = jax.jit(make_state, static_argnums=0)(c.lora.init_seed)
     state_shardings = jax.tree.map(lambda a: a.sharding, state)
-    return Run(c, mesh, cfg, models, base, base_shardings, state, state_shardings)
+    return Run(c, mesh, cfg, models, base, base_shardings, state, state_shardings, groups)
 
 
 def count_params(tree) -> int:
