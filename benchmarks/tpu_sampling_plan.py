@@ -1,7 +1,7 @@
 """TPU plan for teacher sampling: one 1024 px teacher Euler step compiled for a TPU slice, from a CPU host (libtpu).
 
-    python -m benchmarks.tpu_sampling_plan --model medium --topology v5p:2x2x1 --batch 1,4 --blocks 2,4 \\
-        --json benchmarks/tpu_sampling_plan.json     # depth and batch slopes, full depth extrapolated
+    python -m benchmarks.tpu_sampling_plan --model medium --topology v5p:2x2x1 --batch 1,2 \\
+        --json benchmarks/tpu_sampling_plan.json     # full depth, blocks scanned; the batch slope
     python -m benchmarks.tpu_sampling_plan --json benchmarks/tpu_sampling_plan.json --table
 
 The program is the one `swd-generate --sampler teacher` runs per step (`swd_jax.sampler._euler_step` with the
@@ -14,19 +14,27 @@ FLOPs and the compiler's `optimal_seconds`, to which the splash kernels' FLOPs a
 compiler counts none for Mosaic kernels), so the seconds are a lower bound. A sampled image costs STEPS (28)
 such steps; the text encoders and the VAE decoder (once per image, < 1 % of the FLOPs) are not counted.
 
+By default the full model is compiled with its runs of identical blocks under one scan (`--no-scan-blocks`:
+unrolled), as SwDPipeline runs it on a TPU: about 2 min and 1.4 GB of host memory per row on a 2-core host for
+SD3.5-Medium or FLUX-dev. A cost analysis counts a scanned loop's body once: the compiler's FLOPs and seconds
+are scaled by `loop_correction` (the unrolled over the scanned step's FLOPs, attention aside, counted on the host).
 `--blocks 2,4` compiles the model cut to that many blocks (FLUX: give multiples of 3, 3,6, which keep its
 double-/single-stream proportion) and extrapolates every size and time linearly in depth to the full model; two
 batches give the largest per-chip batch that fits HBM (peak linear in batch). Rows computed that way say
-`extrapolated`. Per plan: `max_batch_per_chip` (and with 10 % headroom), images/s per chip at the largest batch
-measured, and the hours for 200 000 images on v5p-16 (8 chips) or, for v6e, on a v6e-8.
+`extrapolated`; a plan with full-depth rows uses those alone. v6e: libtpu 0.0.42's cost model gives no time, so
+its rows hold memory only (`memory_only`; `flops_at_peak_seconds` is every FLOP at peak, a looser bound).
+Per plan: `max_batch_per_chip` (and with 10 % headroom), images/s per chip at the largest batch measured, and the
+hours for 200 000 images on v5p-16 (8 chips) or, for v6e, on a v6e-8.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import time
+from unittest import mock
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host only traces; the TPU compiler comes from libtpu
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only use: no chip to lock
@@ -37,6 +45,7 @@ import jax.numpy as jnp
 
 from benchmarks.abstract_train import abstract_base, memory_per_device
 from benchmarks.tpu_plan import CHIPS, HEADROOM, SHAPES, _f, _line, cut, depth, largest_batch, splash_flops, topology
+from swd_jax.models import flux, mmdit
 from swd_jax.train import sharding
 from swd_jax.train.backbone import backbone_of
 
@@ -49,19 +58,22 @@ LINEAR = ("arguments_gib", "outputs_gib", "temp_gib", "peak_gib", "compiler_flop
           "splash_flops_per_chip")
 
 
-def step_program(shape, mesh, attention: str, guidance: float | None):
-    """(jitted teacher step, abstract args): x [B, 128, 128, C] -> x + (sigma' - sigma) v, B split over the chips."""
+def step_program(shape, mesh, attention: str, guidance: float | None, scan: bool = True):
+    """(jitted teacher step, abstract args): x [B, 128, 128, C] -> x + (sigma' - sigma) v, B split over the chips;
+    `scan`: runs of identical blocks under one scan, weights stacked (as SwDPipeline runs them on a TPU)."""
     from swd_jax.sampler import _euler_step
     cfg = shape.model
     bb = backbone_of(cfg)
-    model = bb.module_cls(cfg, lora=None, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl=attention)
+    model = bb.module_cls(cfg, lora=None, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl=attention,
+                          scan_blocks=scan)
     flux = guidance is None
 
     def teacher(params, x_BHWC, t_B, cond):  # as SwDPipeline's teacher: FLUX-dev gets the guidance per example
         extra = (cond["guidance"],) if "guidance" in cond else ()
         return model.apply({"params": params}, x_BHWC, t_B, cond["context"], cond["pooled"], *extra)
 
-    base, _ = abstract_base(dataclasses.replace(shape, param_dtype="bfloat16"), mesh)  # fsdp 1: replicated
+    base, _ = abstract_base(dataclasses.replace(shape, param_dtype="bfloat16"), mesh,  # fsdp 1: replicated
+                            groups=model.block_groups())
     B = shape.batch_per_device * sharding.batch_divisor(mesh)
     bsh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     f32 = lambda dims, sh=bsh: jax.ShapeDtypeStruct(dims, jnp.float32, sharding=sh)
@@ -76,11 +88,12 @@ def step_program(shape, mesh, attention: str, guidance: float | None):
     return _euler_step, args, not flux
 
 
-def compile_row(shape, topo: str, attention: str, guidance: float | None) -> dict:
+def compile_row(shape, topo: str, attention: str, guidance: float | None, scan: bool = True) -> dict:
     """Per-chip memory, FLOPs and estimated seconds of one teacher step of `shape` on the slice `topo`."""
     devices, chips = topology(topo)
     mesh = sharding.make_mesh((len(devices), 1, 1), devices=devices)
-    fn, args, guided = step_program(shape, mesh, attention, guidance)
+    loop = loop_correction(shape, guidance) if scan else 1.0
+    fn, args, guided = step_program(shape, mesh, attention, guidance, scan)
     t = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(list(sharding.DEFAULT_RULES)):
         compiled = fn.lower(*args, guided=guided).compile()
@@ -88,31 +101,62 @@ def compile_row(shape, topo: str, attention: str, guidance: float | None) -> dic
     cost, hlo = compiled.cost_analysis(), compiled.as_text()
     splash = splash_flops(hlo) if attention != "xla" else 0.0
     row = {"model": shape.name, "blocks": depth(shape), "topology": topo, "chips": chips,
-           "batch_per_chip": shape.batch_per_device, "attention": attention, "cfg": guided,
+           "batch_per_chip": shape.batch_per_device, "attention": attention, "scan_blocks": scan, "cfg": guided,
            "forward_batch_per_chip": shape.batch_per_device * (2 if guided else 1),
            **memory_per_device(compiled), "hbm_gib": CHIPS[topo.split(":")[0]].hbm_gib,
            "compiler_flops": float(cost["flops"]), "compiler_seconds": float(cost["optimal_seconds"]),
-           "splash_flops_per_chip": splash, "compile_s": compile_s, "extrapolated": False}
+           "splash_flops_per_chip": splash, "loop_correction": loop, "compile_s": compile_s,
+           "host_max_rss_gib": _max_rss_gib(),
+           "extrapolated": False}
     return {**row, **timing(row)}
+
+
+def loop_correction(shape, guidance: float | None) -> float:
+    """How many times more FLOPs the step runs than a cost analysis of its scanned program counts: every cost
+    analysis (the TPU compiler's too) counts a while loop's body once, so a group of n scanned blocks counts as one.
+    The ratio of the unrolled to the scanned step's counts, attention left out (splash is counted apart), both
+    lowered on one host CPU device as `benchmarks.tpu_plan.scanned_flops` does for training."""
+    one = sharding.make_mesh((1, 1, 1), devices=jax.devices("cpu")[:1])
+    no_attention = lambda q_BLHD, k_BSHD, v_BSHD, *_, **__: q_BLHD
+    counts = []
+    for scan in (False, True):
+        fn, args, guided = step_program(dataclasses.replace(shape, attention_impl="xla"), one, "xla", guidance, scan)
+        with contextlib.ExitStack() as stack:
+            for module in (mmdit, flux):
+                stack.enter_context(mock.patch.object(module, "dot_product_attention", no_attention))
+            stack.enter_context(jax.set_mesh(one))
+            stack.enter_context(nn.logical_axis_rules(list(sharding.DEFAULT_RULES)))
+            counts.append(float(fn.lower(*args, guided=guided).cost_analysis()["flops"]))
+    return counts[0] / counts[1]
+
+
+def _max_rss_gib() -> float:
+    """This process's peak resident memory so far (the host cost of the compiles it ran)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
 def timing(row: dict) -> dict:
     """Seconds per step, images/s per chip and hours for 200 000 images on an 8-chip slice. Seconds: the compiler's
-    estimate + the splash FLOPs at peak; where the compiler gives no time (libtpu 0.0.42's v6e cost model returns
-    a negative one) all FLOPs at the chip's peak (`time_source` says which; both are lower bounds)."""
+    estimate (times `loop_correction` for scanned blocks) + the splash FLOPs at peak (a lower bound). Where the
+    compiler gives no time (libtpu 0.0.42's v6e cost model returns a negative one) the row is a memory row: no
+    seconds, images/s or hours, only `flops_at_peak_seconds` (every FLOP at peak, a looser lower bound)."""
     chip = CHIPS[row["topology"].split(":")[0]]
-    if row["compiler_seconds"] > 0:
-        step, source = row["compiler_seconds"] + row["splash_flops_per_chip"] / chip.peak_flops, "compiler"
-    else:
-        step, source = (row["compiler_flops"] + row["splash_flops_per_chip"]) / chip.peak_flops, "flops at peak"
+    flops = row["compiler_flops"] * row.get("loop_correction", 1.0) + row["splash_flops_per_chip"]
+    at_peak = flops / chip.peak_flops
+    if row["compiler_seconds"] <= 0:
+        return {"step_seconds": None, "time_source": None, "flops_at_peak_seconds": at_peak,
+                "images_per_s_per_chip": None, "hours_200k": None}
+    step = row["compiler_seconds"] * row.get("loop_correction", 1.0) + row["splash_flops_per_chip"] / chip.peak_flops
     ips = row["batch_per_chip"] / (STEPS * step)
     chips = SLICE_CHIPS[row["topology"].split(":")[0]]
-    return {"step_seconds": step, "time_source": source, "images_per_s_per_chip": ips,
-            "hours_200k": SET_IMAGES / (chips * ips) / 3600}
+    return {"step_seconds": step, "time_source": "compiler", "flops_at_peak_seconds": at_peak,
+            "images_per_s_per_chip": ips, "hours_200k": SET_IMAGES / (chips * ips) / 3600}
 
 
 def extrapolate(rows: list[dict], full: int) -> list[dict]:
-    """Full-depth rows from the two deepest compiled cuts of each batch (every size and time linear in depth)."""
+    """Full-depth rows from the two deepest compiled cuts of each batch (every size and time linear in depth), for
+    the batches that have no compiled full-depth row."""
     out = []
     for b in sorted({r["batch_per_chip"] for r in rows}):
         at = sorted((r for r in rows if r["batch_per_chip"] == b and not r["extrapolated"]), key=lambda r: r["blocks"])
@@ -131,7 +175,8 @@ def summarise(model: str, topo: str, attention: str, rows: list[dict]) -> dict:
     """The plan of one (model, topology, attention): its rows, full-depth ones added, and the verdicts."""
     full = depth(SHAPES[model])
     rows = [r for r in rows if not r["extrapolated"]]
-    rows = rows + extrapolate(rows, full)
+    if not any(r["blocks"] == full for r in rows):  # compiled at full depth: no extrapolated rows beside them
+        rows = rows + extrapolate(rows, full)
     final = [r for r in rows if r["blocks"] == full]
     hbm = CHIPS[topo.split(":")[0]].hbm_gib
     timed = [r for r in final if r["images_per_s_per_chip"] is not None]
@@ -144,7 +189,9 @@ def summarise(model: str, topo: str, attention: str, rows: list[dict]) -> dict:
             "images_per_s_per_chip": best and best["images_per_s_per_chip"],
             "at_batch_per_chip": best and best["batch_per_chip"],
             "slice_chips": SLICE_CHIPS[topo.split(":")[0]], "hours_200k": best and best["hours_200k"],
-            "extrapolated": any(r["extrapolated"] for r in final), "rows": rows}
+            "extrapolated": any(r["extrapolated"] for r in final),
+            "scan_blocks": sorted({r.get("scan_blocks", False) for r in final}) == [True],
+            "memory_only": not timed, "rows": rows}
 
 
 def plan_key(model: str, topo: str, attention: str = "splash") -> str:
@@ -187,6 +234,9 @@ def main(argv=None):
     ap.add_argument("--batch", default="1,4", help="comma-separated images per chip (CFG doubles the forward)")
     ap.add_argument("--blocks", default="", help="comma-separated depths to compile (default: the full model)")
     ap.add_argument("--attention", default="splash", choices=("splash", "xla"))
+    ap.add_argument("--scan-blocks", action=argparse.BooleanOptionalAction, default=True,
+                    help="runs of identical blocks under one scan (SwDPipeline's default on a TPU; full-depth "
+                    "compiles take minutes, unrolled ones far longer)")
     ap.add_argument("--json", default="", help="rows are kept in (and reused from) this file; launch/plan_check.py "
                     "reads benchmarks/tpu_sampling_plan.json")
     ap.add_argument("--table", action="store_true", help="print the --json file's plans as markdown, compile nothing")
@@ -198,14 +248,23 @@ def main(argv=None):
     plans = json.load(open(a.json)) if a.json and os.path.exists(a.json) else {}
     rows = [r for r in plans.get(key, {}).get("rows", []) if not r["extrapolated"]]
     shape = SHAPES[a.model]
+    for r in rows:  # scanned rows compiled before the loop correction: counted again (lowering only, no compile)
+        if r.get("scan_blocks") and "loop_correction" not in r:
+            s = cut(shape, r["blocks"] if r["blocks"] != depth(shape) else None, r["batch_per_chip"], remat="off",
+                    attention=a.attention)
+            r["loop_correction"] = loop_correction(s, CFG[a.model])
+            r.update(timing(r))
+            print(f"{r['model']}, {r['batch_per_chip']} images/chip: loop correction {r['loop_correction']:.2f}")
     for n in [int(x) for x in a.blocks.split(",")] if a.blocks else [None]:
         for b in [int(x) for x in a.batch.split(",")]:
             s = cut(shape, n, b, remat="off", attention=a.attention)
-            if any((r["blocks"], r["batch_per_chip"]) == (depth(s), b) for r in rows):
+            if any((r["blocks"], r["batch_per_chip"], r.get("scan_blocks", False)) == (depth(s), b, a.scan_blocks)
+                   for r in rows):
                 print(f"{s.name} on {a.topology}, {b} images/chip: in {a.json} already", flush=True)
                 continue
-            print(f"{s.name} on {a.topology}, {b} images/chip, {a.attention}: compiling ...", flush=True)
-            r = compile_row(s, a.topology, a.attention, CFG[a.model])
+            print(f"{s.name} on {a.topology}, {b} images/chip, {a.attention}"
+                  f"{', scanned blocks' if a.scan_blocks else ''}: compiling ...", flush=True)
+            r = compile_row(s, a.topology, a.attention, CFG[a.model], a.scan_blocks)
             rows.append(r)
             print(f"  {r['compile_s']:.0f} s: peak {r['peak_gib']:.2f} GiB/chip (arguments {r['arguments_gib']:.2f}, "
                   f"temporaries {r['temp_gib']:.2f}), {_f(r['step_seconds'], 0, 4)} s/step", flush=True)

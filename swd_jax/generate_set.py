@@ -19,8 +19,11 @@ each process verifies the manifested shards i with i % P == its id (`--verify fu
 default; `size`: sizes only, for large gs:// sets) and redoes one that fails, with a warning naming it; a shard
 without a manifest (partial) is redone whole. Batches of `--batch-per-device` x local devices are data parallel
 over the local devices, the last one padded to the same compiled shape; on a TPU the batch per chip defaults to
-the TPU sampling plan's (`plan_batch`: benchmarks/tpu_sampling_plan.json, for the attention the pipeline runs). Process 0 shows a progress bar (its own
-share: images/s and ETA, compile excluded) and every process prints a summary: images, seconds, images/s per chip.
+the TPU sampling plan's (`plan_batch`: benchmarks/tpu_sampling_plan.json, for the attention the pipeline runs:
+splash on a TPU). Process 0 shows a progress bar (its own share: images/s and ETA, compile excluded) and every
+process prints a summary: images, seconds, images/s per chip; process 0 then the whole run's: the images of the
+manifests written during the run (each records its unix time, process, attention and block scan) over the run's
+wall time (compiling and verifying included), per second and per chip of all processes.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ PLAN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 BARRIER_S = 7 * 24 * 3600  # processes wait for each other's shards: uneven shares may take hours
 DEVICE_GENERATIONS = {"TPU v5p": "v5p", "TPU v5": "v5p", "TPU v6 lite": "v6e", "TPU v6e": "v6e", "TPU v4": "v4"}
 PLAN_MODELS = {24: "medium", 38: "large", 57: "flux"}  # blocks of the full model -> the plan's model name
-PIPELINE_ATTENTION = "xla"  # SwDPipeline builds its transformer with the models' default attention
+PLAN_ATTENTION = {"splash": "splash", "splash_fused": "splash"}  # the pipeline's kernel -> the plan's (no backward)
 
 
 def file_name(n: int) -> str:
@@ -187,10 +190,13 @@ def png_bytes(image_HW3: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def plan_batch(pipe, attention: str = PIPELINE_ATTENTION) -> tuple[int, str]:
-    """(images per chip, where from): the TPU sampling plan's largest batch with 10 % headroom for this model on this
-    TPU generation with the attention the pipeline runs (benchmarks/tpu_sampling_plan.json), else 1."""
+def plan_batch(pipe, attention: str | None = None) -> tuple[int, str]:
+    """(images per chip, where from): the TPU sampling plan's largest compiled batch (within its largest batch with
+    10 % headroom) for this model on this TPU generation with the attention the pipeline runs
+    (`pipe.attention_impl`: splash on a TPU by default; benchmarks/tpu_sampling_plan.json), else 1."""
     import jax
+    attention = attention or pipe.attention_impl
+    attention = PLAN_ATTENTION.get(attention, attention)
     gen = DEVICE_GENERATIONS.get(jax.devices()[0].device_kind)
     model = PLAN_MODELS.get(pipe.backbone.num_blocks(pipe.cfg))
     if gen is None or model is None or not os.path.isfile(PLAN):
@@ -198,12 +204,17 @@ def plan_batch(pipe, attention: str = PIPELINE_ATTENTION) -> tuple[int, str]:
     with open(PLAN) as f:
         plans = json.load(f)
     suffix = "" if attention == "splash" else f"/attention={attention}"
-    fits = [p["max_batch_per_chip_10pct_headroom"] for k, p in plans.items()
+    # The largest batch the plan compiled, within the one it says fits: the fit is a line through two small
+    # batches and leaves out the VAE decoder (1024 px, the whole batch at once); images/s is flat beyond a few.
+    fits = [min(p["max_batch_per_chip_10pct_headroom"],
+                max(r["batch_per_chip"] for r in p["rows"] if r["blocks"] == p["full_blocks"]))
+            for k, p in plans.items()
             if k.startswith(f"{model}@{gen}:") and k[len(k.split("/")[0]):] == suffix
             and p.get("max_batch_per_chip_10pct_headroom")]
     if not fits:
         return 1, f"default: {PLAN} has no {model} plan for {gen} with {attention} attention"
-    return min(fits), f"the TPU sampling plan for {model} on {gen}, {attention} attention"
+    return min(fits), (f"the TPU sampling plan for {model} on {gen}, {attention} attention: the largest batch it "
+                       "compiled")
 
 
 def generate_set(pipe, sampler, prompts: list[str], out: str, *, seed: int = 0, num_per_prompt: int = 1,
@@ -220,6 +231,8 @@ def generate_set(pipe, sampler, prompts: list[str], out: str, *, seed: int = 0, 
     check_prompts(prompts)
     p, n_proc = jax.process_index(), jax.process_count()
     image_set = ImageSet(tuple(prompts), num_per_prompt, seed, shard_size, pipe.settings(sampler))
+    # the manifests written after this instant are this run's (no process writes one before the barrier below)
+    run_start, run_t0 = time.time(), time.perf_counter()
     if p == 0:
         check_set(out, image_set)
         storage.remove(storage.join(out, METAINFO))  # written again once every shard is complete
@@ -247,7 +260,9 @@ def generate_set(pipe, sampler, prompts: list[str], out: str, *, seed: int = 0, 
     figures.update(verified=len(checked), verify_s=verify_s, redone=len(mine) - len(missing[p::n_proc]))
     distributed.barrier("generate_set/done", timeout_s=BARRIER_S)
     if p == 0:
-        figures["set_images"] = write_metainfo(out, image_set)
+        figures["set_images"], run_images = write_metainfo(out, image_set, since=run_start)
+        figures.update(run_images=run_images, run_seconds=time.perf_counter() - run_t0,
+                       run_chips=jax.device_count(), processes=n_proc)
     return figures
 
 
@@ -258,7 +273,8 @@ def _generate(pipe, sampler, image_set: ImageSet, out: str, shards: list[int], b
     indices = [n for i in shards for n in image_set.shard(i)]
     left = {i: len(image_set.shard(i)) for i in shards}
     rows: dict[int, dict] = {}
-    chips = pipe.num_devices
+    import jax
+    chips, process = pipe.num_devices, jax.process_index()
     batch = batch_per_device * chips
     pool = concurrent.futures.ThreadPoolExecutor(8)
     pending: list[tuple[int, concurrent.futures.Future]] = []
@@ -275,8 +291,9 @@ def _generate(pipe, sampler, image_set: ImageSet, out: str, shards: list[int], b
             i = n // image_set.shard_size
             left[i] -= 1
             if left[i] == 0:
-                manifest = {"shard": i, "batch_per_device": batch_per_device,
-                            "images": [rows.pop(m) for m in image_set.shard(i)]}
+                manifest = {"shard": i, "batch_per_device": batch_per_device, "process": process,
+                            "attention": pipe.attention_impl, "scan_blocks": pipe.scan_blocks,
+                            "written_at": time.time(), "images": [rows.pop(m) for m in image_set.shard(i)]}
                 storage.write_text(storage.join(out, SHARDS, shard_name(i)), json.dumps(manifest, indent=1,
                                                                                          ensure_ascii=False))
 
@@ -310,8 +327,9 @@ def _generate(pipe, sampler, image_set: ImageSet, out: str, shards: list[int], b
             "batch": batch}
 
 
-def write_metainfo(out: str, image_set: ImageSet) -> int:
-    """Process 0, every shard complete: metainfo.csv (file_name,prompt) in image order, from the manifests."""
+def write_metainfo(out: str, image_set: ImageSet, since: float | None = None) -> tuple[int, int]:
+    """Process 0, every shard complete: metainfo.csv (file_name,prompt) in image order, from the manifests.
+    Returns (images in the set, images of the shards whose manifest was written at or after unix time `since`)."""
     done = list_manifests(out)
     absent = [i for i in range(image_set.num_shards) if i not in done]
     if absent:
@@ -319,13 +337,16 @@ def write_metainfo(out: str, image_set: ImageSet) -> int:
     buf = io.StringIO(newline="")
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["file_name", "prompt"])
-    n = 0
+    n = recent = 0
     for i in range(image_set.num_shards):
-        rows = json.loads(storage.read_text(storage.join(out, SHARDS, shard_name(i))))["images"]
+        manifest = json.loads(storage.read_text(storage.join(out, SHARDS, shard_name(i))))
+        rows = manifest["images"]
+        if since is not None and manifest.get("written_at", 0.0) >= since:
+            recent += len(rows)
         for r in rows:
             if r["file_name"] != file_name(n):
                 raise ValueError(f"{out}/{SHARDS}/{shard_name(i)} lists {r['file_name']} where {file_name(n)} belongs")
             w.writerow([r["file_name"], r["prompt"]])
             n += 1
     storage.write_text(storage.join(out, METAINFO), buf.getvalue())
-    return n
+    return n, recent

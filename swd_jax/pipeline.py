@@ -15,11 +15,14 @@ file. Samplers (`SamplerSettings`): "scale_wise" (the student's: K steps, upscal
 "teacher" (the base model without the LoRA, many-step Euler: SD3 with CFG; FLUX as diffusers' FluxPipeline, its
 dynamic-shift sigmas for the latent size, embedded guidance 3.5, no CFG). Batches are sharded over `devices` (data
 parallel, a 1-D mesh; parameters replicated); every sampling step, the text encoders and the VAE decoder are
-compiled once per shape and reused. Image n (prompt n // num_per_prompt) gets its own seed `seed + n`, so an
-image does not depend on the batch size or the device count.
+compiled once per shape and reused. On a TPU the transformer runs splash attention (per device, `shard_map`) and its
+runs of identical blocks under one scan (weights stacked once at load, `swd_jax.models.block_scan`); elsewhere XLA
+attention, unrolled (`attention_impl=` / `scan_blocks=` choose). Image n (prompt n // num_per_prompt) gets its
+own seed `seed + n`, so an image does not depend on the batch size or the device count.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -40,8 +43,9 @@ from swd_jax.convert.transformer import transformer_class, transformer_folder
 from swd_jax.convert.vae import load_vae
 from swd_jax.eval.prompts import sample_seed
 from swd_jax.flux_prompt_encoding import FluxPromptEncoder, load_prompt_encoder
+from swd_jax.models.block_scan import stack_blocks
 from swd_jax.models.flux import FluxConfig
-from swd_jax.models.layers import LORA, LoraConfig
+from swd_jax.models.layers import ATTENTION_IMPLS, LORA, SPLASH_IMPLS, LoraConfig
 from swd_jax.models.mmdit import MMDiTConfig
 from swd_jax.models.vae import decode_latents
 from swd_jax.prompt_encoding import SD3PromptEncoder
@@ -61,6 +65,24 @@ DEFAULT_PRESET = "sd35_medium_6"  # the published SwD-Medium default
 TEACHER_GUIDANCE = 7.0  # the reference's SD3.5-Medium CFG (Large: 4.5)
 FLUX_GUIDANCE = 4.5  # the published FLUX-SwD's embedded guidance scale (FLUX-dev)
 FLUX_TEACHER_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale (FLUX-dev's embedded guidance)
+ATTENTION_CHOICES = ("auto",) + ATTENTION_IMPLS  # auto: splash on a TPU, else xla
+ATTENTION_PLATFORMS = {"splash": "tpu", "splash_fused": "tpu", "cudnn": "gpu"}
+BATCH_RULES = (("activation_batch", "data"),)  # splash's shard_map: the batch over the pipeline's 1-D mesh
+
+
+def resolve_attention(impl: str | None, platform: str) -> str:
+    """The attention kernel to run on `platform`: `impl`, or for None/"auto" splash on a TPU, else xla."""
+    if impl in (None, "auto"):
+        return "splash" if platform == "tpu" else "xla"
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention {impl!r}; choose one of {ATTENTION_CHOICES}")
+    need = ATTENTION_PLATFORMS.get(impl)
+    if need is not None and platform != need:
+        from swd_jax.models import splash
+        if not (impl in SPLASH_IMPLS and splash.INTERPRET):  # tests run the kernel in interpret mode on CPU
+            raise ValueError(f"attention {impl!r} needs a {need.upper()} (these devices are {platform}); "
+                             "choose xla or chunked")
+    return impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,19 +225,28 @@ class SwDPipeline:
     def __init__(self, cfg: MMDiTConfig | FluxConfig, base: dict, encoder: SD3PromptEncoder | FluxPromptEncoder,
                  vae, vae_params: dict, *,
                  student: Student | None = None, dtype: str = "float32", mesh: jax.sharding.Mesh,
-                 model_folder: str = "", transformer_source: str = "", local_folder: str = ""):
-        """`model_folder`: where the model is (local or gs://); `local_folder`: its local copy (default the same)."""
+                 model_folder: str = "", transformer_source: str = "", local_folder: str = "",
+                 attention_impl: str | None = None, scan_blocks: bool | None = None):
+        """`model_folder`: where the model is (local or gs://); `local_folder`: its local copy (default the same).
+        `attention_impl`: one of ATTENTION_CHOICES (None/"auto": splash on a TPU, else xla); `scan_blocks`: run
+        runs of identical blocks under one scan (None: on a TPU). `base` and the student's LoRA are given in the
+        stored (unrolled) layout, or already stacked; with scan they are stacked here, once."""
         self.local_folder = local_folder or model_folder
         self.cfg, self.encoder, self.vae, self.student, self.dtype, self.mesh = cfg, encoder, vae, student, dtype, mesh
+        platform = mesh.devices.flat[0].platform
+        self.attention_impl = resolve_attention(attention_impl, platform)
+        self.scan_blocks = platform == "tpu" if scan_blocks is None else bool(scan_blocks)
         self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self.batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-        self.base = jax.device_put(base, self.replicated)
-        self.vae_params = jax.device_put(vae_params, self.replicated)
-        self.lora = None if student is None else jax.device_put(student.params, self.replicated)
         self.model_folder, self.transformer_source = model_folder, transformer_source
         self.backbone = backbone_of(cfg)
         model = self.backbone.module_cls(cfg, lora=None if student is None else student.lora, dtype=DTYPES[dtype],
-                                         param_dtype=DTYPES[dtype])
+                                         param_dtype=DTYPES[dtype], attention_impl=self.attention_impl,
+                                         scan_blocks=self.scan_blocks)
+        self.block_groups = model.block_groups()
+        self.base = self._placed(base)
+        self.vae_params = jax.device_put(vae_params, self.replicated)
+        self.lora = None if student is None else student.params
 
         def apply(variables, x_BHWC, t_B, cond):  # FLUX-dev: + the embedded guidance scale per example
             extra = (cond["guidance"],) if "guidance" in cond else ()
@@ -230,12 +261,40 @@ class SwDPipeline:
         # made once: the sampler's jitted steps are cached per velocity function object
         self._teacher, self._student = teacher, (student_fn if student is not None else teacher)
 
+    def _placed(self, params):
+        """`params` replicated on the mesh, in the layout the model runs (stacked where its blocks are scanned)."""
+        params = jax.device_put(params, self.replicated)
+        if not self.scan_blocks:
+            return params
+        return jax.jit(lambda p: stack_blocks(p, self.block_groups), out_shardings=self.replicated)(params)
+
+    @property
+    def lora(self) -> dict | None:
+        """The student's LoRA factors as the model runs them; assign them in the stored layout (or stacked)."""
+        return self._lora
+
+    @lora.setter
+    def lora(self, params: dict | None) -> None:
+        self._lora = None if params is None else self._placed(params)
+
+    def _attention_context(self):
+        """Splash is a per-device kernel: trace under the pipeline's mesh, the batch over its axis (`shard_map`)."""
+        if self.attention_impl not in SPLASH_IMPLS:
+            return contextlib.nullcontext()
+        import flax.linen as nn
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(list(BATCH_RULES)))
+        return stack
+
     @classmethod
     def from_pretrained(cls, folder: str, *, lora: str | None = None, converted: str | None = None,
                         dtype: str = "float32", max_sequence_length: int | None = None,
-                        devices: Sequence[jax.Device] | None = None) -> SwDPipeline:
+                        devices: Sequence[jax.Device] | None = None, attention_impl: str | None = None,
+                        scan_blocks: bool | None = None) -> SwDPipeline:
         """Load a diffusers SD3/SD3.5 or FLUX.1 pipeline folder (or `converted` params + that folder) and an
-        optional LoRA. `max_sequence_length`: T5 tokens, default the family's (SD3 256, FLUX 512)."""
+        optional LoRA. `max_sequence_length`: T5 tokens, default the family's (SD3 256, FLUX 512).
+        `attention_impl` (default: splash on a TPU, else xla) and `scan_blocks` (default: on a TPU): see __init__."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}; choose one of {sorted(DTYPES)}")
         if hub_id(folder) is None:  # else a Hub id, fetched below (only the parts read)
@@ -243,6 +302,7 @@ class SwDPipeline:
             if not storage.isdir(folder):
                 raise FileNotFoundError(f"model folder {folder} does not exist")
         devices = list(devices or jax.local_devices())
+        resolve_attention(attention_impl, devices[0].platform)  # refused before anything loads
         mesh = jax.sharding.Mesh(np.array(devices), ("data",))
         rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         pdt = DTYPES[dtype]
@@ -286,7 +346,8 @@ class SwDPipeline:
             raise ValueError(f"model folder {folder} holds {type(encoder).__name__}'s text encoders but the "
                              f"transformer ({source}) is a {backbone_of(cfg).diffusers_class}")
         return cls(cfg, base, encoder, vae, vae_params, student=student, dtype=dtype, mesh=mesh,
-                   model_folder=folder, transformer_source=source, local_folder=local)
+                   model_folder=folder, transformer_source=source, local_folder=local,
+                   attention_impl=attention_impl, scan_blocks=scan_blocks)
 
     @property
     def num_devices(self) -> int:
@@ -384,14 +445,17 @@ class SwDPipeline:
                                                        self.batch_sharding)}
         guided = sampler.guidance_scale > 1.0
         uncond = self._uncond(b) if guided else None
-        if sampler.kind == "teacher":
-            # timestep float32(sigma) * 1000 = the scheduler's; FluxPipeline passes it / 1000 and diffusers' FLUX
-            # multiplies by 1000 again, a float32 round trip that returns the same value (1e6 random sigmas checked)
-            return euler_sample(self._teacher, {"base": self.base}, noise.init_BHWC, sampler.sigmas, cond,
-                                uncond=uncond, guidance_scale=sampler.guidance_scale)
-        params = {"base": self.base} if self.lora is None else {"base": self.base, "lora": self.lora}
-        return scale_wise_sample(self._student, params, cond, None, (sampler.scales, sampler.sigmas), batch_size=b,
-                                 channels=c, uncond=uncond, guidance_scale=sampler.guidance_scale, noise=noise)
+        with self._attention_context():
+            if sampler.kind == "teacher":
+                # timestep float32(sigma) * 1000 = the scheduler's; FluxPipeline passes it / 1000 and diffusers' FLUX
+                # multiplies by 1000 again, a float32 round trip that returns the same value (1e6 random sigmas
+                # checked)
+                return euler_sample(self._teacher, {"base": self.base}, noise.init_BHWC, sampler.sigmas, cond,
+                                    uncond=uncond, guidance_scale=sampler.guidance_scale)
+            params = {"base": self.base} if self.lora is None else {"base": self.base, "lora": self.lora}
+            return scale_wise_sample(self._student, params, cond, None, (sampler.scales, sampler.sigmas),
+                                     batch_size=b, channels=c, uncond=uncond, guidance_scale=sampler.guidance_scale,
+                                     noise=noise)
 
     def decode(self, latents_BHWC: jax.Array) -> np.ndarray:
         """Normalised latents -> uint8 images [B, H, W, 3] on the host."""

@@ -3,8 +3,9 @@
 2 processes x 4 CPU devices generate 24 prompts with the tiny pipeline (teacher, 2 Euler steps with CFG); process
 1 is killed (SIGKILL) right after its first shard's manifest; a complete shard's PNG is then garbled and another's
 deleted; the rerun completes the set, redoing exactly those. The PNGs are bitwise equal to a 1-process x 8-device
-run's, metainfo.csv has every prompt once in order, and swd-precompute reads the folder as it is. Bad inputs end
-in one `error:` line and exit 2.
+run's, metainfo.csv has every prompt once in order, and swd-precompute reads the folder as it is; process 0 sums the
+run up across processes. A set on gs:// (the Cloud Storage emulator) is made, rerun (verified, skipped) and read
+back. Bad inputs end in one `error:` line and exit 2.
 """
 import json
 import os
@@ -15,6 +16,7 @@ import time
 
 import pytest
 
+from tests.gcs_emulator import gcs_bucket, gcs_emulator  # noqa: F401  (fixtures)
 from tests.test_prompt_encoding import T5_LEN, sd3  # noqa: F401  (module-scoped fixture)
 from tests.test_readme_journey import complete_pipeline, jax_cache_dir
 
@@ -95,6 +97,9 @@ def test_two_processes_killed_and_rerun_equal_one_process(pipe_root, tmp_path, c
     assert f"shard {int(done[0][:5])} " in out and "does not match its sha256" in out, out
     assert "set complete: 24 images and metainfo.csv" in rerun[0][1]
     assert "images/s per chip" in rerun[0][1] and "images/s per chip" in rerun[1][1]
+    redone = min(len(done), 2)  # the garbled shard and, if there, the one missing an image
+    made = 24 - SHARD * (len(done) - redone)  # the rerun's images: the shards without a manifest and those redone
+    assert f"all 2 processes: {made} images in " in rerun[0][1] and "per chip (8 chips;" in rerun[0][1], rerun[0][1]
 
     t0 = time.perf_counter()
     single = launch(gen_args(pipe_root, str(prompts), str(one)), 1, 8, tmp_path)
@@ -161,3 +166,33 @@ def test_bad_inputs_are_one_line_errors(pipe_root, tmp_path, capsys):
     (foreign / "metainfo.csv").write_text("file_name,prompt\nx.png,a\n")
     rc, err, _ = run_cli(gen_args(pipe_root, str(prompts), str(foreign)), capsys)
     assert rc == 2 and "did not write" in err, err
+
+
+def test_set_on_gcs_made_rerun_and_read_back(pipe_root, gcs_bucket, tmp_path, capsys):  # noqa: F811
+    """1 process, --out gs://: PNGs, manifests and metainfo.csv land in the bucket; a rerun verifies and skips."""
+    import csv
+    import io
+
+    from PIL import Image
+
+    from swd_jax import storage
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:6]) + "\n")
+    out = f"{gcs_bucket}/set"
+    t0 = time.perf_counter()
+    rc, err, stdout = run_cli(gen_args(pipe_root, str(prompts), out), capsys)
+    t_made = time.perf_counter() - t0
+    assert rc == 0 and "6 images (2 shards" in stdout, (err, stdout)
+    assert f"set complete: 6 images and metainfo.csv in {out}" in stdout, stdout
+    names = [f"{n:06d}.png" for n in range(6)]
+    assert sorted(n for n in storage.listdir(out) if n.endswith(".png")) == names
+    assert sorted(storage.listdir(f"{out}/.shards")) == ["00000.json", "00001.json", "set.json"]
+    assert Image.open(io.BytesIO(storage.read_bytes(f"{out}/{names[5]}"))).size == (16, 16)
+    t0 = time.perf_counter()
+    rc, err, stdout = run_cli(gen_args(pipe_root, str(prompts), out), capsys)
+    t_rerun = time.perf_counter() - t0
+    assert rc == 0 and "0 images (0 shards" in stdout and "2 complete shards verified" in stdout, (err, stdout)
+    rows = list(csv.reader(io.StringIO(storage.read_text(f"{out}/metainfo.csv"), newline="")))
+    assert rows == [["file_name", "prompt"]] + [[n, p] for n, p in zip(names, PROMPTS[:6])]
+    with capsys.disabled():
+        print(f"\nwall time on gs://: set made {t_made:.1f} s, rerun {t_rerun:.1f} s")
