@@ -21,15 +21,10 @@ def build_tiny(folder: str) -> None:
     import torch
     from diffusers import SD3Transformer2DModel
 
-    from tests.test_prompt_encoding import _save, sd3
+    from swd_jax.demo.tiny_kit import perturbed_save as _save, sd3_components
 
-    class _Factory:
-        def mktemp(self, name):
-            path = pathlib.Path(folder)
-            path.mkdir(parents=True, exist_ok=True)
-            return path
-
-    sd3._get_wrapped_function()(_Factory())  # the fixture's body: encoders, tokenizers, vae/
+    pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
+    sd3_components(folder)  # the tests' (and swd-tiny-kit's) encoders, tokenizers, vae/
     torch.manual_seed(0)
     _save(SD3Transformer2DModel(sample_size=64, patch_size=2, in_channels=4, num_layers=6, attention_head_dim=64,
                                 num_attention_heads=3, joint_attention_dim=64, caption_projection_dim=192,

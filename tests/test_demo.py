@@ -5,6 +5,7 @@ a rerun, and the results table with its grids.
 """
 import json
 import os
+import warnings
 
 import jax
 import numpy as np
@@ -80,6 +81,20 @@ def test_frechet_distance_of_gaussians():
     # N(0, I) vs N(m, 4I): |m|^2 + tr(I + 4I - 2*2I) = |m|^2 + 3
     b = 2.0 * rng.standard_normal((20000, 3)) + np.array([1.0, 2.0, 0.0])
     assert demo_eval.frechet_distance(a, b) == pytest.approx(5.0 + 3.0, rel=0.03)
+
+
+def test_classifier_and_fd_are_ours_and_fixed():
+    """The yardsticks depend on no library's version (seeded float64 NumPy): golden split, accuracy and FD."""
+    from scipy import linalg
+    clf = demo_eval.DigitClassifier(8, hidden=16)
+    assert (len(clf.real_test), round(clf.test_accuracy * len(clf.real_test))) == (359, 342)
+    a, b = clf.features(clf.real_test), clf.features(clf.real_train)  # 4 dead ReLU units: singular covariances
+    assert demo_eval.frechet_distance(a, b) == pytest.approx(0.3075009110651763, rel=1e-9)
+    c_a, c_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)  # = the sqrtm formula
+    with warnings.catch_warnings():  # scipy: "Matrix is singular"; exact here all the same
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        want = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(c_a + c_b - 2 * np.real(linalg.sqrtm(c_a @ c_b)))
+    assert demo_eval.frechet_distance(a, b) == pytest.approx(want, rel=1e-9)
 
 
 def test_bad_teacher_training_settings_raise():

@@ -1,17 +1,14 @@
 """FID: Frechet distance vs pytorch-fid's, the official image chain vs PIL / transformers, the scorer's plumbing."""
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 from PIL import Image
 
 from tests import torchvision_inception
 
 _, fid_score = torchvision_inception.import_pytorch_fid()  # CI: pip install --no-deps pytorch-fid
 
-from swd_jax.convert.strict import abstract_params  # noqa: E402
 from swd_jax.eval import fid, image_chain  # noqa: E402
-from swd_jax.eval.inception import FIDInceptionV3  # noqa: E402
+from swd_jax.demo.tiny_kit import random_inception_npz as _random_inception_npz  # noqa: E402
 
 
 def _stats(rng, n, d, shift=0.0):
@@ -66,24 +63,6 @@ def test_clip_input_matches_transformers_processor(wh):
     got = image_chain.clip_input(np.asarray(img))
     assert got.shape == (224, 224, 3)
     np.testing.assert_allclose(got, want, atol=1e-6)
-
-
-def _random_inception_npz(path):
-    """Random FID-Inception weights under pytorch-fid's state-dict keys (no torch needed)."""
-    abstract = abstract_params(FIDInceptionV3(), jnp.zeros((1, 299, 299, 3)))
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for p, leaf in traverse_util.flatten_dict(abstract).items():
-        *mods, name = p
-        if name == "kernel":  # [kh, kw, in, out] -> torch [out, in, kh, kw]
-            w = rng.normal(size=leaf.shape) * (2.0 / np.prod(leaf.shape[:3])) ** 0.5
-            arrays[".".join(mods) + ".weight"] = w.transpose(3, 2, 0, 1).astype(np.float32)
-        else:
-            torch_name = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}[name]
-            v = 0.5 + rng.uniform(size=leaf.shape) if name in ("scale", "var") else 0.1 * rng.normal(size=leaf.shape)
-            arrays[".".join(mods) + "." + torch_name] = v.astype(np.float32)
-    arrays["fc.weight"], arrays["fc.bias"] = np.zeros((1008, 2048), np.float32), np.zeros(1008, np.float32)
-    np.savez(path, **arrays)
 
 
 def test_scorer_batches_folder_stats(tmp_path):

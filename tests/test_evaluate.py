@@ -1,7 +1,6 @@
 """`python -m swd_jax.evaluate` end to end on tiny random models: FID, CLIP score and PickScore of a folder with
 images.json equal the metrics computed directly (pytorch-fid distance, transformers CLIPModel cosines)."""
 import json
-import string
 
 import numpy as np
 import pytest
@@ -12,28 +11,8 @@ from PIL import Image
 from swd_jax import evaluate
 from swd_jax.eval import fid, image_chain
 from swd_jax.eval import prompts as prompts_lib
-from tests.test_eval_fid import _random_inception_npz
-
-
-def _clip_folder(path, seed):
-    """A tiny CLIPModel (77 positions, as the scorer pads to 77) + a letters-only CLIP tokenizer + a 32 px
-    preprocessor config."""
-    letters = list(string.ascii_lowercase)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: 2 + i for i, c in enumerate(letters)},
-             **{c + "</w>": 28 + i for i, c in enumerate(letters)}}
-    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(str(path))
-    torch.manual_seed(seed)
-    cfg = transformers.CLIPConfig(
-        text_config=dict(vocab_size=54, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, eos_token_id=1, bos_token_id=0,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8, hidden_act="gelu"), projection_dim=16)
-    model = transformers.CLIPModel(cfg).eval()
-    model.save_pretrained(str(path))
-    (path / "preprocessor_config.json").write_text(json.dumps(
-        {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}, "resample": 3}))
-    return model
+from swd_jax.demo.tiny_kit import clip_folder as _clip_folder  # other tests import it from here
+from swd_jax.demo.tiny_kit import random_inception_npz as _random_inception_npz
 
 
 def test_evaluate_cli(tmp_path, capsys, monkeypatch):

@@ -7,25 +7,18 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import transformers
 from diffusers import AutoencoderKL, StableDiffusion3Pipeline
 
 from swd_jax.convert.verify_components import compare_components
+from swd_jax.demo import tiny_kit
+from swd_jax.demo.tiny_kit import CLIP_MERGES, CLIP_VOCAB, T5_PIECES, TINY_VAE  # noqa: F401  (other tests import them)
+from swd_jax.demo.tiny_kit import perturbed_save as _save  # noqa: F401
+from swd_jax.demo.tiny_kit import write_images as _dataset
 from swd_jax.models.text import CLIPTextConfig, T5Config
 from swd_jax.prompt_encoding import SD3PromptEncoder, check_widths
 
-CHARS = "abcdefghijklmnopqrstuvwxyz"
-CLIP_VOCAB = (["!"] + list(CHARS) + [c + "</w>" for c in CHARS]
-              + ["lo", "low</w>", "er</w>", "to", "wer</w>", "<|startoftext|>", "<|endoftext|>"])
-CLIP_MERGES = [("l", "o"), ("lo", "w</w>"), ("e", "r</w>"), ("t", "o"), ("w", "er</w>")]
-T5_PIECES = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
-             + [("▁" + w, -2.0 - 0.1 * i) for i, w in enumerate(["a", "low", "tower", "lower", "the", "red"])]
-             + [(c, -5.0) for c in CHARS])
 PROMPTS = ["a low tower", "", "the red lower tower, lowest and newer " * 4]  # the last is truncated everywhere
 T5_LEN = 16
-TINY_VAE = dict(latent_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305)
 
 
 def rel_err(a, b) -> float:
@@ -34,41 +27,11 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def _save(model, folder):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.eval().save_pretrained(folder)
-    return model
-
-
 @pytest.fixture(scope="module")
 def sd3(tmp_path_factory):
-    torch.manual_seed(0)
+    """(diffusers pipeline without transformer, its folder): the tiny random SD3 of `swd-tiny-kit`."""
     root = tmp_path_factory.mktemp("sd3")
-    vocab = {t: i for i, t in enumerate(CLIP_VOCAB)}
-    eot = vocab["<|endoftext|>"]
-    clip = lambda h, act, eos: transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=h, intermediate_size=2 * h, projection_dim=h, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, hidden_act=act, eos_token_id=eos))
-    comps = dict(
-        # CLIP-L: quick-GELU, legacy eos_token_id=2 (pooled at the highest id); CLIP-G: GELU, pooled at the EOT id
-        text_encoder=_save(clip(16, "quick_gelu", 2), root / "text_encoder"),
-        text_encoder_2=_save(clip(24, "gelu", eot), root / "text_encoder_2"),
-        text_encoder_3=_save(transformers.T5EncoderModel(transformers.T5Config(
-            vocab_size=len(T5_PIECES), d_model=64, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, relative_attention_max_distance=12, feed_forward_proj="gated-gelu")),
-            root / "text_encoder_3"),
-        tokenizer=transformers.CLIPTokenizer(vocab=vocab, merges=CLIP_MERGES, model_max_length=77),
-        tokenizer_2=transformers.CLIPTokenizer(vocab=vocab, merges=CLIP_MERGES, model_max_length=77, pad_token="!"),
-        tokenizer_3=transformers.T5TokenizerFast(vocab=T5_PIECES, extra_ids=0))
-    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
-        comps[name].save_pretrained(root / name)
-    (root / "transformer").mkdir()
-    (root / "transformer" / "config.json").write_text(json.dumps(
-        {"_class_name": "SD3Transformer2DModel", "joint_attention_dim": 64, "pooled_projection_dim": 40}))
-    _save(AutoencoderKL(**TINY_VAE), root / "vae")  # for compare_components
-    pipe = StableDiffusion3Pipeline(transformer=None, scheduler=None, vae=None, **comps)
+    pipe = StableDiffusion3Pipeline(transformer=None, scheduler=None, vae=None, **tiny_kit.sd3_components(root))
     return pipe, root
 
 
@@ -115,20 +78,6 @@ def test_compare_components_runs(sd3):
                               torch_device="cpu")
     assert {"vae.decode", "clip_l.penultimate", "clip_g.text_embeds", "t5.last_hidden_state"} <= set(errs)
     assert all(v < 1e-5 for v in errs.values()), errs
-
-
-def _dataset(folder, n, bad=None):
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    folder.mkdir()
-    lines = ["file_name,prompt"]
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        lines.append(f"{i}.png,{['a low tower', 'the red tower', ''][i % 3]}")
-    if bad is not None:
-        (folder / f"{bad}.png").write_bytes(b"not a png")
-    (folder / "metainfo.csv").write_text("\n".join(lines) + "\n")
-    return folder
 
 
 def test_precompute_shards_resume_and_bad_images(sd3, tmp_path):

@@ -1,7 +1,8 @@
 """The README's journey, literally: its `<!-- journey -->` shell block runs in a fresh folder outside the repository.
 
-A tiny random SD3.5-shaped pipeline and an 8-image dataset are built here; the block's commands (swd-convert,
-swd-verify, swd-precompute, swd-train, swd-generate) each must exit 0 and write what the README says.
+The block starts with `swd-tiny-kit kit` (a tiny random SD3.5-shaped pipeline, 8 images, tiny FID/CLIP/PickScore
+models) and walks swd-convert, swd-verify, swd-precompute, swd-train, swd-generate and swd-evaluate on them; each
+command must exit 0 and write what the README says. An `export` line carries to the lines after it, as in a shell.
 """
 import json
 import os
@@ -11,22 +12,10 @@ import sys
 import time
 
 import pytest
-import torch
 
-from tests.test_prompt_encoding import _dataset, _save, sd3  # noqa: F401  (module-scoped fixture)
+from swd_jax.demo.tiny_kit import complete_pipeline  # noqa: F401  (other tests import it from here)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def complete_pipeline(root) -> None:
-    """The tiny SD3 folder of the `sd3` fixture made a whole pipeline: model_index.json and a random transformer."""
-    from diffusers import SD3Transformer2DModel
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
-    torch.manual_seed(0)
-    _save(SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=40, out_channels=4,
-        pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm"), root / "transformer")
 
 
 def journey_commands() -> list[str]:
@@ -38,24 +27,26 @@ def journey_commands() -> list[str]:
     return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
-def test_readme_journey_runs_literally(sd3, tmp_path):  # noqa: F811
+def test_readme_journey_runs_literally(tmp_path):
     from diffusers import SD3Transformer2DModel
     from peft import PeftModel
-    root = sd3[1]
-    complete_pipeline(root)
-    data = _dataset(tmp_path / "data", 8)
+    commands = journey_commands()
+    assert commands[0].startswith("swd-tiny-kit ") and commands[-1].startswith("swd-evaluate "), commands
     work = tmp_path / "elsewhere"
     work.mkdir()
     bin_dir = os.path.dirname(sys.executable)
-    env = dict(os.environ, PIPE=str(root), DATA=str(data), JAX_PLATFORMS="cpu",
-               PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               SWD_COMPILE_CACHE=jax_cache_dir())
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's shell has
-    times = {}
-    for cmd in journey_commands():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), SWD_COMPILE_CACHE=jax_cache_dir(),
+               XLA_FLAGS="--xla_backend_optimization_level=0")  # one CPU device, as a user's shell has; fast compiles
+    for name in ("PIPE", "DATA"):  # the block sets them
+        env.pop(name, None)
+    exports, times = [], {}
+    for cmd in commands:
+        if cmd.startswith("export "):
+            exports.append(cmd)
         t0 = time.perf_counter()
-        proc = subprocess.run(["bash", "-c", cmd], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(["bash", "-c", "\n".join(exports + [cmd])], cwd=work, env=env, capture_output=True,
+                              text=True, timeout=900)
         times[cmd.split()[0]] = round(time.perf_counter() - t0, 1)
         assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         if cmd.startswith("swd-verify"):
@@ -66,10 +57,25 @@ def test_readme_journey_runs_literally(sd3, tmp_path):  # noqa: F811
     assert (work / "run" / "checkpoints").is_dir() and (work / "run" / "metrics.jsonl").exists()
     adapter = work / "run" / "student_peft"
     assert (adapter / "pytorch_lora_weights.safetensors").exists()
-    PeftModel.from_pretrained(SD3Transformer2DModel.from_pretrained(root / "transformer"), str(adapter))
+    PeftModel.from_pretrained(SD3Transformer2DModel.from_pretrained(work / "kit" / "pipeline" / "transformer"),
+                              str(adapter))
     index = json.loads((work / "images" / "images.json").read_text())
     assert len(index) >= 1 and all((work / "images" / e["file"]).exists() for e in index)
     assert (work / "images" / "grid.png").exists()
+    metrics = json.loads((work / "images" / "metrics.json").read_text())
+    assert metrics["num_images"] == len(index) and {"fid", "clip_score", "pickscore"} <= set(metrics), metrics
+
+
+def test_tiny_kit_refuses_in_one_line(tmp_path, monkeypatch, capsys):
+    from swd_jax.demo import tiny_kit
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a kit")
+    assert tiny_kit.main([str(tmp_path / "mine")]) == 2
+    monkeypatch.setitem(sys.modules, "torch", None)  # as without the torch extra
+    assert tiny_kit.main([str(tmp_path / "kit")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "is not empty" in err[0] and err[1].startswith("error: ") and "requirements-torch.txt" in err[1], err
+    assert not (tmp_path / "kit").exists()
 
 
 def jax_cache_dir() -> str:

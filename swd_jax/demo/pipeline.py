@@ -31,6 +31,7 @@ import numpy as np
 from swd_jax.demo import yardsticks as demo_eval
 from swd_jax.convert.orbax_params import check_matches, load_params, tree_metadata
 from swd_jax.train.checkpoint import Checkpointer
+from swd_jax.train.progress import Progress
 from swd_jax.models.layers import LORA, LoraConfig
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
 from swd_jax.sampler import euler_sample, mmdit_velocity, scale_wise_sample
@@ -130,10 +131,10 @@ def load_teacher(folder: str) -> tuple[MMDiTConfig, dict]:
 def teacher_euler(cfg, params, labels: np.ndarray, steps: int, guidance: float, shift: float, batch: int,
                   seed: int, desc: str) -> tuple[np.ndarray, float]:
     """Teacher samples (Euler, `steps`, CFG `guidance`) for `labels`; (images, seconds per image after warm-up)."""
-    from tqdm.auto import tqdm
     enc, vf, sigmas = text_encoder(cfg), velocity_fn(cfg), flow_match_sigmas(steps, shift)
     out, timed_s, timed_n = [], 0.0, 0
-    for j, i in enumerate(tqdm(range(0, len(labels), batch), desc=desc)):
+    bar = Progress(-(-len(labels) // batch), desc=desc)  # the first batch compiles: not timed for the ETA
+    for j, i in enumerate(range(0, len(labels), batch)):
         lab = np.resize(labels[i:i + batch], batch)  # the last chunk is padded: one compiled shape
         cond, uncond = prompts(enc, lab, guidance > 1.0)
         x_init = jax.random.normal(jax.random.fold_in(jax.random.key(seed), j), (batch, cfg.sample_size,
@@ -141,8 +142,10 @@ def teacher_euler(cfg, params, labels: np.ndarray, steps: int, guidance: float, 
         x, dt = demo_eval.timed(euler_sample, vf, params, x_init, sigmas, cond, uncond=uncond,
                                 guidance_scale=guidance)
         out.append(x[:len(labels[i:i + batch])])
+        bar.update(1, compiled=j == 0)
         if j > 0:
             timed_s, timed_n = timed_s + dt, timed_n + batch
+    bar.close()
     return np.concatenate(out), (timed_s / timed_n if timed_n else float("nan"))
 
 
@@ -216,18 +219,20 @@ def load_student(c, workdir: str, name: str, cfg: MMDiTConfig, base: dict) -> di
 def student_samples(cfg, params, labels: np.ndarray, scales, sigmas, batch: int, seed: int, desc: str,
                     guidance: float = 1.0) -> tuple[np.ndarray, float]:
     """Scale-wise samples (the SwD sampler) for `labels`; (images, seconds per image after warm-up)."""
-    from tqdm.auto import tqdm
     enc, vf = text_encoder(cfg), velocity_fn(cfg)
     out, timed_s, timed_n = [], 0.0, 0
-    for j, i in enumerate(tqdm(range(0, len(labels), batch), desc=desc)):
+    bar = Progress(-(-len(labels) // batch), desc=desc)  # the first batch compiles: not timed for the ETA
+    for j, i in enumerate(range(0, len(labels), batch)):
         lab = np.resize(labels[i:i + batch], batch)
         cond, uncond = prompts(enc, lab, guidance > 1.0)
         x, dt = demo_eval.timed(scale_wise_sample, vf, params, cond, jax.random.fold_in(jax.random.key(seed), j),
                                 (scales, sigmas), batch_size=batch, channels=cfg.in_channels, uncond=uncond,
                                 guidance_scale=guidance)
         out.append(x[:len(labels[i:i + batch])])
+        bar.update(1, compiled=j == 0)
         if j > 0:
             timed_s, timed_n = timed_s + dt, timed_n + batch
+    bar.close()
     return np.concatenate(out), (timed_s / timed_n if timed_n else float("nan"))
 
 

@@ -25,6 +25,7 @@ import optax
 
 from swd_jax.convert.orbax_params import abstract_like, save_params
 from swd_jax.train.checkpoint import Checkpointer
+from swd_jax.train.progress import Progress
 from swd_jax.convert.transformer import example_inputs
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
 from swd_jax.schedule import add_noise
@@ -124,8 +125,6 @@ def train_teacher(cfg: MMDiTConfig, t: TeacherTraining, images_NHWC: np.ndarray,
     Batches are drawn with replacement by a generator seeded with (seed, step), so a resumed run sees exactly
     the batches an uninterrupted one would. Checkpoints go to `workdir/checkpoints`.
     """
-    from tqdm.auto import tqdm
-
     if images_NHWC.shape[1:] != (cfg.sample_size, cfg.sample_size, cfg.in_channels):
         raise ValueError(f"images {images_NHWC.shape[1:]} do not match the model's "
                          f"{(cfg.sample_size, cfg.sample_size, cfg.in_channels)}")
@@ -149,11 +148,12 @@ def train_teacher(cfg: MMDiTConfig, t: TeacherTraining, images_NHWC: np.ndarray,
     start = int(state["step"])
     end = t.steps if stop_after is None else min(t.steps, start + stop_after)
     losses, pending = [], None
-    bar = tqdm(total=t.steps, initial=start, desc="teacher (flow matching)")
+    bar = Progress(t.steps, start, "teacher (flow matching)")
+    compiled: set[int] = set()  # scales whose step has compiled: a step that compiles is not timed for the ETA
 
-    def log(pending):
+    def log(pending, compiled_meanwhile: bool):
         losses.append(_check(*pending))
-        bar.update(1)
+        bar.update(1, compiled=compiled_meanwhile or pending[1] == start)  # the first includes its own compile
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
 
     try:
@@ -161,12 +161,14 @@ def train_teacher(cfg: MMDiTConfig, t: TeacherTraining, images_NHWC: np.ndarray,
             idx = np.random.default_rng((t.seed, i)).integers(0, len(images_NHWC), t.batch_size)
             batch = {"x": pyramid[scales[i % len(scales)]][idx], "context": context_NTJ[idx],
                      "pooled": pooled_NP[idx], "uncond_context": u_ctx, "uncond_pooled": u_pooled}
-            state, metrics = step_fn(state, batch)
-            if pending is not None:  # read step i-1's loss while step i runs
-                log(pending)
+            new_scale = batch["x"].shape[1] not in compiled
+            compiled.add(batch["x"].shape[1])
+            state, metrics = step_fn(state, batch)  # compiles first at a new scale
+            if pending is not None:  # read step i-1's loss while step i runs (and its compile fell in that time)
+                log(pending, new_scale)
             pending = (metrics, i)
             if (i + 1) % t.ckpt_every == 0 or i + 1 == end:  # never save a state whose loss was not checked
-                log(pending)
+                log(pending, False)
                 pending = None
                 ckpt.save(i + 1, state, force=True)
     finally:
