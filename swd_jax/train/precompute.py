@@ -296,9 +296,10 @@ def precompute(model_dir: str, data_dir: str, out_dir: str, scales: Sequence[int
     done = set(storage.listdir(out_dir))
     todo = [i for i in mine if shard_name(i, len(ranges)) not in done]
     scratch = tempfile.mkdtemp(prefix="swd_precompute_") if storage.is_remote(out_dir) else None
-    from tqdm.auto import tqdm
-    bar = tqdm(total=sum(ranges[i][1] - ranges[i][0] for i in mine), disable=not progress, desc="precompute",
-               initial=sum(ranges[i][1] - ranges[i][0] for i in mine if i not in todo))
+    from swd_jax.train.progress import Progress
+    bar = Progress(sum(ranges[i][1] - ranges[i][0] for i in mine), desc="precompute", disable=not progress,
+                   initial=sum(ranges[i][1] - ranges[i][0] for i in mine if i not in todo))
+    first = True  # the first batch compiles the encoders: its time stays out of the ETA
     batch = per_device_batch * enc.n_devices
     counts = {"written": 0, "skipped_shards": len(mine) - len(todo), "bad": 0}
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=8)
@@ -334,7 +335,8 @@ def precompute(model_dir: str, data_dir: str, out_dir: str, scales: Sequence[int
                             w.write({**{k: v[n] for k, v in out.items()}, "prompt": rows[r][1],
                                      "file_name": rows[r][0]})
                             counts["written"] += 1
-                    bar.update(len(idx))
+                    bar.update(len(idx), compiled=first)
+                    first = False
             _finish_shard(partial, final, w.count, counts["bad"] - bad_before)
     finally:
         pool.shutdown()
