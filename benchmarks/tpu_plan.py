@@ -69,7 +69,8 @@ class Chip:
     peak_flops: float
 
 
-CHIPS = {"v5p": Chip(95.0, 459e12), "v6e": Chip(32.0, 918e12), "v4": Chip(32.0, 275e12)}
+CHIPS = {"v5p": Chip(95.0, 459e12), "v6e": Chip(32.0, 918e12), "v4": Chip(32.0, 275e12),
+         "v5e": Chip(16.0, 197e12)}  # v5e: the v5litepod-N accelerator types (launch/plan_check.py GENERATIONS)
 SHAPES = {"medium": MEDIUM, "large": LARGE, "flux": FLUX}
 REMAT = {**{p: dict(remat=True, remat_policy=p) for p in REMAT_POLICIES}, "off": dict(remat=False)}
 HEADROOM = 0.10  # the goal: peak within 90 % of HBM
@@ -119,7 +120,7 @@ def cut(shape: TrainShape, blocks: int | None, batch: int, remat: str = "full",
     return dataclasses.replace(shape, model=model, cls_block=cls, name=f"{shape.name}[{blocks} blocks]")
 
 
-def model_flops(shape: TrainShape, chips: int, attention: bool = True) -> tuple[float, float]:
+def model_flops(shape: TrainShape, chips: int, attention: bool = True, k: int | None = None) -> tuple[float, float]:
     """(FLOPs of the iteration as cost analyses count it, FLOPs of one fake update) for all chips' batches.
 
     The iteration as written (no remat, XLA attention; with `attention=False` the attention counts nothing),
@@ -129,16 +130,16 @@ def model_flops(shape: TrainShape, chips: int, attention: bool = True) -> tuple[
     that body, the fake loss's value and gradient.
     """
     plain = dataclasses.replace(shape, remat=False, blocks_without_remat=0, attention_impl="xla",
-                                batch_per_device=shape.batch_per_device * chips)
+                                batch_per_device=shape.batch_per_device * chips, scan_blocks=False)
     one = sharding.make_mesh((1, 1, 1), devices=jax.devices("cpu")[:1])
     no_attention = lambda q_BLHD, k_BSHD, v_BSHD, *_, **__: q_BLHD
     with contextlib.ExitStack() as stack:
         if not attention:
             for module in (mmdit, flux):
                 stack.enter_context(mock.patch.object(module, "dot_product_attention", no_attention))
-        iteration = float(lower_iteration(plain, one).cost_analysis()["flops"])
+        iteration = float(lower_iteration(plain, one, k).cost_analysis()["flops"])
         m = build_models(plain)
-        k = m.schedule.num_intervals - 1
+        k = m.schedule.num_intervals - 1 if k is None else k
         state, _ = abstract_state(m, one)
         batches, _ = abstract_batches(plain, m, one, k)
         batch = {name: jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for name, x in batches.items()}
@@ -148,6 +149,37 @@ def model_flops(shape: TrainShape, chips: int, attention: bool = True) -> tuple[
         with jax.set_mesh(one), nn.logical_axis_rules(list(sharding.DEFAULT_RULES)):
             body = float(fn.lower(state, base, batch).cost_analysis()["flops"])
     return iteration, body
+
+
+def interval_seconds(shape: TrainShape, chips: int, top_seconds: float) -> list[float]:
+    """Estimated seconds of an iteration at every scale interval: the compiled top interval's seconds times each
+    interval's share of its model FLOPs (attention included; n_fake fake updates counted in full). The smaller
+    intervals are not compiled: their fixed costs (weight gathers, optimiser) make this a lower bound."""
+    n = shape.n_fake_steps
+    total = []
+    for k in range(build_models(shape).schedule.num_intervals):
+        counted, body = model_flops(shape, chips, k=k)
+        total.append(counted + (n - 1) * body)
+    return [top_seconds * t / total[-1] for t in total]
+
+
+def run_hours(interval_s: list[float], steps: int) -> float:
+    """Hours of `steps` iterations visiting interval step mod K (the trainer's order), compiles not included."""
+    K = len(interval_s)
+    return sum(len(range(k, steps, K)) * s for k, s in enumerate(interval_s)) / 3600
+
+
+def scanned_flops(shape: TrainShape, chips: int) -> float:
+    """FLOPs of the iteration without attention as a cost analysis counts the scanned program: every while loop
+    (the blocks' scans, the fake updates) once; `model_flops`' conventions otherwise."""
+    plain = dataclasses.replace(shape, remat=False, blocks_without_remat=0, attention_impl="xla",
+                                batch_per_device=shape.batch_per_device * chips)
+    one = sharding.make_mesh((1, 1, 1), devices=jax.devices("cpu")[:1])
+    no_attention = lambda q_BLHD, k_BSHD, v_BSHD, *_, **__: q_BLHD
+    with contextlib.ExitStack() as stack:
+        for module in (mmdit, flux):
+            stack.enter_context(mock.patch.object(module, "dot_product_attention", no_attention))
+        return float(lower_iteration(plain, one).cost_analysis()["flops"])
 
 
 # FLOPs of one splash kernel per (batch x heads x query rows x key rows x head dim): forward q k^T and p v; dq
@@ -241,7 +273,9 @@ def figures(shape: TrainShape, topo: str, compiler_flops: float, compiler_second
     counted, body = model_flops(shape, chips)
     counted_na, body_na = model_flops(shape, chips, attention=False)
     total, rest = counted + (n - 1) * body, counted_na + (n - 1) * body_na
-    attention, loop = total - rest, rest / counted_na
+    # Blocks under scan are while loops too: the compiler counts each group's body once. The correction is then
+    # the ratio of the model's FLOPs to those the scanned program shows when counted the same way.
+    attention, loop = total - rest, rest / (scanned_flops(shape, chips) if shape.scan_blocks else counted_na)
     splash = attention / chips if splash_per_chip is None else splash_per_chip
     images = (n + 1) * shape.batch_per_device * chips
     out = {"compiler_flops": compiler_flops, "compiler_seconds": compiler_seconds, "loop_correction": loop,
@@ -280,7 +314,7 @@ def compile_plan(shape: TrainShape, topo: str, hlo_dir: str = "") -> dict:
     mem = memory_per_device(compiled)
     return {"model": shape.name, "blocks": depth(shape), "topology": topo, "chips": chips,
             "batch_per_chip": shape.batch_per_device, "remat": remat_name(shape), "attention": shape.attention_impl,
-            "blocks_without_remat": shape.blocks_without_remat,
+            "blocks_without_remat": shape.blocks_without_remat, "scan_blocks": shape.scan_blocks,
             **mem,
             "hbm_gib": CHIPS[topo.split(":")[0]].hbm_gib,
             **figures(shape, topo, float(cost["flops"]), float(cost["optimal_seconds"]), splash_flops(hlo)),
@@ -404,6 +438,8 @@ def save_plan(path: str, key: str, summarise) -> dict:
             with open(path) as f:
                 plans = json.load(f)
         plan = summarise(plans.get(key, {}).get("rows", []))
+        if plans.get(key, {}).get("interval_seconds"):  # per-interval estimates stay until replaced
+            plan["interval_seconds"] = {**plans[key]["interval_seconds"], **plan.get("interval_seconds", {})}
         plans[key] = plan
         with open(path + ".tmp", "w") as f:
             json.dump(dict(sorted(plans.items())), f, indent=1)
@@ -424,6 +460,11 @@ def main(argv=None):
                     help="model.attention_impl: splash, or splash_fused (the kernel's fused backward)")
     ap.add_argument("--blocks-without-remat", type=int, default=0, metavar="N",
                     help="model.blocks_without_remat at full depth (cut depths keep the fraction)")
+    ap.add_argument("--unroll", action="store_true",
+                    help="model.scan_blocks=False: every block unrolled (the program before scan; slow to compile)")
+    ap.add_argument("--intervals", action="store_true",
+                    help="also estimate every scale interval's seconds (by FLOPs, from the compiled top interval) "
+                    "and the run's wall time, which launch/plan_check.py prints")
     ap.add_argument("--hlo-dir", default="", help="write each compiled program's HLO text (gzip) here")
     ap.add_argument("--json", default="", help="rows are kept in (and reused from) this file; launch/tpu_pod.sh "
                     "reads benchmarks/tpu_plan.json")
@@ -435,11 +476,11 @@ def main(argv=None):
         with open(a.json) as f:
             print(markdown(json.load(f)))
         return
-    shape = SHAPES[a.model]
+    shape = dataclasses.replace(SHAPES[a.model], scan_blocks=not a.unroll)
     batches = [int(b) for b in a.batch.split(",")] if a.batch else [shape.batch_per_device]
     depths = [int(n) for n in a.blocks.split(",")] if a.blocks else [None]
     full, hbm = depth(shape), CHIPS[a.topology.split(":")[0]].hbm_gib
-    key = plan_key(a.model, a.topology, a.remat, a.attention, a.blocks_without_remat)
+    key = plan_key(a.model, a.topology, a.remat, a.attention, a.blocks_without_remat) + ("/unroll" if a.unroll else "")
     plans = {}
     if a.json and os.path.exists(a.json):
         with open(a.json) as f:
@@ -466,9 +507,25 @@ def main(argv=None):
                   flush=True)
             if a.json:  # written after every compile: a long run keeps what it measured
                 save_plan(a.json, key, lambda saved: _summary(a, shape, merge_rows(saved, rows), full, hbm))
+    estimate = {}
+    if a.intervals:
+        _, chips = topology(a.topology)
+        for r in rows:
+            if r["blocks"] == full and r["seconds"] and r["batch_per_chip"] in batches:
+                s = cut(shape, None, r["batch_per_chip"], a.remat, a.attention, a.blocks_without_remat)
+                estimate[str(r["batch_per_chip"])] = interval_seconds(s, chips, r["seconds"])
+                per = ", ".join(f"{x:.2f}" for x in estimate[str(r["batch_per_chip"])])
+                print(f"{r['batch_per_chip']} images/chip: s/iteration per interval {per}; 3000 iterations "
+                      f"{run_hours(estimate[str(r['batch_per_chip'])], 3000):.1f} h (compiles not included)")
+
+    def summarise(saved):
+        out = _summary(a, shape, merge_rows(saved, rows), full, hbm)
+        out["interval_seconds"] = estimate
+        return out
+
     summary = _summary(a, shape, rows, full, hbm)
     if a.json:
-        summary = save_plan(a.json, key, lambda saved: _summary(a, shape, merge_rows(saved, rows), full, hbm))
+        summary = save_plan(a.json, key, summarise)
     _print(sorted(summary["rows"], key=lambda r: (r["blocks"], r["batch_per_chip"])))
     print(f"largest batch/chip that fits {hbm:.0f} GiB: {summary['max_batch_per_chip']} "
           f"(with {HEADROOM:.0%} headroom: {summary['max_batch_per_chip_10pct_headroom']})")

@@ -143,6 +143,24 @@ def suggest_variant(plans: dict, model: str, gen: str, chips: int, per_chip: flo
               f"vs {ours:.2f}): add {flags}")
 
 
+def print_run_time(plan: dict, per_chip: float, steps: int) -> float | None:
+    """Print (and return) the run's estimated hours: iteration `step` trains interval step mod K, each interval's
+    seconds from the plan's `interval_seconds` (`benchmarks.tpu_plan --intervals`) at the nearest planned batch,
+    scaled by the batch ratio; compiles not included."""
+    estimates = plan.get("interval_seconds") or {}
+    if not estimates or steps <= 0:
+        print("  run time: no per-interval estimate in the plan (python -m benchmarks.tpu_plan ... --intervals)")
+        return None
+    b = min(estimates, key=lambda x: abs(int(x) - per_chip))
+    secs = [s * per_chip / int(b) for s in estimates[b]]
+    K = len(secs)
+    hours = sum(len(range(k, steps, K)) * s for k, s in enumerate(secs)) / 3600
+    scaled = "" if int(b) == per_chip else f", scaled from {b} images/chip"
+    print(f"  run time: {steps} iterations ~ {hours:.1f} h (s/iteration per scale interval "
+          f"{', '.join(f'{s:.1f}' for s in secs)}{scaled}; compiles not included)")
+    return hours
+
+
 SAMPLING_PLAN = os.path.join(REPO, "benchmarks", "tpu_sampling_plan.json")
 SAMPLING_MODELS = {**MODELS, "medium": "medium", "large": "large", "flux": "flux"}
 
@@ -194,7 +212,9 @@ def check_generation(accel: str, rest: list[str]) -> int:
           f"({chips} chips)")
     per_chip = _option(rest, "--batch-per-device")
     if per_chip is None:
-        print(f"this launch: the plan's batch, {safe} images/chip (swd-generate's default on a TPU)")
+        compiled = max(r["batch_per_chip"] for r in plan["rows"] if r["blocks"] == plan["full_blocks"])
+        print(f"this launch: {min(compiled, safe or compiled)} images/chip, the largest batch the plan compiled "
+              "(swd-generate's default on a TPU; --batch-per-device N for more)")
         return 0
     per_chip = int(per_chip)
     print(f"this launch: {per_chip} images/chip")
@@ -256,6 +276,7 @@ def main(argv: list[str]) -> int:
         print(f"  {r['batch_per_chip']:10d} {r['peak_gib']:9.1f} {fig(r['seconds'], 7, 3)} {fig(r['mfu'], 5, 2)}")
     print(f"  largest batch/chip that fits: {best}; with 10 % headroom: {safe}")
     print(f"this launch: global batch {batch} on {accel} ({chips} chips) = {per_chip:g} images/chip")
+    print_run_time(plan, per_chip, int(config_value(config, rest, "train.steps", r"\d+") or 0))
     if not any(o.startswith(("--config.model.remat=", "--config.model.remat_policy=", "--config.model.attention_impl=",
                              "--config.model.blocks_without_remat=")) for o in rest):
         suggest_variant(plans, model, gen, chips, per_chip, (remat, attention, without), plan)

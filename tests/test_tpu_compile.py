@@ -202,3 +202,12 @@ def test_launch_plan_check_refuses_a_batch_that_does_not_fit(tmp_path, monkeypat
     plan["medium@v5p:2x2x1"]["max_batch_is_lower_bound"] = True  # only 7 compiled: 8 is unverified, not refused
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     assert plan_check.main(["v5p-16", config]) == 0
+    # The run's wall time: iteration s trains interval s mod K; each interval's seconds at the nearest planned
+    # batch, scaled by the batch ratio (sd35_medium: 3000 iterations, 8 images/chip on v5p-16).
+    plan["medium@v5p:2x2x1"]["interval_seconds"] = {"4": [1.0, 2.0, 3.0, 4.0]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    capsys.readouterr()
+    plan_check.main(["v5p-16", config])
+    assert "run time: 3000 iterations ~ 4.2 h (s/iteration per scale interval 2.0, 4.0, 6.0, 8.0, scaled from 4 " \
+           "images/chip; compiles not included)" in capsys.readouterr().out
+    assert tpu_plan.run_hours([1.0, 2.0, 3.0], 7) == pytest.approx((3 * 1 + 2 * 2 + 2 * 3) / 3600)
