@@ -151,14 +151,15 @@ def model_flops(shape: TrainShape, chips: int, attention: bool = True, k: int | 
     return iteration, body
 
 
-def interval_seconds(shape: TrainShape, chips: int, top_seconds: float) -> list[float]:
-    """Estimated seconds of an iteration at every scale interval: the compiled top interval's seconds times each
-    interval's share of its model FLOPs (attention included; n_fake fake updates counted in full). The smaller
-    intervals are not compiled: their fixed costs (weight gathers, optimiser) make this a lower bound."""
+def interval_seconds(shape: TrainShape, top_seconds: float) -> list[float]:
+    """Estimated seconds of an iteration at every scale interval: the top interval's seconds (compiled, or
+    extrapolated) times each interval's share of its model FLOPs (attention included; n_fake fake updates counted
+    in full; one chip's batch: the shares do not depend on the chip count). The smaller intervals are not compiled:
+    their fixed costs (weight gathers, optimiser) make this a lower bound."""
     n = shape.n_fake_steps
     total = []
     for k in range(build_models(shape).schedule.num_intervals):
-        counted, body = model_flops(shape, chips, k=k)
+        counted, body = model_flops(shape, 1, k=k)
         total.append(counted + (n - 1) * body)
     return [top_seconds * t / total[-1] for t in total]
 
@@ -509,11 +510,10 @@ def main(argv=None):
                 save_plan(a.json, key, lambda saved: _summary(a, shape, merge_rows(saved, rows), full, hbm))
     estimate = {}
     if a.intervals:
-        _, chips = topology(a.topology)
-        for r in rows:
+        for r in _summary(a, shape, rows, full, hbm)["rows"]:
             if r["blocks"] == full and r["seconds"] and r["batch_per_chip"] in batches:
                 s = cut(shape, None, r["batch_per_chip"], a.remat, a.attention, a.blocks_without_remat)
-                estimate[str(r["batch_per_chip"])] = interval_seconds(s, chips, r["seconds"])
+                estimate[str(r["batch_per_chip"])] = interval_seconds(s, r["seconds"])
                 per = ", ".join(f"{x:.2f}" for x in estimate[str(r["batch_per_chip"])])
                 print(f"{r['batch_per_chip']} images/chip: s/iteration per interval {per}; 3000 iterations "
                       f"{run_hours(estimate[str(r['batch_per_chip'])], 3000):.1f} h (compiles not included)")

@@ -82,7 +82,8 @@ def check_features(groups: Sequence[BlockGroup], feature_blocks: Sequence[int]) 
     ends = {g.stop - 1 for g in groups}
     inside = sorted(set(feature_blocks) - ends)
     if inside:
-        spans = [f"{g.start}..{g.stop - 1}" for g in groups if g.size > 1 and any(g.start <= b < g.stop for b in inside)]
+        spans = [f"{g.start}..{g.stop - 1}" for g in groups
+                 if g.size > 1 and any(g.start <= b < g.stop for b in inside)]
         raise ValueError(f"feature blocks {inside} fall inside scanned blocks {spans}: build the model with "
                          f"scan_splits containing them (the trainer does this for loss.cls_blocks/mmd_blocks) "
                          "or with scan_blocks=False")

@@ -79,7 +79,7 @@ class TrainingEvaluator:
         from swd_jax.eval.protocol import Evaluator
         c = run.config
         e = c.eval
-        self.unrolled = run.unrolled
+        self.unrolled = run.unrolled_arrays
         self.sets = parse_sets(e.sets)
         if not self.sets:
             raise ConfigError("eval.every > 0 needs eval.sets (name:captions.csv[:fid_stats.npz], ...)")
@@ -114,9 +114,9 @@ class TrainingEvaluator:
                                    sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         lora = run.models.transformer.lora
         # The pipeline runs the unrolled model: base and student in the stored layout (`Run.unrolled`).
-        student = Student(lora, jax.tree.map(np.zeros_like, _host(run.unrolled(run.state["student"]))), "training",
-                          run.models.schedule)
-        base = jax.tree.map(lambda x: np.asarray(x, pdt), _host(run.unrolled(run.base)))
+        zeros = jax.tree.map(np.zeros_like, _host(run.unrolled_arrays(run.state["student"])))
+        student = Student(lora, zeros, "training", run.models.schedule)
+        base = jax.tree.map(lambda x: np.asarray(x, pdt), _host(run.unrolled_arrays(run.base)))
         return SwDPipeline(run.transformer_config, base, encoder, vae, vae_params, student=student, dtype=dtype,
                            mesh=mesh, model_folder=folder, transformer_source=c.model.path)
 

@@ -289,7 +289,7 @@ def _export(run: Run, workdir: str):
     Every process takes part in gathering the (possibly cross-process sharded) LoRA; process 0 writes it.
     """
     from swd_jax.convert.peft_lora import export_diffusers_lora, export_peft
-    student = run.unrolled(run.state["student"])  # PEFT and diffusers name every block
+    student = run.unrolled_arrays(run.state["student"])  # PEFT and diffusers name every block
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         student = multihost_utils.process_allgather(student, tiled=True)

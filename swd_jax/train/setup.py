@@ -170,6 +170,12 @@ class Run:
         and the sampling pipeline hold. A jit places the copy with the same shardings per block."""
         return unstack_blocks(tree, self.block_groups)
 
+    def unrolled_arrays(self, tree):
+        """`unrolled` of device arrays as one jitted program (also for arrays sharded across processes)."""
+        if all(g.size == 1 for g in self.block_groups):
+            return tree
+        return jax.jit(self.unrolled)(tree)
+
     def stacked(self, tree):
         """The inverse of `unrolled`: a stored tree in this run's layout."""
         return stack_blocks(tree, self.block_groups)
