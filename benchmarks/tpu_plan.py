@@ -120,6 +120,27 @@ def cut(shape: TrainShape, blocks: int | None, batch: int, remat: str = "full",
     return dataclasses.replace(shape, model=model, cls_block=cls, name=f"{shape.name}[{blocks} blocks]")
 
 
+def _plain(shape: TrainShape, chips: int, scan_blocks: bool) -> TrainShape:
+    """`shape` as the FLOP counts lower it: all chips' batches on one device, no remat, XLA attention."""
+    return dataclasses.replace(shape, remat=False, blocks_without_remat=0, attention_impl="xla",
+                               batch_per_device=shape.batch_per_device * chips, scan_blocks=scan_blocks)
+
+
+def host_mesh():
+    """One host CPU device as a (1, 1, 1) mesh: where the pre-optimisation FLOP counts are lowered."""
+    return sharding.make_mesh((1, 1, 1), devices=jax.devices("cpu")[:1])
+
+
+@contextlib.contextmanager
+def attention_left_out():
+    """Our models with attention counting nothing (q passes through): the FLOPs of everything else."""
+    no_attention = lambda q_BLHD, k_BSHD, v_BSHD, *_, **__: q_BLHD
+    with contextlib.ExitStack() as stack:
+        for module in (mmdit, flux):
+            stack.enter_context(mock.patch.object(module, "dot_product_attention", no_attention))
+        yield
+
+
 def model_flops(shape: TrainShape, chips: int, attention: bool = True, k: int | None = None) -> tuple[float, float]:
     """(FLOPs of the iteration as cost analyses count it, FLOPs of one fake update) for all chips' batches.
 
@@ -129,14 +150,11 @@ def model_flops(shape: TrainShape, chips: int, attention: bool = True, k: int | 
     while loop) once, not n_fake times (checked: n_fake 1 and 2 give the same counts); the second figure is
     that body, the fake loss's value and gradient.
     """
-    plain = dataclasses.replace(shape, remat=False, blocks_without_remat=0, attention_impl="xla",
-                                batch_per_device=shape.batch_per_device * chips, scan_blocks=False)
-    one = sharding.make_mesh((1, 1, 1), devices=jax.devices("cpu")[:1])
-    no_attention = lambda q_BLHD, k_BSHD, v_BSHD, *_, **__: q_BLHD
+    plain = _plain(shape, chips, scan_blocks=False)
+    one = host_mesh()
     with contextlib.ExitStack() as stack:
         if not attention:
-            for module in (mmdit, flux):
-                stack.enter_context(mock.patch.object(module, "dot_product_attention", no_attention))
+            stack.enter_context(attention_left_out())
         iteration = float(lower_iteration(plain, one, k).cost_analysis()["flops"])
         m = build_models(plain)
         k = m.schedule.num_intervals - 1 if k is None else k
@@ -173,14 +191,8 @@ def run_hours(interval_s: list[float], steps: int) -> float:
 def scanned_flops(shape: TrainShape, chips: int) -> float:
     """FLOPs of the iteration without attention as a cost analysis counts the scanned program: every while loop
     (the blocks' scans, the fake updates) once; `model_flops`' conventions otherwise."""
-    plain = dataclasses.replace(shape, remat=False, blocks_without_remat=0, attention_impl="xla",
-                                batch_per_device=shape.batch_per_device * chips)
-    one = sharding.make_mesh((1, 1, 1), devices=jax.devices("cpu")[:1])
-    no_attention = lambda q_BLHD, k_BSHD, v_BSHD, *_, **__: q_BLHD
-    with contextlib.ExitStack() as stack:
-        for module in (mmdit, flux):
-            stack.enter_context(mock.patch.object(module, "dot_product_attention", no_attention))
-        return float(lower_iteration(plain, one).cost_analysis()["flops"])
+    with attention_left_out():
+        return float(lower_iteration(_plain(shape, chips, shape.scan_blocks), host_mesh()).cost_analysis()["flops"])
 
 
 # FLOPs of one splash kernel per (batch x heads x query rows x key rows x head dim): forward q k^T and p v; dq

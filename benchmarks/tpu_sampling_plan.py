@@ -34,7 +34,6 @@ import dataclasses
 import json
 import os
 import time
-from unittest import mock
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host only traces; the TPU compiler comes from libtpu
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only use: no chip to lock
@@ -44,8 +43,8 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.abstract_train import abstract_base, memory_per_device
-from benchmarks.tpu_plan import CHIPS, HEADROOM, SHAPES, _f, _line, cut, depth, largest_batch, splash_flops, topology
-from swd_jax.models import flux, mmdit
+from benchmarks.tpu_plan import (CHIPS, HEADROOM, SHAPES, _f, _line, attention_left_out, cut, depth, host_mesh,
+                                 largest_batch, splash_flops, topology)
 from swd_jax.train import sharding
 from swd_jax.train.backbone import backbone_of
 
@@ -116,14 +115,12 @@ def loop_correction(shape, guidance: float | None) -> float:
     analysis (the TPU compiler's too) counts a while loop's body once, so a group of n scanned blocks counts as one.
     The ratio of the unrolled to the scanned step's counts, attention left out (splash is counted apart), both
     lowered on one host CPU device as `benchmarks.tpu_plan.scanned_flops` does for training."""
-    one = sharding.make_mesh((1, 1, 1), devices=jax.devices("cpu")[:1])
-    no_attention = lambda q_BLHD, k_BSHD, v_BSHD, *_, **__: q_BLHD
+    one = host_mesh()
     counts = []
     for scan in (False, True):
         fn, args, guided = step_program(dataclasses.replace(shape, attention_impl="xla"), one, "xla", guidance, scan)
         with contextlib.ExitStack() as stack:
-            for module in (mmdit, flux):
-                stack.enter_context(mock.patch.object(module, "dot_product_attention", no_attention))
+            stack.enter_context(attention_left_out())
             stack.enter_context(jax.set_mesh(one))
             stack.enter_context(nn.logical_axis_rules(list(sharding.DEFAULT_RULES)))
             counts.append(float(fn.lower(*args, guided=guided).cost_analysis()["flops"]))
