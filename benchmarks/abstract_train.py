@@ -20,15 +20,16 @@ import optax
 from benchmarks.tiny import MICRO
 from configs import flux_dev
 from configs.common import base_config
-from swd_jax.train import sharding
-from swd_jax.discriminator import DiscriminatorHead
+from swd_jax.method.discriminator import DiscriminatorHead
+from swd_jax.method.schedule import ScaleSchedule
+from swd_jax.method.schedule import make_schedule
+from swd_jax.models.backbone import backbone_of, model_guidance
 from swd_jax.models.block_scan import stack_blocks
 from swd_jax.models.flux import FLUX_DEV, FluxConfig
 from swd_jax.models.layers import LORA, LoraConfig
 from swd_jax.models.mmdit import SD35_LARGE, SD35_MEDIUM, MMDiTConfig
-from swd_jax.schedule import ScaleSchedule
-from swd_jax.train.backbone import backbone_of, model_guidance
-from swd_jax.train.setup import DTYPES, loss_config, make_optimizer, make_schedule
+from swd_jax.train import sharding
+from swd_jax.train.setup import DTYPES, loss_config, make_optimizer
 from swd_jax.train.steps import SwDModels, init_state, make_iteration
 
 SD35_TEXT_TOKENS = 77 + 256  # CLIP-L/G (77) joined with T5-XXL (256) on the token axis, width 4096
@@ -40,7 +41,7 @@ class TrainShape:
     """One SwD training setup: model shape, schedule, per-device batch and the loss settings that change cost."""
     name: str
     model: MMDiTConfig | FluxConfig
-    schedule: str | ScaleSchedule  # a preset name of swd_jax.schedule, or a schedule
+    schedule: str | ScaleSchedule  # a preset name of swd_jax.method.schedule, or a schedule
     batch_per_device: int
     cls_block: int
     cfg_teacher: float

@@ -1,4 +1,4 @@
-"""ms/image of `swd_jax.generate` end to end (text encoders, sampler, VAE decode): scale-wise vs the teacher.
+"""ms/image of `swd_jax.cli.generate` end to end (text encoders, sampler, VAE decode): scale-wise vs the teacher.
 
     python -m benchmarks.generate_speed --model FOLDER [--schedule sd35_medium_6] [--divide 2] [--images 4]
 
@@ -36,7 +36,7 @@ def build_tiny(folder: str) -> None:
 def measure(folder: str, schedule: str, images: int, batch: int, max_sequence_length: int,
             divide: int = 1) -> dict[str, float]:
     from swd_jax.pipeline import SwDPipeline
-    from swd_jax.schedule import get_schedule
+    from swd_jax.method.schedule import get_schedule
 
     pipe = SwDPipeline.from_pretrained(folder, max_sequence_length=max_sequence_length)
     preset = get_schedule(schedule)

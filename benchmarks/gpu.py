@@ -5,7 +5,7 @@
 
 Random SD3.5-Medium weights (published shapes) in bf16, 333 text tokens, batch 1, 1024 px (latent 128):
 1. sampler latency, median of `--repeats`: SwD 6-step, SwD 4-step, full-resolution 4-step; ours
-   (`swd_jax.sampler.scale_wise_sample`, attention `--attention`) and diffusers/PyTorch (SD3Transformer2DModel,
+   (`swd_jax.method.sampler.scale_wise_sample`, attention `--attention`) and diffusers/PyTorch (SD3Transformer2DModel,
    SDPA attention, the reference's sampler loop);
 2. one SwD training iteration at the full-resolution interval (5 fake + 1 generator update, all losses,
    remat, per-GPU batch `--train-batch`): seconds, images/s (6 batches per iteration), model FLOP utilisation
@@ -31,9 +31,10 @@ import jax.numpy as jnp
 
 from benchmarks.abstract_train import MEDIUM, TrainShape, build_models
 from benchmarks.tiny import synthetic_batches, synthetic_uncond
-from swd_jax.convert.transformer import abstract_params, example_inputs
+from swd_jax.convert.transformer import abstract_params
+from swd_jax.method.schedule import ScaleSchedule
 from swd_jax.models.mmdit import MMDiT
-from swd_jax.schedule import ScaleSchedule
+from swd_jax.models.mmdit import example_inputs
 from swd_jax.train.setup import DTYPES
 from swd_jax.train.steps import init_state, make_iteration
 
@@ -113,7 +114,7 @@ def fresh_state(m, key) -> dict:
 
 
 def _sigmas(n_steps: int):
-    from swd_jax.schedule import get_schedule
+    from swd_jax.method.schedule import get_schedule
     return get_schedule("sd35_medium_6" if n_steps == 6 else "sd35_medium_4").sampling_sigmas
 
 
@@ -129,7 +130,7 @@ def _median_time(fn, repeats: int) -> tuple[float, list[float]]:
 
 def sampler_latency_jax(s: Setup, repeats: int) -> dict:
     """Ours: seconds per 1-image sample for SwD 6/4-step and full-resolution 4-step."""
-    from swd_jax.sampler import scale_wise_sample
+    from swd_jax.method.sampler import scale_wise_sample
     t, cfg = s.train, s.train.model
     dt = DTYPES[t.dtype]
     model = MMDiT(cfg, dtype=dt, param_dtype=dt, attention_impl=t.attention_impl)

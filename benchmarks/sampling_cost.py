@@ -2,7 +2,7 @@
 
     python -m benchmarks.sampling_cost [--repeats 5] [--skip-wall] [--skip-flops] [--json out.json]
 
-FLOPs: XLA's cost analysis of the sampler's own step programs (`swd_jax.sampler._scale_step` /
+FLOPs: XLA's cost analysis of the sampler's own step programs (`swd_jax.method.sampler._scale_step` /
 `_euler_step`: transformer + bicubic upscale + renoise, CFG as one doubled batch) lowered on abstract
 inputs at the published SD3.5-Medium and -Large shapes (bf16, 333 text tokens, batch 1, 1024 px = latent
 128); no weights are needed. The student's LoRA is counted as merged into the base weights.
@@ -23,10 +23,10 @@ import numpy as np
 
 from benchmarks.abstract_train import SD35_TEXT_TOKENS
 from benchmarks.tiny import TINY_SD35M, TinyShape, random_uncond
-from swd_jax import sampler
 from swd_jax.convert.transformer import abstract_params
+from swd_jax.method import sampler
+from swd_jax.method.schedule import flow_match_sigmas, get_schedule
 from swd_jax.models.mmdit import SD35_LARGE, SD35_MEDIUM, MMDiT, MMDiTConfig
-from swd_jax.schedule import flow_match_sigmas, get_schedule
 
 TEACHER_STEPS, TEACHER_CFG = 28, 7.0
 

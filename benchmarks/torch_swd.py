@@ -7,7 +7,7 @@ term its own forward pass as the reference runs them:
 - fake update: student (no grad) -> fake with features (grad) -> fake on real data, features only;
 - generator update: student (grad) -> teacher cond, teacher uncond (no grad) -> fake (no grad, for DMD) ->
   fake features (frozen, grad to the input, GAN) -> fake features on fake and real (PDM).
-Latents are NCHW here. Sigmas come from our diffusers-exact grid (`swd_jax.schedule`).
+Latents are NCHW here. Sigmas come from our diffusers-exact grid (`swd_jax.method.schedule`).
 """
 from __future__ import annotations
 

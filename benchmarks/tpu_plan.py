@@ -55,10 +55,10 @@ from launch.plan_check import (  # the launcher reads these plans (standard libr
     variant_suffix,
 )
 from swd_jax.models import flux, mmdit
+from swd_jax.models.backbone import backbone_of
 from swd_jax.models.flux import FluxConfig
 from swd_jax.models.layers import REMAT_POLICIES, SPLASH_IMPLS
 from swd_jax.train import sharding
-from swd_jax.train.backbone import backbone_of
 from swd_jax.train.steps import fake_loss
 
 

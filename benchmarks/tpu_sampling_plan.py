@@ -4,7 +4,7 @@
         --json benchmarks/tpu_sampling_plan.json     # full depth, blocks scanned; the batch slope
     python -m benchmarks.tpu_sampling_plan --json benchmarks/tpu_sampling_plan.json --table
 
-The program is the one `swd-generate --sampler teacher` runs per step (`swd_jax.sampler._euler_step` with the
+The program is the one `swd-generate --sampler teacher` runs per step (`swd_jax.method.sampler._euler_step` with the
 pipeline's teacher velocity): SD3.5 with CFG (cond and uncond in one forward of 2 x batch), FLUX-dev with its
 embedded guidance (no CFG batch); latent 128 (1024 px), bf16 compute and weights, splash attention
 (`--attention xla` for the XLA one), weights replicated and the batch split over the chips (data parallel, as
@@ -45,8 +45,8 @@ import jax.numpy as jnp
 from benchmarks.abstract_train import abstract_base, memory_per_device
 from benchmarks.tpu_plan import (CHIPS, HEADROOM, SHAPES, _f, _line, attention_left_out, cut, depth, host_mesh,
                                  largest_batch, splash_flops, topology)
+from swd_jax.models.backbone import backbone_of
 from swd_jax.train import sharding
-from swd_jax.train.backbone import backbone_of
 
 STEPS = 28  # the teacher's Euler steps (diffusers' SD3 and FLUX pipelines)
 LATENT = 128  # 1024 px
@@ -60,7 +60,7 @@ LINEAR = ("arguments_gib", "outputs_gib", "temp_gib", "peak_gib", "compiler_flop
 def step_program(shape, mesh, attention: str, guidance: float | None, scan: bool = True):
     """(jitted teacher step, abstract args): x [B, 128, 128, C] -> x + (sigma' - sigma) v, B split over the chips;
     `scan`: runs of identical blocks under one scan, weights stacked (as SwDPipeline runs them on a TPU)."""
-    from swd_jax.sampler import _euler_step
+    from swd_jax.method.sampler import _euler_step
     cfg = shape.model
     bb = backbone_of(cfg)
     model = bb.module_cls(cfg, lora=None, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl=attention,

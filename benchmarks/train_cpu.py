@@ -107,7 +107,7 @@ class TorchRunner:
     def __init__(self, shape: TinyShape, k: int):
         import torch
         from benchmarks.torch_swd import TorchSwD, to_torch_nchw
-        from swd_jax.schedule import ScaleSchedule
+        from swd_jax.method.schedule import ScaleSchedule
         sched = ScaleSchedule(scales=shape.scales, boundaries=shape.boundaries)
         self.model = TorchSwD(shape.mmdit_fields(), scales=shape.scales, boundaries=shape.boundaries,
                               sigmas=sched.sigmas, lora_rank=shape.lora_rank, cls_blocks=(shape.cls_block,),

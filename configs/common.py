@@ -39,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
                   do_dmd=True, do_gan=True, do_pdm=True)
     c.optim = dict(lr=5e-6, lr_fake=5e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, clip_norm=10.0)
     # data.kind: "digits" (built-in toy), "precomputed" (array_record of latents per scale + text embeddings,
-    # from swd_jax.precompute), "images" (image records encoded online by our VAE/text encoders from model.path).
+    # from swd-precompute), "images" (image records encoded online by our VAE/text encoders from model.path).
     # data.latent: "sample" (a fresh VAE posterior draw each time an image is used, as the official code) or
     # "mean" (the posterior mean); VAE sources only. data.verify: the start-up check of precomputed shards,
     # "fast" (sizes, row counts, a few records per shard) or "full" (also every shard's checksum). A gs:// path

@@ -19,7 +19,7 @@ The published FLUX-SwD student (yandex-research/swd README): scales 64-80-96-128
   the final output layer).
 
 1. Convert once:     python -m swd_jax.convert /path/to/FLUX.1-dev /ckpt/flux_dev --dtype bfloat16
-2. Precompute data:  python -m swd_jax.precompute --model /path/to/FLUX.1-dev --data /data/train_data \
+2. Precompute data:  swd-precompute --model /path/to/FLUX.1-dev --data /data/train_data \
                          --out /data/flux_pre --scales 64,80,96,128 --max_sequence_length 512
    (FLUX's VAE and prompt encoder, chosen by the folder's model_index.json; or data.kind="images" online)
 3. Train:             python -m swd_jax.train --config configs/flux_dev.py --workdir /runs/flux_dev \

@@ -4,7 +4,7 @@ Reference (`train_sd35_large.sh`): scales 64-80-96-128, boundaries 0-7-14-18-28,
 block 20 (of 38), LoRA rank 64, lr 5e-6, 4000 steps, global batch 32 (8 GPUs x 4), bf16, remat.
 
     python -m swd_jax.convert /path/to/stable-diffusion-3.5-large /ckpt/sd35l --dtype bfloat16
-    python -m swd_jax.precompute --model /path/to/stable-diffusion-3.5-large \
+    swd-precompute --model /path/to/stable-diffusion-3.5-large \
         --data /data/sd35_large_train_data --out /data/sd35l_pre --scales 64,80,96,128
     launch/tpu_pod.sh NAME ZONE v5p-32 configs/sd35_large.py gs://BUCKET/runs/sd35l \
         --config.model.path=/ckpt/sd35l --config.data.path=/data/sd35l_pre

@@ -5,7 +5,7 @@ Reference hyperparameters (yandex-research/swd `train_sd35_medium.sh`): scales 6
 projections of both streams, AdamW lr 5e-6, 3000 steps, global batch 64 (8 GPUs x 8), bf16, remat.
 
 1. Convert once:     python -m swd_jax.convert /path/to/stable-diffusion-3.5-medium /ckpt/sd35m --dtype bfloat16
-2. Precompute data:  python -m swd_jax.precompute --model /path/to/stable-diffusion-3.5-medium \
+2. Precompute data:  swd-precompute --model /path/to/stable-diffusion-3.5-medium \
                          --data /data/sd35_medium_train_data --out /data/sd35m_pre --scales 64,80,96,128
 3. Train (one host):  python -m swd_jax.train --config configs/sd35_medium.py --workdir /runs/sd35m \
                          --config.model.path=/ckpt/sd35m --config.data.path=/data/sd35m_pre

@@ -4,14 +4,14 @@
     images = pipe.generate(["a cat reading a newspaper"], seed=0)      # uint8 [N, 1024, 1024, 3]
 
 `folder` holds transformer/, vae/, text_encoder{,_2,_3}/ and tokenizer{,_2,_3}/ (a diffusers pipeline folder);
-the transformer's `_class_name` picks the family (`swd_jax.train.backbone`): FLUX.1 (FluxTransformer2DModel) gets
+the transformer's `_class_name` picks the family (`swd_jax.models.backbone`): FLUX.1 (FluxTransformer2DModel) gets
 FLUX's CLIP-L + T5 encoder (512 T5 tokens by default), the `flux_4` preset and, for FLUX-dev, the guidance scale
 through the guidance embedding (default 4.5, as the published FLUX-SwD samples; schnell has none; no CFG);
 `converted=` replaces its transformer by our converted params (`swd-convert`). `lora=` is a run's
 workdir (its latest checkpointed student, with the run's LoRA config and scale schedule from its config.json),
 a PEFT adapter folder (the published SwD adapters; with or without the text-stream targets) or a diffusers LoRA
 file. Samplers (`SamplerSettings`): "scale_wise" (the student's: K steps, upscaling between scales; presets of
-`swd_jax.schedule.PRESETS` or explicit scales + sigmas), "full_resolution" (the same sigmas at one size) and
+`swd_jax.method.schedule.PRESETS` or explicit scales + sigmas), "full_resolution" (the same sigmas at one size) and
 "teacher" (the base model without the LoRA, many-step Euler: SD3 with CFG; FLUX as diffusers' FluxPipeline, its
 dynamic-shift sigmas for the latent size, embedded guidance 3.5, no CFG). Batches are sharded over `devices` (data
 parallel, a 1-D mesh; parameters replicated); every sampling step, the text encoders and the VAE decoder are
@@ -36,28 +36,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from swd_jax import storage
+from swd_jax.convert.converted import load_converted, load_diffusers
+from swd_jax.convert.flux_prompt_encoding import FluxPromptEncoder, load_prompt_encoder
 from swd_jax.convert.folders import (NOT_TRANSFORMER, PIPELINE_PARTS, from_hub, hub_id, local_model_folder, read_json,
                                      source_path)
 from swd_jax.convert.peft_lora import adapter_files, import_lora
+from swd_jax.convert.prompt_encoding import SD3PromptEncoder
 from swd_jax.convert.transformer import transformer_class, transformer_folder
 from swd_jax.convert.vae import load_vae
 from swd_jax.eval.prompts import sample_seed
-from swd_jax.flux_prompt_encoding import FluxPromptEncoder, load_prompt_encoder
-from swd_jax.models.block_scan import stack_blocks
-from swd_jax.models.flux import FluxConfig
-from swd_jax.models.layers import ATTENTION_IMPLS, LORA, SPLASH_IMPLS, LoraConfig
-from swd_jax.models.mmdit import MMDiTConfig
-from swd_jax.models.vae import decode_latents
-from swd_jax.prompt_encoding import SD3PromptEncoder
-from swd_jax.sampler import SamplerNoise, euler_sample, scale_wise_sample
-from swd_jax.schedule import (
+from swd_jax.method.sampler import SamplerNoise, euler_sample, scale_wise_sample
+from swd_jax.method.schedule import (
     FLUX_DEV_SCHEDULER,
     ScaleSchedule,
     flow_match_sigmas,
     flux_dynamic_sigmas,
     get_schedule,
+    make_schedule,
 )
-from swd_jax.train.backbone import backbone_of, backbone_of_class
+from swd_jax.models.backbone import backbone_of, backbone_of_class
+from swd_jax.models.block_scan import stack_blocks
+from swd_jax.models.flux import FluxConfig
+from swd_jax.models.layers import ATTENTION_IMPLS, LORA, SPLASH_IMPLS, LoraConfig
+from swd_jax.models.mmdit import MMDiTConfig
+from swd_jax.models.vae import decode_latents
 
 SAMPLERS = ("scale_wise", "full_resolution", "teacher")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -182,7 +184,6 @@ def load_student(path: str, cfg: MMDiTConfig | FluxConfig, dtype=jnp.float32) ->
 
     from swd_jax.convert.orbax_params import check_matches, tree_metadata
     from swd_jax.convert.peft_lora import abstract_lora
-    from swd_jax.train.setup import make_schedule
 
     run_config = read_json(storage.join(path, "config.json"), "run config")
     c = ml_collections.ConfigDict(run_config)
@@ -322,7 +323,6 @@ class SwDPipeline:
                 converted = path  # the run's own base weights (a converted checkpoint)
         local = local_model_folder(folder, parts=PIPELINE_PARTS if converted is None else NOT_TRANSFORMER)
         if converted is not None:
-            from swd_jax.convert.converted import load_converted
             cfg, base = load_converted(converted)
             base = jax.tree.map(lambda x: x.astype(pdt), base)
             source = storage.resolve(converted)
@@ -333,7 +333,7 @@ class SwDPipeline:
             family = backbone_of_class(transformer_class(tfolder))
             cfg = family.config_cls.from_folder(tfolder)
             shardings = jax.tree.map(lambda _: rep, nn.unbox(family.boxed_params(cfg, pdt)))
-            _, base = family.load_diffusers(tfolder, dtype=pdt, shardings=shardings)
+            _, base = load_diffusers(tfolder, dtype=pdt, shardings=shardings)
             source = source_path(folder, local, tfolder) if local != folder else os.path.abspath(tfolder)
         student = None if lora is None else load_student(lora, cfg)
         vae_dir = os.path.join(local, "vae")
@@ -396,7 +396,7 @@ class SwDPipeline:
 
     def flux_scheduler(self) -> tuple[str, dict]:
         """(source, config) of the FLUX teacher's sigmas: the folder's scheduler/scheduler_config.json, else
-        FLUX.1-dev's values (`swd_jax.schedule.FLUX_DEV_SCHEDULER`)."""
+        FLUX.1-dev's values (`swd_jax.method.schedule.FLUX_DEV_SCHEDULER`)."""
         remote = storage.is_remote(self.model_folder)  # then read from its local copy
         path = os.path.join(self.local_folder if remote else self.model_folder, "scheduler", "scheduler_config.json")
         if not os.path.isfile(path):

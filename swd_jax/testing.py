@@ -5,7 +5,7 @@ Written from METHOD.md and the semantics of the official PyTorch code (yandex-re
 diffusers' `FlowMatchEulerDiscreteScheduler`; torch `F.interpolate`), in the plainest form: direct pairwise
 distances, explicit bins and kernel taps, float64 arithmetic. No jax, no torch: import it in any test suite.
 
-Every reference has the name and signature of the swd_jax function it checks (swd_jax.losses, .schedule,
+Every reference has the name and signature of the swd_jax function it checks (swd_jax.method.losses, .schedule,
 .resize, .sampler), takes NumPy arrays (anything `np.asarray` accepts) and returns float64 NumPy values
 (flow_match_sigmas / flow_match_timesteps: the float32 values diffusers returns). The samplers need explicit
 `noise` (a NumPy reference cannot reproduce jax.random) and call your velocity function with NumPy arrays.

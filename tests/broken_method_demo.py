@@ -8,7 +8,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
 
-from swd_jax import losses, testing  # noqa: E402
+from swd_jax import testing  # noqa: E402
+from swd_jax.method import losses  # noqa: E402
 from tests.test_method_properties import broken_variants, find_failure  # noqa: E402
 
 

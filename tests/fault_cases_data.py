@@ -31,7 +31,7 @@ def _precomputed() -> tuple[str, int, int]:
     """(folder, offset of a byte whose flip breaks record 0 of shard 1, one that breaks its record 3)."""
     from array_record.python.array_record_module import ArrayRecordReader
 
-    from swd_jax.train.precompute import shard_name
+    from swd_jax.train.shard_checks import shard_name
     from swd_jax.train.records import write_array_records
     from swd_jax.train.shard_checks import shard_sidecar
     d = tempfile.mkdtemp(prefix="swd_fault_pre_")
@@ -80,7 +80,7 @@ def _data_copy(tmp_path: pathlib.Path) -> str:
 
 
 def _shard(folder: str, i: int) -> str:
-    from swd_jax.train.precompute import shard_name
+    from swd_jax.train.shard_checks import shard_name
     return os.path.join(folder, shard_name(i, N_SHARDS))
 
 
@@ -91,7 +91,7 @@ def _flip(path: str, offset: int) -> None:
 
 
 def _train(tmp_path: pathlib.Path, data_path: str, *extra: str) -> tuple[int, str]:
-    from swd_jax.train.__main__ import main
+    from swd_jax.cli.train import main
     return run_cli(main, ["--config", "tiny", "--workdir", str(tmp_path / "run"), "--config.data.kind=precomputed",
                           "--config.mesh.shape=1,-1,1", f"--config.data.path={data_path}", *extra])
 
@@ -156,7 +156,7 @@ def _model() -> str:
 
 
 def _precompute(tmp_path: pathlib.Path, data: pathlib.Path, *extra: str, model: str | None = None):
-    from swd_jax.train.precompute import main
+    from swd_jax.cli.precompute import main
     from tests.test_prompt_encoding import T5_LEN
     return run_cli(main, ["--model", model or str(tmp_path / "no_model"), "--data", str(data),
                           "--out", str(tmp_path / "out"), "--scales", "4,8", "--shard_size", "6",

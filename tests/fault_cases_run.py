@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import glob
+import importlib
 import json
 import os
 import pathlib
@@ -36,7 +37,7 @@ def train_cli(workdir, *extra: str, base: bool = True) -> tuple[int, str]:
     compile cache of the tests."""
     import jax
 
-    from swd_jax.train.__main__ import main
+    from swd_jax.cli.train import main
     cache = jax.config.jax_compilation_cache_dir
     old = os.environ.get("SWD_COMPILE_CACHE")
     os.environ["SWD_COMPILE_CACHE"] = cache or "off"
@@ -397,7 +398,7 @@ CASES = [
     FaultCase("steps_zero", fresh("--config.train.steps=0"), 2, r"error: train.steps=0: must be at least 1"),
     FaultCase("batch_size_zero", fresh("--config.train.batch_size=0"), 2, r"error: train.batch_size=0"),
     FaultCase("unknown_config_name", fresh("--config", "nosuch", base=False), 2, r"error: no config named 'nosuch'"),
-    FaultCase("no_workdir_given", lambda tmp: run_cli(__import__("swd_jax.train.__main__").train.__main__.main,
+    FaultCase("no_workdir_given", lambda tmp: run_cli(importlib.import_module("swd_jax.cli.train").main,
                                                       ["--config", "tiny"]), 2,
               r"error: --config and --workdir are required"),
     FaultCase("config_change_refused", resumed("--config.lora.rank=8"), 2,

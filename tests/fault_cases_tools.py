@@ -75,22 +75,22 @@ def _images(tmp_path: pathlib.Path, n: int = 2) -> str:
 # the commands, run in this process
 # ----------------------------------------------------------------------------------------------------------------
 def convert(*argv) -> tuple[int, str]:
-    from swd_jax.convert.__main__ import main
+    from swd_jax.cli.convert import main
     return run_cli(main, [*map(str, argv), "--no-progress"])
 
 
 def verify(*argv) -> tuple[int, str]:
-    from swd_jax.verify import main
+    from swd_jax.cli.verify import main
     return run_cli(main, [*map(str, argv), "--sizes", "8", "--batch", "1", "--text-tokens", "7"])
 
 
 def generate(*argv) -> tuple[int, str]:
-    from swd_jax.generate import main
+    from swd_jax.cli.generate import main
     return run_cli(main, [*map(str, argv), "--no-progress"])
 
 
 def evaluate(*argv) -> tuple[int, str]:
-    from swd_jax.evaluate import main
+    from swd_jax.cli.evaluate import main
     return run_cli(main, list(map(str, argv)))
 
 

@@ -192,7 +192,7 @@ def _rewrite_safetensors(src, dst, edit):
 
 
 def test_verify_tells_could_not_run_from_tolerance_exceeded(tiny_folder, tmp_path, capsys):
-    from swd_jax.verify import EXIT_COULD_NOT_RUN, main as verify_main
+    from swd_jax.cli.verify import EXIT_COULD_NOT_RUN, main as verify_main
     missing = _rewrite_safetensors(tiny_folder, tmp_path / "missing", lambda t: t.pop(sorted(t)[0]))
     assert verify_main([missing, "--sizes", "8", "--text-tokens", "7"]) == EXIT_COULD_NOT_RUN == 2
     err = capsys.readouterr().err.strip()
@@ -205,7 +205,7 @@ def test_verify_tells_could_not_run_from_tolerance_exceeded(tiny_folder, tmp_pat
 
 
 def test_convert_refuses_nan_weights(tiny_folder, tmp_path, capsys):
-    from swd_jax.convert.__main__ import main as convert_main
+    from swd_jax.cli.convert import main as convert_main
 
     def poison(t):
         key = next(k for k in sorted(t) if k.endswith("to_q.weight"))

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from configs.common import base_config
-from swd_jax.command_line import run_main
+from swd_jax.cli.common import run_main
 from swd_jax.train.config_checks import check_values, resume_changes
 from swd_jax.train.config_loading import ConfigError, apply_overrides, load_config
 
@@ -120,7 +120,7 @@ def test_user_errors_are_one_line_and_exit_2(capsys):
 def test_model_path_is_recognised_and_mismatches_are_named(tmp_path):
     from swd_jax.train.setup import check_schedule_fits, default_feature_block, model_source
     from swd_jax.models.mmdit import MMDiTConfig
-    from swd_jax.schedule import get_schedule
+    from swd_jax.method.schedule import get_schedule
     pipe, conv, tr = tmp_path / "pipe", tmp_path / "conv", tmp_path / "tr"
     (pipe / "transformer").mkdir(parents=True)
     (pipe / "model_index.json").write_text("{}")

@@ -3,7 +3,8 @@ import importlib
 
 import pytest
 
-from swd_jax.train.setup import loss_config, make_schedule
+from swd_jax.method.schedule import make_schedule
+from swd_jax.train.setup import loss_config
 
 CONFIGS = ["tiny", "sd35_medium", "sd35_large", "digits_demo", "flux_dev"]
 

@@ -7,16 +7,16 @@ import sys
 
 import pytest
 
-MODULES = ["swd_jax", "swd_jax.losses", "swd_jax.schedule", "swd_jax.resize", "swd_jax.sampler", "swd_jax.testing"]
+MODULES = ["swd_jax", "swd_jax.method.losses", "swd_jax.method.schedule", "swd_jax.method.resize", "swd_jax.method.sampler", "swd_jax.testing"]
 # The public functions and classes of the method, each of which must carry a runnable example.
 PUBLIC = {
-    "swd_jax.losses": ["pdm_loss", "pdm_linear", "pdm_rbf", "dmd_grad", "dmd_loss", "gan_discriminator_loss",
+    "swd_jax.method.losses": ["pdm_loss", "pdm_linear", "pdm_rbf", "dmd_grad", "dmd_loss", "gan_discriminator_loss",
                        "gan_generator_loss", "fake_model_loss"],
-    "swd_jax.schedule": ["flow_match_sigmas", "flow_match_timesteps", "flux_dynamic_sigmas", "add_noise",
+    "swd_jax.method.schedule": ["flow_match_sigmas", "flow_match_timesteps", "flux_dynamic_sigmas", "add_noise",
                          "ScaleSchedule", "get_schedule"],
-    "swd_jax.resize": ["area_resize", "bicubic_resize", "bilinear_resize", "resize", "area_matrix",
+    "swd_jax.method.resize": ["area_resize", "bicubic_resize", "bilinear_resize", "resize", "area_matrix",
                        "bicubic_matrix", "bilinear_matrix"],
-    "swd_jax.sampler": ["scale_wise_sample", "euler_sample", "SamplerNoise", "mmdit_velocity", "flux_velocity"],
+    "swd_jax.method.sampler": ["scale_wise_sample", "euler_sample", "SamplerNoise", "mmdit_velocity", "flux_velocity"],
     "swd_jax.testing": [],  # its examples are in the module docstring
 }
 

@@ -7,8 +7,8 @@ from tests import torchvision_inception
 
 _, fid_score = torchvision_inception.import_pytorch_fid()  # CI: pip install --no-deps pytorch-fid
 
-from swd_jax.eval import fid, image_chain  # noqa: E402
 from swd_jax.demo.tiny_kit import random_inception_npz as _random_inception_npz  # noqa: E402
+from swd_jax.eval import fid, image_chain  # noqa: E402
 
 
 def _stats(rng, n, d, shift=0.0):

@@ -1,4 +1,4 @@
-"""`python -m swd_jax.evaluate` end to end on tiny random models: FID, CLIP score and PickScore of a folder with
+"""`python -m swd_jax.cli.evaluate` end to end on tiny random models: FID, CLIP score and PickScore of a folder with
 images.json equal the metrics computed directly (pytorch-fid distance, transformers CLIPModel cosines)."""
 import json
 
@@ -8,11 +8,11 @@ import torch
 import transformers
 from PIL import Image
 
-from swd_jax import evaluate
-from swd_jax.eval import fid, image_chain
-from swd_jax.eval import prompts as prompts_lib
+from swd_jax.cli import evaluate
 from swd_jax.demo.tiny_kit import clip_folder as _clip_folder  # other tests import it from here
 from swd_jax.demo.tiny_kit import random_inception_npz as _random_inception_npz
+from swd_jax.eval import fid, image_chain
+from swd_jax.eval import prompts as prompts_lib
 
 
 def test_evaluate_cli(tmp_path, capsys, monkeypatch):

@@ -106,11 +106,11 @@ def test_bad_inputs_name_the_problem(tmp_path):
 
 
 def test_verify_and_convert_clis_on_a_flux_pipeline(tmp_path):
-    """`python -m swd_jax.verify` / `swd_jax.convert` detect FLUX from `_class_name`; per-block errors localise."""
+    """`python -m swd_jax.cli.verify` / `swd_jax.convert` detect FLUX from `_class_name`; per-block errors localise."""
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
-    from swd_jax.convert.__main__ import main as convert_main
+    from swd_jax.cli.convert import main as convert_main
     from swd_jax.convert.converted import load_converted
-    from swd_jax.verify import verify
+    from swd_jax.cli.verify import verify
     import torch
     model = tiny_flux_transformer(True)
     model.save_pretrained(tmp_path / "pipe" / "transformer")

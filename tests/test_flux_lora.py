@@ -16,10 +16,10 @@ import torch.nn.functional as F
 
 from swd_jax.convert.flux import convert_state_dict
 from swd_jax.convert.peft_lora import export_peft, import_lora, init_lora, lora_modules
+from swd_jax.method.sampler import SamplerNoise, flux_velocity, scale_wise_sample
+from swd_jax.method.schedule import get_schedule
 from swd_jax.models.flux import Flux, FluxConfig
 from swd_jax.models.layers import LoraConfig
-from swd_jax.sampler import SamplerNoise, flux_velocity, scale_wise_sample
-from swd_jax.schedule import get_schedule
 from tests.flux_reference import flux_inputs, tiny_flux_config, tiny_flux_transformer, torch_flux_forward
 from tests.torch_reference import rel_err
 

@@ -9,8 +9,8 @@ import torch
 import transformers
 from diffusers import AutoencoderKL, FluxPipeline
 
-from swd_jax.flux_prompt_encoding import FluxPromptEncoder
-from swd_jax.prompt_encoding import SD3PromptEncoder
+from swd_jax.convert.flux_prompt_encoding import FluxPromptEncoder
+from swd_jax.convert.prompt_encoding import SD3PromptEncoder
 from tests.test_flux_vae import TINY_FLUX
 from tests.test_prompt_encoding import CLIP_MERGES, CLIP_VOCAB, T5_PIECES, _dataset, _save, rel_err
 
@@ -88,7 +88,7 @@ def test_bad_folders(flux, tmp_path):
 
 
 def test_precompute_a_flux_folder(flux, tmp_path):
-    """swd_jax.precompute on a FLUX pipeline folder: FLUX's prompt embeddings and FLUX-normalised VAE moments."""
+    """swd_jax.cli.precompute on a FLUX pipeline folder: FLUX's prompt embeddings and FLUX-normalised VAE moments."""
     import jax
 
     from swd_jax.train.precompute import precompute

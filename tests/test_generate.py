@@ -1,4 +1,4 @@
-"""Generation (swd_jax.pipeline / swd_jax.generate) and the diffusers LoRA export vs diffusers, tiny random SD3.
+"""Generation (swd_jax.pipeline / swd_jax.cli.generate) and the diffusers LoRA export vs diffusers, tiny random SD3.
 
 - scale-wise: our SwDPipeline with a PEFT adapter == diffusers' StableDiffusion3Pipeline + FlowMatchLCMScheduler
   scale factors (bicubic) with our exported pytorch_lora_weights.safetensors loaded by `load_lora_weights`,
@@ -120,7 +120,7 @@ def test_scale_wise_matches_diffusers_lcm_scale_factors(model, ours, monkeypatch
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from swd_jax.models.vae import decode_latents
-    from swd_jax.sampler import SamplerNoise
+    from swd_jax.method.sampler import SamplerNoise
     drawn = []
     draw = lcm.randn_tensor
     monkeypatch.setattr(lcm, "randn_tensor", lambda *a, **k: drawn.append(draw(*a, **k)) or drawn[-1])
@@ -147,7 +147,7 @@ def test_teacher_matches_diffusers_euler_cfg(model, ours):
     import jax.numpy as jnp
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from swd_jax.sampler import SamplerNoise
+    from swd_jax.method.sampler import SamplerNoise
     pipe = _torch_pipe(model, FlowMatchEulerDiscreteScheduler(shift=3.0))  # the teacher: no LoRA
     g = torch.Generator().manual_seed(1)
     init = torch.randn(2, 4, 8, 8, generator=g)
@@ -167,7 +167,7 @@ def test_cli_on_run_workdir(model, tmp_path):
     from configs import tiny
     from swd_jax.convert.converted import convert
     from swd_jax.eval.prompts import read_index
-    from swd_jax.generate import main
+    from swd_jax.cli.generate import main
     from swd_jax.models.mmdit import MMDiTConfig
     from swd_jax.pipeline import load_student
     from swd_jax.train.checkpoint import Checkpointer
@@ -202,7 +202,7 @@ def test_cli_on_run_workdir(model, tmp_path):
                                               "the red tower"]
     assert records[0]["scales"] == [4, 8] and records[0]["sampler"] == "scale_wise"
     assert records[0]["lora"].endswith("/2/state") and records[0]["transformer"] == str(tmp_path / "conv")
-    assert len(read_index(str(out))) == 6  # what `python -m swd_jax.evaluate --images OUT` reads
+    assert len(read_index(str(out))) == 6  # what `python -m swd_jax.cli.evaluate --images OUT` reads
     img = np.asarray(Image.open(out / "00000.png"))
     assert img.shape == (16, 16, 3) and (out / "grid.png").exists()
     assert not np.array_equal(img, np.asarray(Image.open(out / "00001.png")))  # own seed per image
@@ -233,7 +233,8 @@ def test_validation_finds_vae_of_converted_source_and_logs_grid(tmp_path):
     from PIL import Image
 
     from swd_jax.train.loop import MetricsWriter
-    from swd_jax.train.validation import image_grid, source_vae_folder
+    from swd_jax.image_files import image_grid
+    from swd_jax.train.validation import source_vae_folder
     (tmp_path / "pipe" / "transformer").mkdir(parents=True)
     (tmp_path / "conv").mkdir()
     (tmp_path / "conv" / "conversion.json").write_text(json.dumps({"source": str(tmp_path / "pipe" / "transformer")}))

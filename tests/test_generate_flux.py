@@ -1,4 +1,4 @@
-"""FLUX generation (swd_jax.pipeline / swd_jax.generate) vs diffusers, on a tiny random FLUX-dev pipeline folder.
+"""FLUX generation (swd_jax.pipeline / swd_jax.cli.generate) vs diffusers, on a tiny random FLUX-dev pipeline folder.
 
 - scale-wise with a random PEFT LoRA, end to end through `SwDPipeline.generate` (FLUX prompt encoding, seeds ->
   noise, the sampler, the FLUX VAE): == diffusers' FluxPipeline.encode_prompt, the torch loop of test_flux_lora
@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from swd_jax.method.schedule import flow_match_sigmas
 from swd_jax.models.flux import FluxConfig
-from swd_jax.schedule import flow_match_sigmas
 from tests.flux_reference import tiny_flux_transformer
 from tests.test_flux_lora import LORA, torch_scale_wise
 from tests.test_flux_prompt_encoding import flux  # noqa: F401  (module-scoped fixture: the FLUX folder)
@@ -58,7 +58,7 @@ def ours(model):
 
 
 def test_defaults_flux_4_embedded_guidance_512_tokens(ours):
-    from swd_jax.schedule import get_schedule
+    from swd_jax.method.schedule import get_schedule
     s = ours.sampler()
     flux_4 = get_schedule("flux_4")
     assert (s.scales, s.sigmas) == (flux_4.scales, tuple(float(x) for x in flux_4.sampling_sigmas))
@@ -80,8 +80,8 @@ def test_generate_matches_diffusers_loop_and_vae(model, ours):
     from peft import PeftModel
 
     from swd_jax.pipeline import _draw_noise
-    from swd_jax.sampler import SamplerNoise
-    from swd_jax.schedule import get_schedule
+    from swd_jax.method.sampler import SamplerNoise
+    from swd_jax.method.schedule import get_schedule
     root, pipe, transformer, _, adapter = model
     sigmas = get_schedule("flux_4").sampling_sigmas
     sampler = ours.sampler("scale_wise", (SCALES, sigmas))  # embedded guidance: the default 4.5
@@ -112,7 +112,7 @@ def test_generate_matches_diffusers_loop_and_vae(model, ours):
 def test_cli_writes_pngs_and_index(model, tmp_path):
     from PIL import Image
 
-    from swd_jax.generate import main
+    from swd_jax.cli.generate import main
     root, *_, adapter = model
     out = tmp_path / "out"
     rc = main(["--model", str(root), "--lora", str(adapter), "--prompt", "a low tower", "--prompt", "red",
@@ -153,7 +153,7 @@ def diffusers_flux_sigmas(config: dict, steps: int, latent_size: int):
 
 @pytest.mark.parametrize("steps, latent_size", [(28, 128), (28, 96), (6, 12)])
 def test_flux_teacher_sigmas_match_flux_pipeline(steps, latent_size):
-    from swd_jax.schedule import FLUX_DEV_SCHEDULER, flux_dynamic_sigmas
+    from swd_jax.method.schedule import FLUX_DEV_SCHEDULER, flux_dynamic_sigmas
     want, want_t = diffusers_flux_sigmas(FLUX_DEV_SCHEDULER_JSON, steps, latent_size)
     ours = flux_dynamic_sigmas(steps, (latent_size // 2) ** 2)
     assert ours.dtype == np.float32 and ours.shape == (steps + 1,)
@@ -166,7 +166,7 @@ def test_flux_teacher_sigmas_match_flux_pipeline(steps, latent_size):
 
 
 def test_flux_teacher_settings_and_scheduler_config(ours, tmp_path):
-    from swd_jax.schedule import flux_dynamic_sigmas
+    from swd_jax.method.schedule import flux_dynamic_sigmas
     s = ours.sampler("teacher")  # FluxPipeline's defaults: 28 steps at 1024 px, embedded guidance 3.5, no CFG
     assert (s.scales, s.guidance_scale, s.embedded_guidance) == ((128,), 1.0, 3.5)
     np.testing.assert_array_equal(s.sigmas, diffusers_flux_sigmas(FLUX_DEV_SCHEDULER_JSON, 28, 128)[0])

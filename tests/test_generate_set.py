@@ -1,4 +1,4 @@
-"""`swd-generate --shard-size`: the teacher's training set as a multi-process, resumable job (swd_jax.generate_set).
+"""`swd-generate --shard-size`: the teacher's training set as a multi-process, resumable job (swd_jax.cli.generate_set).
 
 2 processes x 4 CPU devices generate 24 prompts with the tiny pipeline (teacher, 2 Euler steps with CFG); process
 1 is killed (SIGKILL) right after its first shard's manifest; a complete shard's PNG is then garbled and another's
@@ -27,7 +27,8 @@ SHARD = 4
 # Process 1 of the killed run: SIGKILL itself right after writing its first shard manifest (a deterministic kill).
 LAUNCH = """
 import os, signal, sys
-from swd_jax import generate, storage
+from swd_jax import storage
+from swd_jax.cli import generate
 if os.environ.get("KILL_AFTER_FIRST_SHARD") == os.environ.get("SWD_PROCESS_ID"):
     write = storage.write_text
     def write_then_die(path, text):
@@ -130,7 +131,7 @@ def test_two_processes_killed_and_rerun_equal_one_process(pipe_root, tmp_path, c
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """(exit code, stderr, stdout) of swd-generate run in this process."""
-    from swd_jax.generate import main
+    from swd_jax.cli.generate import main
     rc = main(args)
     captured = capsys.readouterr()
     return rc, captured.err, captured.out

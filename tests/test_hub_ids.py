@@ -48,9 +48,9 @@ def hub(sd3, tmp_path_factory):  # noqa: F811
 
 
 def test_convert_and_generate_take_hub_ids(hub, tmp_path, capsys):
-    from swd_jax.convert.__main__ import main as convert_main
+    from swd_jax.cli.convert import main as convert_main
     from swd_jax.convert.converted import conversion_source
-    from swd_jax.generate import main as generate_main
+    from swd_jax.cli.generate import main as generate_main
     assert convert_main(["org/tiny-sd3", str(tmp_path / "ckpt"), "--no-progress"]) == 0, capsys.readouterr().err
     assert conversion_source(str(tmp_path / "ckpt")) == os.path.join(hub, "transformer")
     rc = generate_main(["--model", "org/tiny-sd3", "--lora", "org/tiny-swd", "--prompt", "a low tower",
@@ -76,8 +76,8 @@ def test_unknown_names_are_one_line_at_once(hub, tmp_path, capsys, argv, message
 
     from PIL import Image
 
-    from swd_jax import evaluate
-    from swd_jax.convert.__main__ import main as convert_main
+    from swd_jax.cli import evaluate
+    from swd_jax.cli.convert import main as convert_main
     Image.new("RGB", (8, 8)).save(tmp_path / "0.png")
     (tmp_path / "images.json").write_text(json.dumps([{"file": "0.png", "prompt": "x", "seed": 0}]))
     command, args = argv[0], [str(tmp_path / "dst") if a == "DST" else a for a in argv[1:]]
@@ -93,7 +93,7 @@ def test_unknown_names_are_one_line_at_once(hub, tmp_path, capsys, argv, message
 
 
 def test_precompute_refuses_scales_training_refuses(hub, tmp_path, capsys):
-    from swd_jax.train.precompute import main as precompute_main
+    from swd_jax.cli.precompute import main as precompute_main
     rc = precompute_main(["--model", "org/tiny-sd3", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
                           "--scales", "4,9,40"])
     err = capsys.readouterr().err.strip()

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swd_jax.discriminator import DiscriminatorHead, head_widths
-from swd_jax.losses import (dmd_loss, fake_model_loss, gan_discriminator_loss, gan_generator_loss, pdm_linear,
+from swd_jax.method.discriminator import DiscriminatorHead, head_widths
+from swd_jax.method.losses import (dmd_loss, fake_model_loss, gan_discriminator_loss, gan_generator_loss, pdm_linear,
                             pdm_loss, pdm_rbf)
 
 RTOL, ATOL = 1e-5, 1e-6

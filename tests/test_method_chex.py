@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
 
-from swd_jax import losses, resize, sampler
 from swd_jax import testing as ref
+from swd_jax.method import losses, resize, sampler
 
 VARIANTS = dict(with_jit=True, without_jit=True, with_device=True, with_pmap=True)
 DTYPES = [("f32", jnp.float32), ("bf16", jnp.bfloat16)]

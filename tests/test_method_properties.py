@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from swd_jax import losses, resize, sampler, schedule
+from swd_jax.method import losses, resize, sampler, schedule
 
 # derandomize: CI sees the same examples every run (no flaky failures); database=None: no .hypothesis/ folder.
 _COMMON = dict(deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

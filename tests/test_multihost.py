@@ -103,7 +103,7 @@ def test_multihost_training_killed_and_resumed_equals_one_process(tmp_path):
 
 def test_multihost_hosts_feed_disjoint_halves_of_each_global_batch():
     from swd_jax.demo.digits_source import DigitsSource
-    from swd_jax.schedule import ScaleSchedule
+    from swd_jax.method.schedule import ScaleSchedule
     schedule = ScaleSchedule(scales=(8, 16), boundaries=(0, 14, 28), num_train_steps=28, shift=3.0)
     one = DigitsSource(schedule, 32, 16, global_batch=8, seed=0)
     hosts = [DigitsSource(schedule, 32, 16, global_batch=8, seed=0) for _ in range(2)]
@@ -132,7 +132,7 @@ def test_multihost_record_loader_gives_the_same_global_batches_on_any_host_count
 
 FAILING_PROCESS = """
 import os, sys
-from swd_jax.command_line import run_main
+from swd_jax.cli.common import run_main
 def run():
     from swd_jax.train import distributed
     distributed.initialize()

@@ -29,7 +29,7 @@ def test_multihost_precompute_shards_are_disjoint_and_complete(sd3, gcs_bucket, 
                XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
     monkeypatch.setenv("SWD_GCS_CACHE", str(tmp_path / "cache"))
     out = f"{gcs_bucket}/two"
-    procs = [subprocess.Popen([sys.executable, "-m", "swd_jax.precompute", *args, "--out", str(out), "--distributed",
+    procs = [subprocess.Popen([sys.executable, "-m", "swd_jax.cli.precompute", *args, "--out", str(out), "--distributed",
                                "--coordinator", f"localhost:{port}", "--num_processes", "2", "--process_id", str(i)],
                               cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]

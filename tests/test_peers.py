@@ -110,7 +110,7 @@ def test_peers_process_0_killed_process_1_stops_naming_it(tmp_path):
 FAILS_IN_A_COLLECTIVE = """
 import os, sys
 import numpy as np
-from swd_jax.command_line import run_main
+from swd_jax.cli.common import run_main
 def run():
     from jax.experimental import multihost_utils
     from swd_jax.train import distributed

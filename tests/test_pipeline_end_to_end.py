@@ -1,6 +1,6 @@
 """From a (tiny) diffusers SD3 folder to a trained, exported student: precompute -> train -> PEFT adapter.
 
-The same commands a user runs on SD3.5 (`swd_jax.precompute`, `swd_jax.train` with model.source="diffusers"
+The same commands a user runs on SD3.5 (`swd_jax.cli.precompute`, `swd_jax.train` with model.source="diffusers"
 and data.kind="precomputed"), on tiny random components built offline.
 """
 import json
@@ -72,7 +72,7 @@ def test_online_encoding_source_matches_precompute_layout(sd3, tmp_path):  # noq
     import jax
 
     from swd_jax.train.records import build_image_dataset
-    from swd_jax.schedule import ScaleSchedule
+    from swd_jax.method.schedule import ScaleSchedule
     from swd_jax.train.sources import OnlineSource
 
     data = _dataset(tmp_path / "data", 4)

@@ -23,7 +23,7 @@ def _counts(err: str) -> dict:
 
 
 def test_precompute_to_gcs_resumes_and_reads_back(sd3, gcs_bucket, tmp_path, monkeypatch):  # noqa: F811
-    from swd_jax.train.precompute import main
+    from swd_jax.cli.precompute import main
     from swd_jax.train.records import array_record_files, decode_array_record, open_source
     from swd_jax.train.sources import check_precomputed, local_data_path
     monkeypatch.setenv("SWD_GCS_CACHE", str(tmp_path / "cache"))

@@ -9,13 +9,13 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusion3Pipeline
 
+from swd_jax.convert.prompt_encoding import SD3PromptEncoder, check_widths
 from swd_jax.convert.verify_components import compare_components
 from swd_jax.demo import tiny_kit
 from swd_jax.demo.tiny_kit import CLIP_MERGES, CLIP_VOCAB, T5_PIECES, TINY_VAE  # noqa: F401  (other tests import them)
 from swd_jax.demo.tiny_kit import perturbed_save as _save  # noqa: F401
 from swd_jax.demo.tiny_kit import write_images as _dataset
 from swd_jax.models.text import CLIPTextConfig, T5Config
-from swd_jax.prompt_encoding import SD3PromptEncoder, check_widths
 
 PROMPTS = ["a low tower", "", "the red lower tower, lowest and newer " * 4]  # the last is truncated everywhere
 T5_LEN = 16
@@ -73,7 +73,7 @@ def test_bad_folders_and_widths(sd3, tmp_path):
 
 
 def test_compare_components_runs(sd3):
-    """The real-weight check that `swd_jax.verify` calls, here on the tiny folder."""
+    """The real-weight check that `swd_jax.cli.verify` calls, here on the tiny folder."""
     errs = compare_components(str(sd3[1]), image_size=16, prompts=PROMPTS[:2], max_sequence_length=T5_LEN,
                               torch_device="cpu")
     assert {"vae.decode", "clip_l.penultimate", "clip_g.text_embeds", "t5.last_hidden_state"} <= set(errs)

@@ -67,7 +67,7 @@ def test_readme_journey_runs_literally(tmp_path):
 
 
 def test_tiny_kit_refuses_in_one_line(tmp_path, monkeypatch, capsys):
-    from swd_jax.demo import tiny_kit
+    from swd_jax.cli import tiny_kit
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("not a kit")
     assert tiny_kit.main([str(tmp_path / "mine")]) == 2

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from swd_jax import losses, resize, sampler, schedule, testing
+from swd_jax import testing
+from swd_jax.method import losses, resize, sampler, schedule
 from swd_jax.testing import assert_matches_reference
 
 RNG = np.random.default_rng(0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swd_jax.resize import area_resize, bicubic_resize, resize
+from swd_jax.method.resize import area_resize, bicubic_resize, resize
 
 SCALES = (32, 48, 64, 80, 96, 128)
 

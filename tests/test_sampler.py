@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from swd_jax.convert.transformer import convert_state_dict
+from swd_jax.method import sampler
+from swd_jax.method.sampler import SamplerNoise, scale_wise_sample
+from swd_jax.method.schedule import ScaleSchedule
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
-from swd_jax import sampler
-from swd_jax.sampler import SamplerNoise, scale_wise_sample
-from swd_jax.schedule import ScaleSchedule
 from tests.torch_reference import rel_err, sd3_inputs, tiny_sd3_config, tiny_sd3_transformer
 
 TOL = 1e-5  # fp32 relative, max-abs error over max-abs value

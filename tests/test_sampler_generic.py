@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swd_jax.sampler import SamplerNoise, euler_sample, scale_wise_sample
-from swd_jax.schedule import ScaleSchedule, flow_match_sigmas
+from swd_jax.method.sampler import SamplerNoise, euler_sample, scale_wise_sample
+from swd_jax.method.schedule import ScaleSchedule, flow_match_sigmas
 
 B, C = 2, 3
 SCHEDULE = ScaleSchedule(scales=(8, 12, 16, 16), boundaries=(0, 7, 14, 18, 28))  # non-integer ratio + equal pair

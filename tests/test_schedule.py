@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from swd_jax.schedule import (PRESETS, ScaleSchedule, add_noise, flow_match_sigmas, flow_match_timesteps,
+from swd_jax.method.schedule import (PRESETS, ScaleSchedule, add_noise, flow_match_sigmas, flow_match_timesteps,
                               get_schedule)
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swd_jax.resize import area_resize
+from swd_jax.method.resize import area_resize
 from tests.torch_reference import rel_err, tiny_sd3_config, tiny_sd3_transformer
 
 
@@ -51,7 +51,7 @@ def test_precompute_cascade_equals_official_sample_batch():
 
 def test_digits_source_cascade_equals_official():
     from swd_jax.demo.digits_source import DigitsSource
-    from swd_jax.schedule import ScaleSchedule
+    from swd_jax.method.schedule import ScaleSchedule
     schedule = ScaleSchedule(scales=(8, 10, 12, 16), boundaries=(0, 4, 7, 14, 28))
     src = DigitsSource(schedule, joint_dim=8, pooled_dim=8, global_batch=4, seed=0)
     idx = np.arange(4)
@@ -86,7 +86,7 @@ def test_draw_latents_is_mean_plus_std_eps_with_the_key():
 
 def test_sources_give_moments_and_refuse_old_folders(tmp_path):
     from swd_jax.train.records import ArrayRecordsWriter
-    from swd_jax.schedule import ScaleSchedule
+    from swd_jax.method.schedule import ScaleSchedule
     from swd_jax.train.sources import PrecomputedSource, latent_batch
     rec = {"mean_4": np.zeros((2, 4, 4, 1)), "std_4": np.ones((2, 4, 4, 1)), "mean_6": np.zeros((2, 6, 6, 1)),
            "std_6": np.ones((2, 6, 6, 1)), "prev_mean_6": np.full((2, 4, 4, 1), 2.0),
@@ -105,7 +105,7 @@ def test_sources_give_moments_and_refuse_old_folders(tmp_path):
     with ArrayRecordsWriter(str(old / "precomputed-00000-of-00001.array_record")) as w:
         w.write({"latents_4": np.zeros((4, 4, 1), np.float32)})
     schedule = ScaleSchedule(scales=(4, 6), boundaries=(0, 14, 28))
-    with pytest.raises(ValueError, match=r"format 1 .* redo it .*swd_jax.precompute .*--scales 4,6"):
+    with pytest.raises(ValueError, match=r"format 1 .* redo it .*swd-precompute .*--scales 4,6"):
         PrecomputedSource(str(old), schedule, global_batch=1, seed=0)
     with pytest.raises(ValueError, match="data.latent='median'"):
         PrecomputedSource(str(old), schedule, global_batch=1, seed=0, latent="median")
@@ -207,10 +207,10 @@ def test_dmd_off_generator_loss_and_grads_equal_official(tmp_path):
 
     from swd_jax.convert.peft_lora import export_peft, init_lora
     from swd_jax.convert.transformer import convert_state_dict
-    from swd_jax.discriminator import DiscriminatorHead
+    from swd_jax.method.discriminator import DiscriminatorHead
     from swd_jax.models.layers import LoraConfig
     from swd_jax.models.mmdit import MMDiT, MMDiTConfig
-    from swd_jax.schedule import ScaleSchedule
+    from swd_jax.method.schedule import ScaleSchedule
     from swd_jax.train.steps import LossConfig, SwDModels, generator_loss
 
     cfg = MMDiTConfig.from_dict(tiny_sd3_config(VARIANT, LAYERS))

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from swd_jax.train import sharding
 from swd_jax.convert.transformer import convert_state_dict
 from swd_jax.models import layers, splash
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
+from swd_jax.train import sharding
 from tests.torch_reference import rel_err, sd3_inputs, tiny_sd3_config, tiny_sd3_transformer, torch_forward
 
 TOL = 1e-5  # fp32 relative, as the other model tests

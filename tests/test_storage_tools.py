@@ -43,11 +43,11 @@ def _cached_names(cache) -> set[str]:
 
 
 def test_convert_load_and_verify_on_gcs(pipe, gcs_bucket, gcs_cache):
-    from swd_jax.convert.__main__ import main as convert_main
+    from swd_jax.cli.convert import main as convert_main
     from swd_jax.convert.converted import conversion_source, load_converted, model_kind
     from swd_jax.convert.transformer import load_transformer
     from swd_jax.train.setup import _read_model_config, model_source
-    from swd_jax.verify import main as verify_main
+    from swd_jax.cli.verify import main as verify_main
     src, ckpt = f"{gcs_bucket}/pipe", f"{gcs_bucket}/ckpt"
     storage.copy_tree(str(pipe), src)
     assert convert_main([src, ckpt, "--no-progress"]) == 0
@@ -91,8 +91,8 @@ def _run_with_student_peft(folder, cfg_folder):
 def test_generate_and_evaluate_on_gcs(pipe, gcs_bucket, gcs_cache, tmp_path, capsys):
     from PIL import Image
 
-    from swd_jax import evaluate
-    from swd_jax.generate import main as generate_main
+    from swd_jax.cli import evaluate
+    from swd_jax.cli.generate import main as generate_main
     from tests.test_evaluate import _clip_folder
     model, run, out = f"{gcs_bucket}/pipe", f"{gcs_bucket}/run", f"{gcs_bucket}/images"
     storage.copy_tree(str(pipe), model)

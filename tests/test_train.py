@@ -10,8 +10,8 @@ import pytest
 
 from configs import tiny
 from swd_jax.train.loop import compile_iterations, to_device, train
-from swd_jax.train.sources import make_source
 from swd_jax.train.setup import build_run
+from swd_jax.train.sources import make_source
 
 
 def small_config(**overrides):

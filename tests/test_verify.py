@@ -1,4 +1,4 @@
-"""`python -m swd_jax.verify` and `python -m swd_jax.convert` on a tiny saved SD3.5 pipeline folder."""
+"""`python -m swd_jax.cli.verify` and `python -m swd_jax.convert` on a tiny saved SD3.5 pipeline folder."""
 import copy
 import json
 import os
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from swd_jax.convert.__main__ import main as convert_main
+from swd_jax.cli.convert import main as convert_main
+from swd_jax.cli.verify import main as verify_main, verify
 from swd_jax.convert.converted import load_converted
 from swd_jax.convert.transformer import load_transformer
-from swd_jax.verify import main as verify_main, verify
 from tests.torch_reference import tiny_sd3_transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +67,7 @@ def test_verify_passes_and_localises_a_perturbed_weight(pipeline):
 
 def test_verify_cli_exits_zero(pipeline):
     folder, _, diffusers_file = pipeline
-    proc = subprocess.run([sys.executable, "-m", "swd_jax.verify", folder, "--lora", diffusers_file, "--sizes", "8",
+    proc = subprocess.run([sys.executable, "-m", "swd_jax.cli.verify", folder, "--lora", diffusers_file, "--sizes", "8",
                            "--batch", "2", "--text-tokens", "7"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

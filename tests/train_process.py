@@ -13,7 +13,7 @@ if os.environ.get("SWD_TEST_CACHE"):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-from swd_jax.command_line import run_main  # noqa: E402
+from swd_jax.cli.common import run_main  # noqa: E402
 from swd_jax.train import distributed  # noqa: E402
 from swd_jax.train.loop import train  # noqa: E402
 from tests.test_train import small_config  # noqa: E402

@@ -19,7 +19,7 @@ from swd_jax.convert.strict import (abstract_params, check_fields, convert_tenso
                                     table_rename)
 from swd_jax.convert.text import _CLIP_DEFAULTS as _TEXT_DEFAULTS
 from swd_jax.convert.text import _META, CLIP_LEAF_KINDS
-from swd_jax.eval.clip_vision import CLIPConfig, CLIPModel, CLIPVisionConfig
+from swd_jax.models.clip_vision import CLIPConfig, CLIPModel, CLIPVisionConfig
 from swd_jax.models.text import CLIP_ACTIVATIONS, CLIPTextConfig
 
 LEAF_KINDS = {**CLIP_LEAF_KINDS, "patch_embedding": "conv", "pre_layrnorm": "norm", "post_layernorm": "norm",

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from swd_jax import storage
+from swd_jax.convert import flux as flux_convert
 from swd_jax.convert.folders import local_model_folder, read_json, source_path
 from swd_jax.convert.orbax_params import load_params, save_params
 from swd_jax.convert.safetensors_reader import SafetensorsFolder
-from swd_jax.convert import flux as flux_convert
 from swd_jax.convert.transformer import abstract_params, convert_state_dict, transformer_class, transformer_folder
 from swd_jax.models.flux import FluxConfig
 from swd_jax.models.mmdit import MMDiTConfig
@@ -34,6 +34,14 @@ FAMILIES = {"SD3Transformer2DModel": (MMDiTConfig, convert_state_dict, abstract_
 
 CONFIG, META, PARAMS = "config.json", "conversion.json", "params"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def load_diffusers(folder: str, dtype=jnp.float32, shardings: dict | None = None):
+    """A diffusers transformer folder (config.json + safetensors) of either family -> (config, params): the
+    folder's `_class_name` picks the converter; `shardings` as in `convert_state_dict`."""
+    config_cls, convert_fn, _ = FAMILIES[transformer_class(folder)]
+    cfg = config_cls.from_folder(folder)
+    return cfg, convert_fn(SafetensorsFolder(folder), cfg, dtype, shardings)
 
 
 class _WithProgress(Mapping):

@@ -18,7 +18,8 @@ import numpy as np
 
 from swd_jax.convert.safetensors_reader import SafetensorsFolder
 from swd_jax.convert.strict import convert_tensors, identity, linear_to_kernel, module_path
-from swd_jax.models.flux import Flux, FluxConfig, example_inputs
+from swd_jax.models.backbone import backbone_of
+from swd_jax.models.flux import FluxConfig
 
 QK_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
 
@@ -39,8 +40,7 @@ def rename(key: str):
 
 def boxed_params(cfg: FluxConfig, param_dtype=jnp.float32) -> dict:
     """Shapes/dtypes of our Flux params (no memory allocated), boxed with their logical axis names."""
-    model = Flux(cfg, param_dtype=param_dtype)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), *example_inputs(cfg, 1))["params"])
+    return backbone_of(cfg).boxed_params(cfg, param_dtype)
 
 
 def abstract_params(cfg: FluxConfig, param_dtype=jnp.float32) -> dict:

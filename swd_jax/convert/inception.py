@@ -19,7 +19,7 @@ import numpy as np
 
 from swd_jax.convert.safetensors_reader import SafetensorsFile
 from swd_jax.convert.strict import abstract_params, conv_to_kernel, convert_tensors, identity
-from swd_jax.eval.inception import FEATURE_DIM, FIDInceptionV3
+from swd_jax.models.inception import FEATURE_DIM, FIDInceptionV3
 
 _BN = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
 _FC_SHAPES = {"fc.weight": (1008, FEATURE_DIM), "fc.bias": (1008,)}  # the TF graph's 1008-way classifier

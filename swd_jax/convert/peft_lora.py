@@ -26,12 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swd_jax.models.names import diffusers_to_our, our_to_diffusers
 from swd_jax.convert.safetensors_reader import SafetensorsFile
-from swd_jax.convert.transformer import example_inputs
 from swd_jax.models import flux
 from swd_jax.models.layers import LORA, LoraConfig
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
+from swd_jax.models.mmdit import example_inputs
+from swd_jax.models.names import diffusers_to_our, our_to_diffusers
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swd_jax.models.names import diffusers_to_our
 from swd_jax.convert.safetensors_reader import SafetensorsFolder
-from swd_jax.models.mmdit import MMDiT, MMDiTConfig
+from swd_jax.models.backbone import backbone_of
+from swd_jax.models.mmdit import MMDiTConfig
+from swd_jax.models.names import diffusers_to_our
 
 
 def _conv_to_patch_matmul(w_DCpq: np.ndarray) -> np.ndarray:
@@ -59,22 +60,12 @@ def diffusers_key_to_ours(key: str) -> tuple[tuple[str, ...], Callable[[np.ndarr
 
 def boxed_params(cfg: MMDiTConfig, param_dtype=jnp.float32) -> dict:
     """Shapes/dtypes of our MMDiT params (no memory allocated), boxed with their logical axis names."""
-    model = MMDiT(cfg, param_dtype=param_dtype)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), *example_inputs(cfg, 1))["params"])
+    return backbone_of(cfg).boxed_params(cfg, param_dtype)
 
 
 def abstract_params(cfg: MMDiTConfig, param_dtype=jnp.float32) -> dict:
     """Shapes/dtypes of our MMDiT params (no memory allocated)."""
     return nn.unbox(boxed_params(cfg, param_dtype))
-
-
-def example_inputs(cfg: MMDiTConfig, batch: int, latent: int | None = None, text_tokens: int = 8,
-                   dtype=jnp.float32):
-    """Zero inputs with the right shapes: (latents NHWC, timestep, context, pooled)."""
-    s = latent or 2 * cfg.patch_size
-    return (jnp.zeros((batch, s, s, cfg.in_channels), dtype), jnp.zeros((batch,), jnp.float32),
-            jnp.zeros((batch, text_tokens, cfg.joint_attention_dim), dtype),
-            jnp.zeros((batch, cfg.pooled_projection_dim), dtype))
 
 
 def convert_state_dict(tensors: Mapping[str, np.ndarray] | SafetensorsFolder, cfg: MMDiTConfig,

@@ -1,4 +1,4 @@
-"""Real-weight parity of our VAE, CLIP-L/G and T5 against diffusers/transformers (for `swd_jax.verify` on a GPU).
+"""Real-weight parity of our VAE, CLIP-L/G and T5 against diffusers/transformers (for `swd_jax.cli.verify` on a GPU).
 
 `compare_components(folder)` runs each PyTorch reference first (float32, on CUDA when available), keeps its
 outputs on the host and frees it, then runs our JAX port on the same inputs, so the two never share device
@@ -74,7 +74,7 @@ def compare_text(folder: str, prompts: Sequence[str] = DEFAULT_PROMPTS, max_sequ
     import transformers
     from diffusers import StableDiffusion3Pipeline
 
-    from swd_jax.prompt_encoding import SD3PromptEncoder, check_components
+    from swd_jax.convert.prompt_encoding import SD3PromptEncoder, check_components
 
     check_components(folder)
     dev = torch_device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from swd_jax.demo.toy_data import ToyTextEncoder, area_down, digit_prompt, load_digits_images
-from swd_jax.schedule import ScaleSchedule
+from swd_jax.method.schedule import ScaleSchedule
 from swd_jax.train.sources import register_source
 
 

@@ -28,16 +28,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from swd_jax.demo import yardsticks as demo_eval
 from swd_jax.convert.orbax_params import check_matches, load_params, tree_metadata
-from swd_jax.train.checkpoint import Checkpointer
-from swd_jax.train.progress import Progress
-from swd_jax.models.layers import LORA, LoraConfig
-from swd_jax.models.mmdit import MMDiT, MMDiTConfig
-from swd_jax.sampler import euler_sample, mmdit_velocity, scale_wise_sample
-from swd_jax.schedule import ScaleSchedule, flow_match_sigmas
+from swd_jax.demo import yardsticks as demo_eval
 from swd_jax.demo.teacher import TeacherTraining, save_teacher, teacher_exists, train_teacher
 from swd_jax.demo.toy_data import ToyTextEncoder, digit_prompt, load_digits_images
+from swd_jax.method.sampler import euler_sample, mmdit_velocity, scale_wise_sample
+from swd_jax.method.schedule import ScaleSchedule, flow_match_sigmas
+from swd_jax.models.layers import LORA, LoraConfig
+from swd_jax.models.mmdit import MMDiT, MMDiTConfig
+from swd_jax.train.checkpoint import Checkpointer
+from swd_jax.train.progress import Progress
 
 DEFAULT_CONFIG = "digits_demo"  # configs/digits_demo.py
 

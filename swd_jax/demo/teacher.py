@@ -24,12 +24,12 @@ import numpy as np
 import optax
 
 from swd_jax.convert.orbax_params import abstract_like, save_params
+from swd_jax.demo.toy_data import area_down
+from swd_jax.method.schedule import add_noise
+from swd_jax.models.mmdit import MMDiT, MMDiTConfig
+from swd_jax.models.mmdit import example_inputs
 from swd_jax.train.checkpoint import Checkpointer
 from swd_jax.train.progress import Progress
-from swd_jax.convert.transformer import example_inputs
-from swd_jax.models.mmdit import MMDiT, MMDiTConfig
-from swd_jax.schedule import add_noise
-from swd_jax.demo.toy_data import area_down
 
 CONFIG, META, PARAMS = "config.json", "conversion.json", "params"
 

@@ -17,11 +17,9 @@ running the commands, not for judging results.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import string
-import sys
 
 import numpy as np
 
@@ -146,7 +144,7 @@ def random_inception_npz(path) -> None:
     import jax
     from flax import traverse_util
 
-    from swd_jax.eval.inception import FIDInceptionV3
+    from swd_jax.models.inception import FIDInceptionV3
     abstract = jax.eval_shape(lambda x: FIDInceptionV3().init(jax.random.key(0), x),
                               jax.ShapeDtypeStruct((1, 299, 299, 3), np.float32))["params"]
     rng = np.random.default_rng(0)
@@ -212,26 +210,3 @@ def _quiet_hugging_face() -> None:
     for lib in (transformers_logging, diffusers_logging):
         lib.set_verbosity_error()
         lib.disable_progress_bar()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from swd_jax.command_line import add_common_flags, quiet_logs, run_main
-    p = argparse.ArgumentParser(prog="swd-tiny-kit", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:3]))
-    p.add_argument("folder", metavar="DIR", help="where to write the kit (new, empty, or an earlier kit)")
-    p.add_argument("--images", type=int, default=8, help="how many images in DIR/data (default 8)")
-    add_common_flags(p)
-    args = p.parse_args(argv)
-    quiet_logs(args.verbose)
-
-    def _run():
-        paths = write_kit(args.folder, args.images, quiet=not args.verbose)
-        width = max(map(len, paths))
-        print("\n".join(f"{k:<{width}}  {v}" for k, v in paths.items()))
-
-    return run_main(_run, args.debug)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from swd_jax.resize import area_matrix, bicubic_matrix
+from swd_jax.method.resize import area_matrix, bicubic_matrix
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 

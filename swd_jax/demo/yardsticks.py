@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swd_jax import sampler as sampler_lib
-from swd_jax.schedule import NUM_TRAIN_TIMESTEPS
 from swd_jax.demo.toy_data import load_digits_images
+from swd_jax.method import sampler as sampler_lib
+from swd_jax.method.schedule import NUM_TRAIN_TIMESTEPS
 
 
 @dataclasses.dataclass

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from swd_jax.models.splash import ATTENTION_RESIDUALS, splash_attention
+
 LORA = "lora"
 
 
@@ -101,8 +103,6 @@ class RMSNorm(nn.Module):
 
 ATTENTION_IMPLS = ("xla", "cudnn", "chunked", "splash", "splash_fused")
 SPLASH_IMPLS = ("splash", "splash_fused")
-# The checkpoint name of the splash kernel's output and softmax statistics: what the "attention" policies keep.
-ATTENTION_RESIDUALS = "attention_residuals"
 
 # What a rematerialised block keeps from its forward for the backward pass (`remat=True`):
 #   "full": only the block's inputs; everything else is recomputed (the reference's gradient checkpointing);
@@ -172,7 +172,6 @@ def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, impl: str = "xla", chunk: int 
     if impl == "chunked":
         return chunked_attention(q_BLHD, k_BSHD, v_BSHD, chunk)
     if impl in SPLASH_IMPLS:
-        from swd_jax.models.splash import splash_attention
         return splash_attention(q_BLHD, k_BSHD, v_BSHD, fused_backward=impl == "splash_fused")
     if impl != "xla":
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {ATTENTION_IMPLS}")

@@ -379,3 +379,12 @@ class _TimeTextEmbed(nn.Module):
         t_emb = _MLP2(self.features, name="timestep_embedder", **kw)(timestep_embedding(t_B).astype(self.dtype))
         p_emb = _MLP2(self.features, name="text_embedder", **kw)(pooled_BP.astype(self.dtype))
         return t_emb.astype(jnp.float32) + p_emb.astype(jnp.float32)
+
+
+def example_inputs(cfg: MMDiTConfig, batch: int, latent: int | None = None, text_tokens: int = 8,
+                   dtype=jnp.float32):
+    """Zero inputs with the right shapes: (latents NHWC, timestep, context, pooled)."""
+    s = latent or 2 * cfg.patch_size
+    return (jnp.zeros((batch, s, s, cfg.in_channels), dtype), jnp.zeros((batch,), jnp.float32),
+            jnp.zeros((batch, text_tokens, cfg.joint_attention_dim), dtype),
+            jnp.zeros((batch, cfg.pooled_projection_dim), dtype))

@@ -26,8 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from swd_jax.models.layers import ATTENTION_RESIDUALS
 from swd_jax.models.partitioning import axes_size
+
+# The checkpoint name of the kernel's output and softmax statistics: what the "attention" remat policies keep
+# (swd_jax.models.layers.remat_saved).
+ATTENTION_RESIDUALS = "attention_residuals"
 
 INTERPRET = False  # tests set this to run the Pallas kernel in interpret mode on CPU
 FP32_PRECISIONS = ("high", "highest", "float32", "tensorfloat32")  # Mosaic: fp32 contract precision

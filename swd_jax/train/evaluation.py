@@ -104,7 +104,7 @@ class TrainingEvaluator:
     def _pipeline(run, c):
         from swd_jax.convert.vae import load_vae
         from swd_jax.pipeline import SwDPipeline, Student
-        from swd_jax.prompt_encoding import SD3PromptEncoder
+        from swd_jax.convert.prompt_encoding import SD3PromptEncoder
         folder = pipeline_folder(c.model.path)
         dtype = c.model.dtype if c.model.dtype in ("float32", "bfloat16") else "float32"
         pdt = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16}[dtype]

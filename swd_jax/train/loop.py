@@ -31,10 +31,10 @@ from swd_jax import storage
 from swd_jax.train import distributed, sharding
 from swd_jax.train.checkpoint import Checkpointer
 from swd_jax.train.config_checks import check_values, resume_changes
-from swd_jax.train.sources import check_data, make_source
-from swd_jax.train.setup import Run, build_run, count_params, loss_config
 from swd_jax.train.preemption import Preempted, PreemptionWatch
 from swd_jax.train.progress import Progress
+from swd_jax.train.setup import Run, build_run, count_params, loss_config
+from swd_jax.train.sources import check_data, make_source
 from swd_jax.train.steps import batches_per_iteration, make_iteration
 from swd_jax.train.workdir import (MetricsWriter, WorkdirInUse, WorkdirLease, WorkdirLock,  # noqa: F401
                                    check_resume_config as _check_resume_config, record_config as _record_config)
@@ -258,7 +258,8 @@ def _make_validation(run: Run, source, workdir: str, writer: MetricsWriter):
     c = run.config
     if c.train.sample_every <= 0 or jax.process_index() != 0:
         return None
-    from swd_jax.train.validation import StudentSampler, image_grid, save_png, source_vae_folder
+    from swd_jax.image_files import image_grid, save_png
+    from swd_jax.train.validation import StudentSampler, source_vae_folder
     decode = None
     vae_dir = source_vae_folder(c.model.source, c.model.path)
     if c.data.kind != "digits" and vae_dir:

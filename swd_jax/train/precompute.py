@@ -1,6 +1,6 @@
 """Precompute SwD training inputs: SD3 text embeddings and VAE posterior moments at every scale, as array_record shards.
 
-    python -m swd_jax.precompute --model /ckpt/stable-diffusion-3.5-medium --data /data/sd35_medium_train_data \
+    swd-precompute --model /ckpt/stable-diffusion-3.5-medium --data /data/sd35_medium_train_data \
         --out /data/sd35m_pre --scales 64,80,96,128
     swd-precompute ... --data gs://my-data/sd35m_train --out gs://my-data/sd35m_pre   # Cloud Storage both ways
 
@@ -51,7 +51,6 @@ of posterior moments + 2.7 MB of T5 embeddings at 256 tokens.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import functools
@@ -59,7 +58,6 @@ import io
 import json
 import logging
 import os
-import shlex
 import shutil
 import sys
 import tempfile
@@ -72,24 +70,19 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from swd_jax import storage
-from swd_jax.command_line import add_common_flags, enable_compile_cache, quiet_logs, run_main
+from swd_jax.convert.flux_prompt_encoding import FluxTextModels, encode_any_tokens, load_prompt_encoder
 from swd_jax.convert.folders import NOT_TRANSFORMER, hub_id, local_model_folder
+from swd_jax.convert.prompt_encoding import TextModels
 from swd_jax.convert.vae import load_vae
+from swd_jax.method.resize import area_resize
+from swd_jax.models.vae import AutoencoderKL, normalize_latents
 from swd_jax.train.metainfo import describe, read_metainfo
 from swd_jax.train.records import ArrayRecordsWriter, decode_image
-from swd_jax.train.shard_checks import shard_sidecar
-from swd_jax.models.vae import AutoencoderKL, normalize_latents
-from swd_jax.flux_prompt_encoding import FluxTextModels, encode_any_tokens, load_prompt_encoder
-from swd_jax.prompt_encoding import TextModels
-from swd_jax.resize import area_resize
+from swd_jax.train.shard_checks import shard_name, shard_sidecar
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FORMAT = 2  # 1: one posterior sample per scale, previous scale not cascaded; 2: moments, cascade
-
-
-def shard_name(i: int, n: int) -> str:
-    return f"precomputed-{i:05d}-of-{n:05d}.array_record"
 
 
 def shard_ranges(n_rows: int, shard_size: int) -> list[tuple[int, int]]:
@@ -151,7 +144,7 @@ def check_format(path: str) -> None:
         raise ValueError(
             f"{path} was precomputed in format {old.get('format', 1)} (one fixed VAE sample per scale, previous "
             f"scale not cascaded); the trainer needs format {FORMAT}: redo it into a new folder with "
-            f"`python -m swd_jax.precompute --model MODEL --data DATA --out NEW_DIR --scales {scales}`")
+            f"`swd-precompute --model MODEL --data DATA --out NEW_DIR --scales {scales}`")
 
 
 def check_scales_fit_model(model_dir: str, scales: Sequence[int]) -> None:
@@ -344,76 +337,3 @@ def precompute(model_dir: str, data_dir: str, out_dir: str, scales: Sequence[int
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
     return counts
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="swd-precompute", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True,
-                   help="diffusers SD3 or FLUX pipeline folder (vae/, text_encoder*/, tokenizer*/), local, gs:// or "
-                   "a Hub id (ORG/NAME[@REV])")
-    p.add_argument("--data", required=True, help="SwD dataset folder: images + metainfo.csv (local or gs://)")
-    p.add_argument("--out", required=True, help="output folder (local or gs://: shards uploaded as each completes)")
-    p.add_argument("--scales", required=True, help="latent sizes, e.g. 64,80,96,128")
-    p.add_argument("--metainfo", default="metainfo.csv")
-    p.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens (FLUX-SwD: 512)")
-    p.add_argument("--shard_size", type=int, default=512)
-    p.add_argument("--per_device_batch", type=int, default=1)
-    p.add_argument("--dtype", default="bfloat16", help="compute dtype")
-    p.add_argument("--param_dtype", default="bfloat16", help="float32 if memory allows (T5 weights are fp16)")
-    p.add_argument("--store_dtype", default="bfloat16")
-    p.add_argument("--skip_bad", action="store_true", help="skip unreadable or missing images instead of raising")
-    p.add_argument("--strict_prompts", action="store_true",
-                   help="refuse metainfo rows with an empty prompt (by default they are counted and trained with "
-                        "the empty prompt)")
-    p.add_argument("--distributed", action="store_true",
-                   help="several processes: layout from --coordinator/--num_processes/--process_id, else the "
-                        "SWD_COORDINATOR/SWD_NUM_PROCESSES/SWD_PROCESS_ID variables, else auto (TPU VMs)")
-    p.add_argument("--coordinator", help="host:port of process 0 (with --distributed)")
-    p.add_argument("--num_processes", type=int)
-    p.add_argument("--process_id", type=int)
-    add_common_flags(p)
-    a = p.parse_args(argv)
-    quiet_logs(a.verbose)
-
-    def _run():
-        if a.distributed:
-            from swd_jax.train import distributed
-            if not (a.coordinator or os.environ.get("SWD_COORDINATOR")):
-                os.environ.setdefault("SWD_DISTRIBUTED", "1")  # no explicit layout: let jax find the slice's
-            distributed.initialize(a.coordinator, a.num_processes, a.process_id)
-        enable_compile_cache()
-        counts = precompute(a.model, a.data, a.out, _scales(a.scales), metainfo=a.metainfo,
-                            max_sequence_length=a.max_sequence_length, shard_size=a.shard_size,
-                            per_device_batch=a.per_device_batch, dtype=a.dtype,
-                            param_dtype=a.param_dtype, store_dtype=a.store_dtype, skip_bad=a.skip_bad,
-                            allow_empty_prompts=not a.strict_prompts, command=_redo_command(argv))
-        print(json.dumps({"host": jax.process_index(), **counts}), file=sys.stderr)
-
-    return run_main(_run, a.debug)
-
-
-def _redo_command(argv: Sequence[str] | None) -> str:
-    """This command as one process runs it (the multi-process flags dropped): what redoes missing shards."""
-    args, drop = list(sys.argv[1:] if argv is None else argv), {"--coordinator", "--num_processes", "--process_id"}
-    out, skip = [], False
-    for x in args:
-        if skip:
-            skip = False
-            continue
-        if x in drop:
-            skip = True
-        elif x != "--distributed" and x.split("=")[0] not in drop:
-            out.append(x)
-    return "swd-precompute " + shlex.join(out)
-
-
-def _scales(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--scales {text!r}: expected latent sizes separated by commas, e.g. 64,80,96,128") from None
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import io
+import json
 import logging
 import os
 import re
@@ -55,7 +56,7 @@ from etils import epath
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
-from swd_jax.train.shard_checks import CorruptShard, redo_hint
+from swd_jax import storage
 from swd_jax.train.metainfo import IMAGE_COLUMNS, PROMPT_COLUMNS, read_metainfo  # noqa: F401  (re-exported)
 
 DATASET_NAME = "swd_images"  # the tfds builder's name: out_dir/swd_images/<version>/
@@ -70,6 +71,32 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------------------
 # metainfo.csv -> tfds array_record dataset
 # ----------------------------------------------------------------------------------------------------------------
+class IncompleteData(ValueError):
+    """Precomputed data with a missing, unfinished, truncated or corrupt shard."""
+
+
+class CorruptShard(IncompleteData):
+    """A record of a precomputed shard that cannot be read or decoded."""
+
+
+def redo_hint(folder: str, shards: list[str]) -> str:
+    """How to redo `shards` of the precompute in `folder`: the command precompute.json recorded."""
+    names = " and ".join(f"{os.path.basename(s)}(.json)" for s in shards[:3]) + (" ..." if len(shards) > 3 else "")
+    cmd, where = "swd-precompute with the --out that wrote it", folder
+    meta = os.path.join(folder, "precompute.json")
+    if os.path.exists(meta):
+        try:
+            with open(meta) as f:
+                m = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            m = {}
+        if m.get("command"):
+            cmd = f"`{m['command']}`"
+        if storage.is_remote(m.get("out") or ""):  # read here through a mount or a local copy: delete it there
+            where = m["out"]
+    return f"redo it: delete {names} in {where}, then rerun {cmd} (finished shards are skipped)"
+
+
 class SwdImages(tfds.core.GeneratorBasedBuilder):
     """tfds builder: an SwD image folder + metainfo.csv -> records {image: encoded bytes, prompt, file_name}."""
 

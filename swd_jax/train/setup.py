@@ -12,19 +12,19 @@ import ml_collections
 import numpy as np
 import optax
 
-from swd_jax.train import sharding
-from swd_jax.convert.converted import FAMILIES
+from swd_jax.convert.converted import FAMILIES, load_diffusers
+from swd_jax.convert.converted import model_kind, read_config
+from swd_jax.convert.folders import from_hub, local_transformer_folder
 from swd_jax.convert.transformer import transformer_class
-from swd_jax.discriminator import DiscriminatorHead
+from swd_jax.method.discriminator import DiscriminatorHead
+from swd_jax.method.schedule import PRESETS, ScaleSchedule, make_schedule
+from swd_jax.models.backbone import backbone_kind, backbone_of, check_kind, model_guidance, random_config
 from swd_jax.models.block_scan import BlockGroup, stack_blocks, unstack_blocks
 from swd_jax.models.flux import FluxConfig
 from swd_jax.models.layers import (ATTENTION_IMPLS, LORA, REMAT_POLICIES, LoraConfig, check_blocks_without_remat,
                                    check_remat)
 from swd_jax.models.mmdit import MMDiTConfig
-from swd_jax.convert.converted import model_kind, read_config
-from swd_jax.convert.folders import from_hub, local_transformer_folder
-from swd_jax.schedule import PRESETS, ScaleSchedule, get_schedule
-from swd_jax.train.backbone import backbone_kind, backbone_of, check_kind, model_guidance, random_config
+from swd_jax.train import sharding
 from swd_jax.train.steps import LossConfig, SwDModels, init_state
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -34,16 +34,6 @@ def _dtype(name: str, field: str):
     if name not in DTYPES:
         raise ValueError(f"{field}={name!r}; expected one of {sorted(DTYPES)}")
     return DTYPES[name]
-
-
-def make_schedule(c: ml_collections.ConfigDict) -> ScaleSchedule:
-    s = c.schedule
-    if s.preset:
-        if s.scales or s.boundaries:
-            raise ValueError("schedule: give either `preset` or `scales`+`boundaries`, not both")
-        return get_schedule(s.preset)
-    return ScaleSchedule(scales=tuple(s.scales), boundaries=tuple(s.boundaries),
-                         num_train_steps=s.num_train_steps, shift=s.shift)
 
 
 def make_optimizer(lr: float, o) -> optax.GradientTransformation:
@@ -84,7 +74,7 @@ def load_base(c, mesh) -> tuple[MMDiTConfig | FluxConfig, dict]:
         init = lambda: nn.unbox(model.init(jax.random.key(c.train.seed), *bb.example_inputs(cfg, 1))["params"])
         return cfg, jax.jit(init, out_shardings=shardings)()
     if source == "diffusers":
-        return bb.load_diffusers(local_transformer_folder(path), dtype=pdt, shardings=shardings)
+        return load_diffusers(local_transformer_folder(path), dtype=pdt, shardings=shardings)
     from swd_jax.convert.converted import load_converted
     cfg, params = load_converted(path, shardings=shardings)
     wrong = {str(x.dtype) for x in jax.tree.leaves(params)} - {jnp.dtype(pdt).name}

@@ -27,6 +27,7 @@ import shutil
 import sys
 
 from swd_jax import storage
+from swd_jax.train.records import CorruptShard, IncompleteData, decode_array_record, redo_hint  # noqa: F401 (re-exported)
 
 SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.array_record$")
 VERIFY = ("fast", "full")
@@ -34,12 +35,9 @@ FAST_SAMPLES = 256  # records decoded by the fast check, at most (3 per shard)
 MOUNT_ROOT = "/mnt/gcs"  # where launch/tpu_pod.sh --mount puts a bucket
 
 
-class IncompleteData(ValueError):
-    """Precomputed data with a missing, unfinished, truncated or corrupt shard."""
-
-
-class CorruptShard(IncompleteData):
-    """A record of a precomputed shard that cannot be read or decoded."""
+def shard_name(i: int, n: int) -> str:
+    """The file name of precompute shard i of n."""
+    return f"precomputed-{i:05d}-of-{n:05d}.array_record"
 
 
 def file_crc32c(path: str, chunk: int = 1 << 22) -> str:
@@ -55,24 +53,6 @@ def file_crc32c(path: str, chunk: int = 1 << 22) -> str:
 def shard_sidecar(path: str, rows: int, skipped_bad: int) -> dict:
     """The `<shard>.json` of a finished local shard file."""
     return {"rows": rows, "skipped_bad": skipped_bad, "bytes": os.path.getsize(path), "crc32c": file_crc32c(path)}
-
-
-def redo_hint(folder: str, shards: list[str]) -> str:
-    """How to redo `shards` of the precompute in `folder`: the command precompute.json recorded."""
-    names = " and ".join(f"{os.path.basename(s)}(.json)" for s in shards[:3]) + (" ..." if len(shards) > 3 else "")
-    cmd, where = "swd-precompute with the --out that wrote it", folder
-    meta = os.path.join(folder, "precompute.json")
-    if os.path.exists(meta):
-        try:
-            with open(meta) as f:
-                m = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            m = {}
-        if m.get("command"):
-            cmd = f"`{m['command']}`"
-        if storage.is_remote(m.get("out") or ""):  # read here through a mount or a local copy: delete it there
-            where = m["out"]
-    return f"redo it: delete {names} in {where}, then rerun {cmd} (finished shards are skipped)"
 
 
 def _read_json(path: str) -> dict:
@@ -91,7 +71,6 @@ def _close(reader) -> None:
 
 
 def _decode(reader, f: str, folder: str, indices) -> None:
-    from swd_jax.train.records import decode_array_record
     for j in indices:
         try:
             decode_array_record(reader.read([j])[0])
@@ -131,7 +110,6 @@ def check_precomputed(path: str, files: list[str], verify: str = "fast") -> int:
     have = {int(m.group(1)): f for f, m in named.items()}
     missing = sorted(set(range(n)) - set(have))
     if missing:
-        from swd_jax.train.precompute import shard_name
         raise IncompleteData(f"{path}: {len(missing)} of {n} shards missing: "
                              f"{[shard_name(i, n) for i in missing[:5]]}; rerun precompute with the same --out")
     from array_record.python.array_record_module import ArrayRecordReader

@@ -11,7 +11,7 @@ x_prev is the latent of the official cascade image: the image area-resized to 8 
 
 - "digits": the built-in toy problem (`swd_jax.demo.digits_source`, registered by the demo package).
 - "images": image records (swd_jax.train.records.build_image_dataset) encoded online by our VAE + text encoders.
-- "precomputed": array_record shards written by `python -m swd_jax.precompute` (posterior moments `mean_{s}`,
+- "precomputed": array_record shards written by `swd-precompute` (posterior moments `mean_{s}`,
   `std_{s}` for every scale s and `prev_mean_{s}`, `prev_std_{s}` of its cascaded previous-scale image,
   `prompt_embeds`, `pooled_prompt_embeds`; `uncond.npz` beside them), read with the grain loader; checked at
   start-up as `data.verify` says ("fast" or "full", `shard_checks`).
@@ -25,7 +25,7 @@ import os
 import jax
 import numpy as np
 
-from swd_jax.schedule import ScaleSchedule
+from swd_jax.method.schedule import ScaleSchedule
 from swd_jax.train.shard_checks import (  # noqa: F401  (re-exported)
     SHARD_NAME, CorruptShard, IncompleteData, check_precomputed, local_data_path)
 
@@ -47,7 +47,7 @@ def latent_batch(record: dict, s: int, s_prev: int, latent: str, where: str) -> 
     missing = [v for v in names.values() if v not in record]
     if missing and any(k.startswith("latents_") for k in record):
         raise ValueError(f"{where} holds the old precompute format (latents_{{s}}: one fixed VAE sample per scale, "
-                         "previous scale not cascaded): redo it into a new folder with `python -m swd_jax.precompute`")
+                         "previous scale not cascaded): redo it into a new folder with `swd-precompute`")
     if missing:
         raise KeyError(f"{where} lacks {missing} (scale {s}, previous scale {s_prev}); it holds {sorted(record)}")
     out = {k: record[v] for k, v in names.items()}
@@ -89,7 +89,7 @@ class PrecomputedSource(_RecordSource):
         self.latent = latent
         files = array_record_files(path)
         if not files:
-            raise FileNotFoundError(f"no .array_record shards in {path}; run `python -m swd_jax.precompute` first")
+            raise FileNotFoundError(f"no .array_record shards in {path}; run `swd-precompute` first")
         _checked_once(path, files, verify)
         uncond = os.path.join(path, "uncond.npz")
         if not os.path.exists(uncond):
@@ -207,7 +207,7 @@ def _checked_once(path: str, files: list[str], verify: str) -> None:
 
 def _precomputed(c, schedule, transformer_config, position=0, devices=None):
     if not c.data.path:
-        raise ValueError("data.kind='precomputed' needs data.path (the output folder of swd_jax.precompute)")
+        raise ValueError("data.kind='precomputed' needs data.path (the output folder of swd-precompute)")
     path = local_data_path(c.data.path, c.data.get("copy_to_local", False))
     return PrecomputedSource(path, schedule, c.train.batch_size, c.data.seed, position, c.data.latent,
                              c.data.get("verify", "fast"))

@@ -17,7 +17,7 @@ Where ours differs from the official code on purpose (each a named option, READM
 - The GAN-D term of the fake loss follows `gan_d_weight` alone, as the official code (which adds it even with
   `do_gan_loss` off); `gan_d_weight=0` drops it (and the real-feature pass).
 
-Backbones (`swd_jax.train.backbone`): MMDiT (SD3/SD3.5) or FLUX. FLUX-dev is guidance-distilled: every pass
+Backbones (`swd_jax.models.backbone`): MMDiT (SD3/SD3.5) or FLUX. FLUX-dev is guidance-distilled: every pass
 takes a guidance scale through its embedding (`SwDModels.guidance` for the student and fake model), and the
 DMD teacher is ONE pass at `loss.guidance_teacher`, no doubled CFG batch (`uncond` is unused then).
 
@@ -36,12 +36,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from swd_jax import losses
-from swd_jax.discriminator import DiscriminatorHead
+from swd_jax.method import losses
+from swd_jax.method.discriminator import DiscriminatorHead
+from swd_jax.method.resize import bicubic_resize
+from swd_jax.method.schedule import ScaleSchedule, add_noise
 from swd_jax.models.flux import Flux
 from swd_jax.models.mmdit import MMDiT
-from swd_jax.resize import bicubic_resize
-from swd_jax.schedule import ScaleSchedule, add_noise
 
 Batch = dict[str, jnp.ndarray]  # x [B,s,s,C] (target at s_k), x_prev [B,s',s',C] (at s_{k-1}), context, pooled
 

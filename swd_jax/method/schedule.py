@@ -52,7 +52,7 @@ def flow_match_sigmas(num_steps: int, shift: float) -> np.ndarray:
     to 0; a read-only array (cached per (num_steps, shift)).
 
     >>> import numpy as np
-    >>> from swd_jax.schedule import flow_match_sigmas
+    >>> from swd_jax.method.schedule import flow_match_sigmas
     >>> s = flow_match_sigmas(28, 3.0)
     >>> s.shape, s.dtype
     ((29,), dtype('float32'))
@@ -66,7 +66,7 @@ def flow_match_timesteps(num_steps: int, shift: float) -> np.ndarray:
     """Model timesteps 1000 * sigma[:-1] (float32), as diffusers' `scheduler.timesteps`.
 
     >>> import numpy as np
-    >>> from swd_jax.schedule import flow_match_timesteps
+    >>> from swd_jax.method.schedule import flow_match_timesteps
     >>> np.round(flow_match_timesteps(4, 1.0), 1).tolist()   # shift 1: linspace(1000, 1, 4)
     [1000.0, 667.0, 334.0, 1.0]
     """
@@ -94,7 +94,7 @@ def flux_dynamic_sigmas(steps: int, image_seq_len: int, scheduler: dict = FLUX_D
     defaults).
 
     >>> import numpy as np
-    >>> from swd_jax.schedule import flux_dynamic_sigmas
+    >>> from swd_jax.method.schedule import flux_dynamic_sigmas
     >>> np.round(flux_dynamic_sigmas(4, image_seq_len=4096).astype(float), 4).tolist()   # 1024 px FLUX-dev
     [1.0, 0.9045, 0.7595, 0.5128, 0.0]
     """
@@ -127,7 +127,7 @@ def add_noise(x0: jnp.ndarray, eps: jnp.ndarray, sigma: jnp.ndarray) -> jnp.ndar
     sigma is cast to x0's dtype; the result has the promoted dtype of x0 and eps.
 
     >>> import jax.numpy as jnp
-    >>> from swd_jax.schedule import add_noise
+    >>> from swd_jax.method.schedule import add_noise
     >>> x0, eps = jnp.zeros((2, 1, 1, 1)), jnp.ones((2, 1, 1, 1))
     >>> add_noise(x0, eps, jnp.array([0.25, 1.0])).ravel().tolist()
     [0.25, 1.0]
@@ -151,7 +151,7 @@ class ScaleSchedule:
     boundaries); such a schedule can sample but has no training grid indices (those methods raise).
 
     >>> import numpy as np
-    >>> from swd_jax.schedule import ScaleSchedule, get_schedule
+    >>> from swd_jax.method.schedule import ScaleSchedule, get_schedule
     >>> sch = get_schedule("sd35_medium_4")
     >>> sch.scales, sch.boundaries
     ((64, 80, 96, 128), (0, 7, 14, 18, 28))
@@ -292,10 +292,22 @@ PRESETS: dict[str, ScaleSchedule] = {
 def get_schedule(name: str) -> ScaleSchedule:
     """The preset schedule `name` (one of PRESETS); an unknown name raises ValueError.
 
-    >>> from swd_jax.schedule import get_schedule
+    >>> from swd_jax.method.schedule import get_schedule
     >>> get_schedule("flux_4").explicit_sigmas
     (1.0, 0.8956, 0.7363, 0.6007, 0.0)
     """
     if name not in PRESETS:
         raise ValueError(f"unknown schedule {name!r}; known: {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+def make_schedule(c) -> ScaleSchedule:
+    """A run config's schedule (`c.schedule`: a `preset`, or `scales` + `boundaries` + `num_train_steps` + `shift`;
+    configs/common.py)."""
+    s = c.schedule
+    if s.preset:
+        if s.scales or s.boundaries:
+            raise ValueError("schedule: give either `preset` or `scales`+`boundaries`, not both")
+        return get_schedule(s.preset)
+    return ScaleSchedule(scales=tuple(s.scales), boundaries=tuple(s.boundaries),
+                         num_train_steps=s.num_train_steps, shift=s.shift)

@@ -28,7 +28,7 @@ from there by orbax, and OUT's files are written locally first, then uploaded. M
 Face Hub ids, ORG/NAME[@REVISION] (e.g. stabilityai/stable-diffusion-3.5-medium, yresearch/swd-medium-6-steps),
 fetched into the Hub's cache as diffusers' from_pretrained does (HF_HUB_OFFLINE=1: from the cache alone).
 
-A training set (`--shard-size N`, `swd_jax.generate_set`): OUT gets exactly the layout swd-precompute reads (the
+A training set (`--shard-size N`, `swd_jax.cli.generate_set`): OUT gets exactly the layout swd-precompute reads (the
 PNGs + metainfo.csv with file_name,prompt), written in shards of N images with a manifest each, resumable (a rerun
 verifies and skips complete shards, redoes the others) and the same bits on any number of processes. Several
 processes (every host of a slice runs the same command): --coordinator/--num_processes/--process_id, else
@@ -47,7 +47,7 @@ import sys
 import numpy as np
 
 from swd_jax import storage
-from swd_jax.command_line import add_common_flags, quiet_logs, run_main
+from swd_jax.cli.common import add_common_flags, quiet_logs, run_main
 from swd_jax.eval.prompts import write_index
 
 PROMPT_COLUMNS = ("caption", "prompt", "captions", "text")
@@ -127,7 +127,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--max-sequence-length", type=int, help="T5 tokens (default: SD3 256, FLUX 512)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--shard-size", type=int, help="write a training set (images + metainfo.csv) in resumable "
-                   "shards of this many images (swd_jax.generate_set)")
+                   "shards of this many images (swd_jax.cli.generate_set)")
     p.add_argument("--batch-per-device", type=int, help="with --shard-size: images per chip (default: the TPU "
                    "sampling plan's on a TPU, else 1); --batch sets the whole batch instead")
     p.add_argument("--verify", choices=("full", "size"), default="full",
@@ -153,7 +153,7 @@ def _schedule(args):
 def _save_grid(path: str, images: list[np.ndarray]) -> None:
     from PIL import Image
 
-    from swd_jax.train.validation import image_grid, save_png
+    from swd_jax.image_files import image_grid, save_png
     cells = [np.asarray(Image.fromarray(x).resize((GRID_CELL, GRID_CELL), Image.BICUBIC)) if x.shape[0] > GRID_CELL
              else x for x in images[:GRID_IMAGES]]
     save_png(path, image_grid(np.stack(cells)))
@@ -195,8 +195,8 @@ def run(args) -> dict:
 
 
 def _run_set(args, pipe, sampler, prompts: list[str]) -> dict:
-    """--shard-size: this process's share of the training set (swd_jax.generate_set)."""
-    from swd_jax.generate_set import generate_set
+    """--shard-size: this process's share of the training set (swd_jax.cli.generate_set)."""
+    from swd_jax.cli.generate_set import generate_set
     per_device = args.batch_per_device
     if args.batch is not None:
         if per_device is not None:
@@ -240,11 +240,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from swd_jax.train import supervisor
     if supervisor.wanted(args.num_processes):  # several processes: jax's native aborts kept off the console
-        child = [sys.executable, "-m", "swd_jax.generate", *(sys.argv[1:] if argv is None else argv)]
+        child = [sys.executable, "-m", "swd_jax.cli.generate", *(sys.argv[1:] if argv is None else argv)]
         return supervisor.supervise(child, args.process_id, args.coordinator)
 
     def _run():
-        from swd_jax.command_line import enable_compile_cache
+        from swd_jax.cli.common import enable_compile_cache
         from swd_jax.train import distributed
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         enable_compile_cache()

@@ -25,7 +25,7 @@ _A = -0.75  # torch's bicubic Keys coefficient
 def area_matrix(in_size: int, out_size: int) -> np.ndarray:
     """[out, in] float32 adaptive-average-pooling weights (torch `mode="area"`); each row sums to 1.
 
-    >>> from swd_jax.resize import area_matrix
+    >>> from swd_jax.method.resize import area_matrix
     >>> area_matrix(3, 2).tolist()   # overlapping bins at a non-integer ratio
     [[0.5, 0.5, 0.0], [0.0, 0.5, 0.5]]
     """
@@ -62,7 +62,7 @@ def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     own rounding: max |ours - torch| ~2e-6 on N(0, 1) inputs, vs ~1e-5 with float64 coordinates.
 
     >>> import numpy as np
-    >>> from swd_jax.resize import bicubic_matrix
+    >>> from swd_jax.method.resize import bicubic_matrix
     >>> m = bicubic_matrix(2, 4)
     >>> m.shape, np.round(m.sum(axis=1).astype(float), 6).tolist()   # rows sum to 1
     ((4, 2), [1.0, 1.0, 1.0, 1.0])
@@ -89,7 +89,7 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     torch's CPU kernel: src = max(in/out * (i + 0.5) - 0.5, 0) in float32, rows floor(src) and the next one
     (clamped at the last row), weights 1 - frac and frac. pytorch-fid resizes Inception inputs this way.
 
-    >>> from swd_jax.resize import bilinear_matrix
+    >>> from swd_jax.method.resize import bilinear_matrix
     >>> bilinear_matrix(2, 4).tolist()
     [[1.0, 0.0], [0.75, 0.25], [0.25, 0.75], [0.0, 1.0]]
     """
@@ -146,7 +146,7 @@ def area_resize(x: jnp.ndarray, size: int | tuple[int, int], layout: str = "NHWC
     Computed in float32 (or wider), returned in x's dtype. At integer ratios the mean is preserved (to rounding).
 
     >>> import jax.numpy as jnp
-    >>> from swd_jax.resize import area_resize
+    >>> from swd_jax.method.resize import area_resize
     >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)                    # NHWC
     >>> area_resize(x, 2)[0, :, :, 0].tolist()                      # 2x2 block means
     [[2.5, 4.5], [10.5, 12.5]]
@@ -162,7 +162,7 @@ def bicubic_resize(x: jnp.ndarray, size: int | tuple[int, int], layout: str = "N
     Computed in float32 (or wider), returned in x's dtype; constants are kept exactly.
 
     >>> import jax.numpy as jnp
-    >>> from swd_jax.resize import bicubic_resize
+    >>> from swd_jax.method.resize import bicubic_resize
     >>> y = bicubic_resize(jnp.full((2, 3, 3, 4), 0.5, jnp.bfloat16), 5)
     >>> y.shape, y.dtype, float(y.min()), float(y.max())
     ((2, 5, 5, 4), dtype(bfloat16), 0.5, 0.5)
@@ -174,7 +174,7 @@ def bilinear_resize(x: jnp.ndarray, size: int | tuple[int, int], layout: str = "
     """Bilinear-resize x to `size` (torch `interpolate(mode="bilinear", align_corners=False)`, no antialias).
 
     >>> import jax.numpy as jnp
-    >>> from swd_jax.resize import bilinear_resize
+    >>> from swd_jax.method.resize import bilinear_resize
     >>> bilinear_resize(jnp.array([0.0, 1.0]).reshape(1, 1, 2, 1), (1, 4)).ravel().tolist()
     [0.0, 0.25, 0.75, 1.0]
     """
@@ -185,7 +185,7 @@ def resize(x: jnp.ndarray, size: int | tuple[int, int], layout: str = "NHWC") ->
     """SwD resize: area when shrinking, bicubic when growing, identity when equal (per spatial axis pair).
 
     >>> import jax.numpy as jnp
-    >>> from swd_jax.resize import resize
+    >>> from swd_jax.method.resize import resize
     >>> x = jnp.ones((1, 8, 8, 16))
     >>> resize(x, 4).shape, resize(x, 12).shape, resize(x, 8) is x
     ((1, 4, 4, 16), (1, 12, 12, 16), True)

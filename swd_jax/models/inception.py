@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from swd_jax.resize import bilinear_resize
+from swd_jax.method.resize import bilinear_resize
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from swd_jax.convert.prompt_encoding import SD3PromptEncoder, TextModels, check_components, encode_tokens
 from swd_jax.convert.strict import read_config
 from swd_jax.convert.text import load_clip, load_t5
 from swd_jax.models.text import CLIPTextModel, T5EncoderModel
-from swd_jax.prompt_encoding import SD3PromptEncoder, TextModels, check_components, encode_tokens
 
 COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 

@@ -1,6 +1,7 @@
 """The transformer families the SwD trainer distils (SD3/SD3.5 MMDiT, FLUX.1), behind one small record.
 
-A `Backbone` says how to build, initialise and load one family; the train step calls every family the same way
+A `Backbone` says how to build and initialise one family (loading its diffusers weights is
+`swd_jax.convert.converted.load_diffusers`); the train step calls every family the same way
 (`SwDModels.velocity`), the only difference being FLUX-dev's guidance embedding, an extra input of every pass.
 `model.kind` names the family of a random model; for loaded weights the folder's `_class_name` decides, and a
 `model.kind` that disagrees raises.
@@ -11,25 +12,31 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from swd_jax.convert import flux as flux_convert
-from swd_jax.convert import transformer as mmdit_convert
+import jax
+import jax.numpy as jnp
+
 from swd_jax.models.flux import Flux, FluxConfig
 from swd_jax.models.flux import example_inputs as flux_example_inputs
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
+from swd_jax.models.mmdit import example_inputs as mmdit_example_inputs
 
 
 @dataclasses.dataclass(frozen=True)
 class Backbone:
-    """One transformer family: its config and module classes, abstract params, init inputs, diffusers loader."""
+    """One transformer family: its config and module classes, init inputs, abstract params (its diffusers loader:
+    `swd_jax.convert.converted.load_diffusers`)."""
     kind: str
     diffusers_class: str
     config_cls: type
     module_cls: type
-    boxed_params: Callable[..., dict]  # (cfg, param_dtype) -> boxed abstract params
     example_inputs: Callable[..., tuple]  # (cfg, batch) -> positional init inputs
-    load_diffusers: Callable[..., tuple]  # (folder, dtype=, shardings=) -> (cfg, params)
-    sample_preset: str  # swd_jax.schedule preset the published SwD student of this family samples with
+    sample_preset: str  # swd_jax.method.schedule preset the published SwD student of this family samples with
     max_sequence_length: int  # T5 tokens the published student samples with
+
+    def boxed_params(self, cfg, param_dtype=jnp.float32) -> dict:
+        """Shapes/dtypes of the family's params (no memory allocated), boxed with their logical axis names."""
+        model = self.module_cls(cfg, param_dtype=param_dtype)
+        return jax.eval_shape(lambda: model.init(jax.random.key(0), *self.example_inputs(cfg, 1))["params"])
 
     def latent_multiple(self, cfg) -> int:
         """What every latent size must be a multiple of: MMDiT's patch; FLUX's 2x2 packing."""
@@ -41,10 +48,8 @@ class Backbone:
 
 
 BACKBONES = {
-    "mmdit": Backbone("mmdit", "SD3Transformer2DModel", MMDiTConfig, MMDiT, mmdit_convert.boxed_params,
-                      mmdit_convert.example_inputs, mmdit_convert.load_transformer, "sd35_medium_6", 256),
-    "flux": Backbone("flux", "FluxTransformer2DModel", FluxConfig, Flux, flux_convert.boxed_params,
-                     flux_example_inputs, flux_convert.load_flux, "flux_4", 512),
+    "mmdit": Backbone("mmdit", "SD3Transformer2DModel", MMDiTConfig, MMDiT, mmdit_example_inputs, "sd35_medium_6", 256),
+    "flux": Backbone("flux", "FluxTransformer2DModel", FluxConfig, Flux, flux_example_inputs, "flux_4", 512),
 }
 
 

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swd_jax.resize import bicubic_resize
-from swd_jax.schedule import NUM_TRAIN_TIMESTEPS, ScaleSchedule
+from swd_jax.method.resize import bicubic_resize
+from swd_jax.method.schedule import NUM_TRAIN_TIMESTEPS, ScaleSchedule
 
 VelocityFn = Callable[[Any, jnp.ndarray, jnp.ndarray, Any], jnp.ndarray]
 
@@ -38,7 +38,7 @@ def mmdit_velocity(model) -> VelocityFn:
     Make it once per model and reuse the object: the sampler compiles per velocity function.
 
     >>> import jax.numpy as jnp
-    >>> from swd_jax.sampler import mmdit_velocity
+    >>> from swd_jax.method.sampler import mmdit_velocity
     >>> class Toy:   # anything with MMDiT's apply(variables, x, t, context, pooled)
     ...     def apply(self, variables, x, t, context, pooled): return variables["params"]["w"] * x
     >>> v = mmdit_velocity(Toy())
@@ -59,7 +59,7 @@ def flux_velocity(model) -> VelocityFn:
     Make it once per model and reuse the object: the sampler compiles per velocity function.
 
     >>> import jax.numpy as jnp
-    >>> from swd_jax.sampler import flux_velocity
+    >>> from swd_jax.method.sampler import flux_velocity
     >>> class Toy:   # anything with Flux's apply(variables, x, t, context, pooled, guidance)
     ...     def apply(self, variables, x, t, context, pooled, guidance): return x * guidance[:, None, None, None]
     >>> v = flux_velocity(Toy())
@@ -78,7 +78,7 @@ class SamplerNoise:
     """Explicit noise: `init_BHWC` at scales[0], and `steps[i]` [B, s_{i+1}, s_{i+1}, C] for i = 0..K-2.
 
     >>> import jax.numpy as jnp
-    >>> from swd_jax.sampler import SamplerNoise
+    >>> from swd_jax.method.sampler import SamplerNoise
     >>> n = SamplerNoise(jnp.zeros((1, 2, 2, 16)), steps=(jnp.zeros((1, 4, 4, 16)),))   # scales (2, 4)
     >>> len(n.steps)
     1
@@ -154,7 +154,7 @@ def scale_wise_sample(velocity_fn: VelocityFn, params, cond, key: jax.Array | No
     draw equal to the implied noise x0 + v, this is `euler_sample` on the same sigmas (see the example).
 
     >>> import jax, jax.numpy as jnp
-    >>> from swd_jax.sampler import SamplerNoise, scale_wise_sample
+    >>> from swd_jax.method.sampler import SamplerNoise, scale_wise_sample
     >>> def velocity(params, x, t, cond): return params * x           # a toy linear "model"
     >>> noise = SamplerNoise(jnp.ones((1, 2, 2, 1)), steps=(jnp.ones((1, 4, 4, 1)),))
     >>> x0 = scale_wise_sample(velocity, 0.5, None, None, ((2, 4), (1.0, 0.5, 0.0)), batch_size=1,
@@ -196,7 +196,7 @@ def euler_sample(velocity_fn: VelocityFn, params, x_init_BHWC: jnp.ndarray, sigm
     to float32(sigmas[:-1]) * 1000. One compiled step serves all N steps. Returns x at sigmas[-1] (float32).
 
     >>> import jax.numpy as jnp
-    >>> from swd_jax.sampler import euler_sample
+    >>> from swd_jax.method.sampler import euler_sample
     >>> def velocity(params, x, t, cond): return params * x
     >>> x = euler_sample(velocity, 0.5, jnp.ones((1, 4, 4, 1)), [1.0, 0.5, 0.0], None)
     >>> float(x.min()), float(x.max())   # 1 - 0.5 * 0.5 = 0.75, then 0.75 - 0.5 * 0.375

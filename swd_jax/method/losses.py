@@ -39,7 +39,7 @@ def pdm_linear(feat_fake_BLD: jnp.ndarray, feat_real_BLD: jnp.ndarray, c: float 
     The eps clamp is the reference's (only active when c = 0). Any input dtype; computed and returned in float32.
 
     >>> import jax.numpy as jnp
-    >>> from swd_jax.losses import pdm_linear
+    >>> from swd_jax.method.losses import pdm_linear
     >>> fake, real = jnp.zeros((2, 4, 3)), jnp.ones((2, 4, 3))   # token means differ by 1 in every feature
     >>> round(float(pdm_linear(fake, real)), 4)                 # sqrt(1 + c^2) - c
     0.999
@@ -66,7 +66,7 @@ def pdm_rbf(feat_fake_BLD: jnp.ndarray, feat_real_BLD: jnp.ndarray, bandwidth: f
     (the cross term keeps its diagonal): for x = y it is -2 (n - sum K_xx / n) / (n (n - 1)) <= 0.
 
     >>> import jax.numpy as jnp
-    >>> from swd_jax.losses import pdm_rbf
+    >>> from swd_jax.method.losses import pdm_rbf
     >>> fake = jnp.array([[[0.0], [1.0]]]); real = fake + 1.0      # [B=1, L=2, D=1]
     >>> round(float(pdm_rbf(fake, real, bandwidth=1.0)), 4)       # 2 e^-1/2 - (1 + 2 e^-1/2 + e^-2) / 2
     0.0389
@@ -101,7 +101,7 @@ def pdm_loss(feat_fake_BLD: jnp.ndarray, feat_real_BLD: jnp.ndarray, kernel: str
     The generator's PDM term (METHOD.md s.5 step 4); float32 scalar; an unknown kernel raises ValueError.
 
     >>> import jax.numpy as jnp
-    >>> from swd_jax.losses import pdm_loss
+    >>> from swd_jax.method.losses import pdm_loss
     >>> fake, real = jnp.zeros((2, 4, 3)), jnp.ones((2, 4, 3))
     >>> round(float(pdm_loss(fake, real, kernel="linear", c=0.0)), 4)
     1.0
@@ -123,7 +123,7 @@ def dmd_grad(x_fake: jnp.ndarray, x0_teacher: jnp.ndarray, x0_fake: jnp.ndarray)
     Returns float32 of the input shape.
 
     >>> import jax.numpy as jnp
-    >>> from swd_jax.losses import dmd_grad
+    >>> from swd_jax.method.losses import dmd_grad
     >>> x = jnp.zeros((1, 2, 2, 1))
     >>> x0_teacher = jnp.array([1.0, -1.0, 2.0, 0.0]).reshape(1, 2, 2, 1)   # mean|x - x0_T| = 1
     >>> dmd_grad(x, x0_teacher, x0_fake=jnp.zeros_like(x)).ravel().tolist()
@@ -144,7 +144,7 @@ def dmd_loss(x_fake: jnp.ndarray, x0_teacher: jnp.ndarray, x0_fake: jnp.ndarray)
     0.5 * mean(g^2); the mean runs over all elements (batch included); float32 for any input dtype.
 
     >>> import jax, jax.numpy as jnp
-    >>> from swd_jax.losses import dmd_loss
+    >>> from swd_jax.method.losses import dmd_loss
     >>> x = jnp.zeros((1, 2, 2, 1))
     >>> x0_teacher = jnp.array([1.0, -1.0, 2.0, 0.0]).reshape(1, 2, 2, 1)
     >>> round(float(dmd_loss(x, x0_teacher, jnp.zeros_like(x))), 4)   # 0.5 * (1 + 1 + 4 + 0) / 4
@@ -175,7 +175,7 @@ def gan_discriminator_loss(logits_fake: Logits, logits_real: Logits) -> jnp.ndar
     Increasing in the fake logits, decreasing in the real ones; float32 for any input dtype.
 
     >>> import jax.numpy as jnp
-    >>> from swd_jax.losses import gan_discriminator_loss
+    >>> from swd_jax.method.losses import gan_discriminator_loss
     >>> round(float(gan_discriminator_loss(jnp.zeros(4), jnp.zeros(4))), 4)   # 2 log 2
     1.3863
     >>> round(float(gan_discriminator_loss([jnp.full(4, -3.0), jnp.full(4, 1.0)], jnp.full(4, 5.0))), 4)
@@ -191,7 +191,7 @@ def gan_generator_loss(logits_fake: Logits) -> jnp.ndarray:
     Decreasing in the fake logits; float32 for any input dtype (bf16 logits give a float32 loss).
 
     >>> import jax.numpy as jnp
-    >>> from swd_jax.losses import gan_generator_loss
+    >>> from swd_jax.method.losses import gan_generator_loss
     >>> round(float(gan_generator_loss(jnp.zeros(3))), 4)   # log 2
     0.6931
     >>> gan_generator_loss(jnp.ones(3, jnp.bfloat16)).dtype
@@ -204,7 +204,7 @@ def fake_model_loss(x0_pred: jnp.ndarray, x0_target: jnp.ndarray) -> jnp.ndarray
     """Fake score model's denoising loss MSE(x0_pred, sg(x0_target)) in x0 form, fp32, mean over all elements.
 
     >>> import jax, jax.numpy as jnp
-    >>> from swd_jax.losses import fake_model_loss
+    >>> from swd_jax.method.losses import fake_model_loss
     >>> pred, target = jnp.array([[1.0, 3.0]]), jnp.array([[0.0, 1.0]])
     >>> round(float(fake_model_loss(pred, target)), 4)          # (1 + 4) / 2
     2.5

@@ -43,7 +43,7 @@ import ml_dtypes
 import numpy as np
 
 from swd_jax import storage
-from swd_jax.command_line import add_common_flags, quiet_logs
+from swd_jax.cli.common import add_common_flags, quiet_logs
 from swd_jax.convert.converted import conversion_source, load_converted, model_kind, read_config
 from swd_jax.convert.folders import PIPELINE_PARTS, from_hub, local_model_folder, local_path
 from swd_jax.convert.peft_lora import import_lora

@@ -29,7 +29,7 @@ import sys
 from PIL import Image
 
 from swd_jax import storage
-from swd_jax.command_line import add_common_flags, quiet_logs, run_main
+from swd_jax.cli.common import add_common_flags, quiet_logs, run_main
 from swd_jax.eval import fid as fid_lib
 from swd_jax.eval import prompts as prompts_lib
 from swd_jax.eval.protocol import Evaluator, evaluate_images
