@@ -14,8 +14,10 @@ def base_config() -> ml_collections.ConfigDict:
     # remat (all their activations kept: HBM left over buys speed). scan_blocks: each run of identical blocks is one
     # scan over stacked weights, compiled once (False: every block unrolled, today's program at full depth; the
     # numbers agree to 1e-6 and checkpoints are the same either way, so a resume may switch it).
+    # remat_from_scale: remat only at scale intervals whose latent is at least this (one of the schedule's scales;
+    # the smaller intervals run without remat: faster, and they need far less memory); 0: at every interval.
     c.model = dict(source="auto", path="", dtype="bfloat16", param_dtype="bfloat16", remat=True, remat_policy="full",
-                   blocks_without_remat=0, scan_blocks=True,
+                   blocks_without_remat=0, scan_blocks=True, remat_from_scale=0,
                    # "xla" | "chunked" (any backend, flash-like memory) | "splash" (TPU) | "splash_fused" (TPU,
                    # the kernel's fused backward: dq partial sums in bf16) | "cudnn" (GPU);
                    # attention_chunk: query rows per chunk of "chunked".

@@ -113,3 +113,26 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
         _check_finite(3, {"gen/dmd": float("nan"), "gen/pdm": 0.1}, ckpt)
     assert ckpt.all_steps() == [1] and os.path.isdir(tmp_path / "2.nonfinite")
     ckpt.close()
+
+
+def test_remat_from_scale_changes_the_program_not_the_numbers():
+    """model.remat_from_scale=16: interval 0 (latent 8) runs without remat, interval 1 (16) with it; one iteration
+    gives what remat everywhere gives (remat recomputes, it does not change the arithmetic), from the same weights
+    in the same stacked layout."""
+    from swd_jax.train.setup import interval_models
+    c_all = small_config(**{"mesh.shape": (1, 1, 1), "model.remat": True})
+    c_from = small_config(**{"mesh.shape": (1, 1, 1), "model.remat": True, "model.remat_from_scale": 16})
+    s_all, m_all, _ = one_iteration(c_all, jax.devices()[:1])
+    s_from, m_from, run = one_iteration(c_from, jax.devices()[:1])
+    assert not any(g.remat for g in interval_models(run, 0).transformer.block_groups())
+    assert interval_models(run, 1).transformer is run.models.transformer and run.models.transformer.remat
+    for k in m_all:
+        np.testing.assert_allclose(m_from[k], m_all[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    # The state after one AdamW step: its first update is lr * g / (|g| + eps), which for a gradient near eps turns
+    # the float32 reordering of the recomputed forward (2e-7 relative) into up to 1e-3 of lr (8e-7 measured).
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s_all), jax.tree.leaves(s_from)):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=2e-6 * c_all.optim.lr / 1e-3,
+                                   err_msg=jax.tree_util.keystr(path))
+    with pytest.raises(ValueError, match=r"model.remat_from_scale=12: expected 0 .* one of the schedule's scales "
+                                         r"\(8, 16\)"):
+        build_run(small_config(**{"mesh.shape": (1, 1, 1), "model.remat_from_scale": 12}), jax.devices()[:1])

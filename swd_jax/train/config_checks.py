@@ -16,8 +16,8 @@ from swd_jax.train.config_loading import ConfigError, flat_fields
 # Fields a resume may change freely: they do not alter the trained state or what it means.
 HARMLESS_PREFIXES = ("train.log_every", "train.ckpt_every", "train.keep", "train.sample_every", "train.num_samples",
                      "train.export_peft", "eval.", "model.attention_impl", "model.attention_chunk", "model.remat",
-                     "model.blocks_without_remat", "model.scan_blocks", "data.verify", "data.copy_to_local",
-                     "mesh.")
+                     "model.blocks_without_remat", "model.remat_from_scale", "model.scan_blocks", "data.verify",
+                     "data.copy_to_local", "mesh.")
 # Fields that ask for an action on this run only (set by command-line flags); never compared on a resume.
 ACTIONS = ("train.restart_from_scratch",)
 # The Linear layers that can carry LoRA, by their diffusers module path below a block (MMDiT and FLUX); a target

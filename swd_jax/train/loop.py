@@ -33,7 +33,7 @@ from swd_jax.train.checkpoint import Checkpointer
 from swd_jax.train.config_checks import check_values, resume_changes
 from swd_jax.train.preemption import Preempted, PreemptionWatch
 from swd_jax.train.progress import Progress
-from swd_jax.train.setup import Run, build_run, count_params, loss_config
+from swd_jax.train.setup import Run, build_run, count_params, interval_models, loss_config
 from swd_jax.train.sources import check_data, make_source
 from swd_jax.train.steps import batches_per_iteration, make_iteration
 from swd_jax.train.workdir import (MetricsWriter, WorkdirInUse, WorkdirLease, WorkdirLock,  # noqa: F401
@@ -41,13 +41,14 @@ from swd_jax.train.workdir import (MetricsWriter, WorkdirInUse, WorkdirLease, Wo
 
 
 def compile_iterations(run: Run, source) -> dict:
-    """One jitted program per scale interval: (state, base, batches, uncond) -> (state, metrics), state donated."""
+    """One jitted program per scale interval: (state, base, batches, uncond) -> (state, metrics), state donated;
+    intervals below `model.remat_from_scale` without remat (`setup.interval_models`)."""
     mesh, m = run.mesh, run.models
     data_sharding = sharding.batch_sharding(mesh, leading_axes=1)
     rep = sharding.replicated(mesh)
     fns = {}
     for k in range(m.schedule.num_intervals):
-        fns[k] = jax.jit(make_iteration(m, k),
+        fns[k] = jax.jit(make_iteration(interval_models(run, k), k),
                          in_shardings=(run.state_shardings, run.base_shardings, data_sharding, rep),
                          out_shardings=(run.state_shardings, rep), donate_argnums=(0,))
     return fns

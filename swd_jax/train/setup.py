@@ -171,6 +171,33 @@ class Run:
         return stack_blocks(tree, self.block_groups)
 
 
+def without_remat(transformer):
+    """`transformer` with every block run without remat, its blocks grouped as before (the same stacked layout:
+    the weights of a run with remat serve it as they are)."""
+    groups = transformer.block_groups()
+    n = backbone_of(transformer.config).num_blocks(transformer.config)
+    plain = transformer.clone(blocks_without_remat=n, scan_splits=tuple(sorted({g.stop - 1 for g in groups})))
+    if [(g.start, g.size) for g in plain.block_groups()] != [(g.start, g.size) for g in groups]:
+        raise AssertionError(f"without remat the blocks group as {plain.block_groups()}, not as {groups}")
+    return plain
+
+
+def interval_models(run: Run, k: int) -> SwDModels:
+    """The models scale interval k runs: without remat where its latent is below `model.remat_from_scale` (the
+    small intervals need far less memory; the numbers do not change, only what the backward recomputes)."""
+    m, threshold = run.models, run.config.model.get("remat_from_scale", 0)
+    if not m.transformer.remat or m.schedule.scale(k) >= threshold:
+        return m
+    return dataclasses.replace(m, transformer=without_remat(m.transformer))
+
+
+def check_remat_from_scale(value, scales) -> None:
+    """`model.remat_from_scale`: 0 (remat at every interval) or one of the schedule's scales, else one line."""
+    if value != 0 and value not in scales:
+        raise ValueError(f"model.remat_from_scale={value!r}: expected 0 (remat at every scale interval) or one of "
+                         f"the schedule's scales {tuple(scales)} (intervals below it run without remat)")
+
+
 def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
     """Check the config, load/shard the base weights, create student/fake LoRA, head and optimiser states.
 
@@ -202,6 +229,7 @@ def build_run(c: ml_collections.ConfigDict, devices=None) -> Run:
         check_blocks_without_remat(c.model.blocks_without_remat, bb.num_blocks(cfg), c.model.remat)
     except ValueError as e:
         raise ValueError(f"model.{e}") from None
+    check_remat_from_scale(c.model.get("remat_from_scale", 0), schedule.scales)
     if c.model.attention_chunk < 8:
         raise ValueError(f"model.attention_chunk={c.model.attention_chunk}; expected at least 8 query rows")
     dtype = _dtype(c.model.dtype, "model.dtype")
