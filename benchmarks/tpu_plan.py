@@ -17,8 +17,13 @@ iteration; images/s (all n_fake + 1 batches of the iteration, as the trainer log
 `--blocks 2,4` compiles the model cut to that many blocks (dual-attention blocks and the feature block
 scaled in proportion) and extrapolates every figure linearly in depth to the full model; with two batches
 also linearly in batch, which gives the largest per-chip batch that fits HBM at full depth. Rows computed
-that way say `extrapolated`. A full-depth SD3.5-Medium compile takes > 30 min and ~17 GB of host memory on
-a 2-core machine: run one at a time.
+that way say `extrapolated`. With blocks under scan (the default) a full-depth SD3.5-Medium compile at 8
+images/chip takes ~6.5 min plus ~2 min of host FLOP counts and 11 GB of host memory on a 2-core machine (the
+unrolled one > 30 min and ~17 GB): run one at a time.
+
+`--intervals` adds the seconds of every scale interval and the run's hours: estimated from the top interval by
+FLOP share (a lower bound), or with `--intervals compile` each interval below the top compiled at full depth
+(`--at-intervals 0,1`: only those; kept in the plan's `interval_rows`, `interval_compiled` says which were).
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ from benchmarks.abstract_train import (
     lower_iteration,
     memory_per_device,
 )
+from benchmarks.splash_count import SPLASH_FLOPS, splash_flops  # noqa: F401 (re-exported)
 from launch.plan_check import (  # the launcher reads these plans (standard library)
     has_full_depth,
     variant_suffix,
@@ -173,7 +179,7 @@ def interval_seconds(shape: TrainShape, top_seconds: float) -> list[float]:
     """Estimated seconds of an iteration at every scale interval: the top interval's seconds (compiled, or
     extrapolated) times each interval's share of its model FLOPs (attention included; n_fake fake updates counted
     in full; one chip's batch: the shares do not depend on the chip count). The smaller intervals are not compiled:
-    their fixed costs (weight gathers, optimiser) make this a lower bound."""
+    their fixed costs (weight gathers, optimiser) make this a lower bound (`--intervals compile` compiles them)."""
     n = shape.n_fake_steps
     total = []
     for k in range(build_models(shape).schedule.num_intervals):
@@ -188,90 +194,15 @@ def run_hours(interval_s: list[float], steps: int) -> float:
     return sum(len(range(k, steps, K)) * s for k, s in enumerate(interval_s)) / 3600
 
 
-def scanned_flops(shape: TrainShape, chips: int) -> float:
+def scanned_flops(shape: TrainShape, chips: int, k: int | None = None) -> float:
     """FLOPs of the iteration without attention as a cost analysis counts the scanned program: every while loop
     (the blocks' scans, the fake updates) once; `model_flops`' conventions otherwise."""
     with attention_left_out():
-        return float(lower_iteration(_plain(shape, chips, shape.scan_blocks), host_mesh()).cost_analysis()["flops"])
-
-
-# FLOPs of one splash kernel per (batch x heads x query rows x key rows x head dim): forward q k^T and p v; dq
-# recomputes q k^T and forms dp = do v^T and dq = ds k; dkv recomputes q k^T and forms dv, dp and dk; the fused
-# backward's dkv kernel ("splash_fused") also forms dq = ds k (its results hold dq's per-key-block partials, one
-# rank more than q).
-SPLASH_FLOPS = {"fwd": 4, "dq": 6, "dkv": 8, "dkv_fused": 10}
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
-_KERNEL = re.compile(r"%splash_mha_(fwd|dq|dkv)\w*\.\d+ = (\(.*?\)|\S+) custom-call.*operand_layout_constraints=\{(.*)")
-_CALLEE = re.compile(r"(body|condition|to_apply|calls)=%([\w.\-]+)")
-_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_LIMIT = re.compile(r"= s32\[\]\S* constant\((\d+)\)")
-
-
-def splash_flops(hlo_text: str) -> float:
-    """FLOPs the splash kernels of a compiled per-device program execute, from their operand shapes.
-
-    Counts what runs: padded sequences, the forwards that remat repeats, kernels in the fake-update loop times
-    its trip count (a while body called from a computation that runs m times runs m x trips times). The trip
-    count is the compiler's `known_trip_count`, else the s32 constant its condition compares the counter with
-    (a `scan` counts from 0 while i < n).
-    """
-    kernels, calls, limits, name = {}, {}, {}, None
-    for line in hlo_text.splitlines():
-        m = _COMPUTATION.match(line)
-        if m:
-            name = m.group(1)
-            kernels[name], calls[name], limits[name] = 0.0, [], []
-            if line.startswith("ENTRY"):
-                entry = name
-            continue
-        if name is None:
-            continue
-        limits[name] += [int(n) for n in _LIMIT.findall(line)]
-        k = _KERNEL.search(line)
-        if k:  # operands: 3 scalar-prefetch masks, then q [.., L, D], k [.., S, D], v, ...
-            shapes = re.findall(r"\w+\[([\d,]*)\]\{", k.group(3))
-            q, kv = [int(d) for d in shapes[3].split(",")], [int(d) for d in shapes[4].split(",")]
-            ranks = [len(r.split(",")) for r in re.findall(r"\w+\[([\d,]*)\]", k.group(2))] or [0]
-            kind = "dkv_fused" if k.group(1) == "dkv" and max(ranks) > len(q) else k.group(1)
-            kernels[name] += SPLASH_FLOPS[kind] * math.prod(q) * kv[-2]
-        trips = _TRIPS.search(line)
-        callees = dict((kind, callee) for kind, callee in _CALLEE.findall(line))
-        for kind, callee in callees.items():
-            calls[name].append((callee, (kind, int(trips.group(1)) if trips else callees.get("condition"))))
-    order, seen = [], set()
-
-    def visit(c):  # depth-first post-order: every caller lands after all of its callees
-        seen.add(c)
-        for callee, _ in calls.get(c, []):
-            if callee not in seen:
-                visit(callee)
-        order.append(c)
-
-    visit(entry)
-    runs_kernels = {}
-    for c in order:  # callees first: does c, or anything it calls, run a splash kernel?
-        runs_kernels[c] = kernels.get(c, 0) > 0 or any(runs_kernels.get(callee) for callee, _ in calls.get(c, []))
-
-    def times(callee, kind, trips) -> int:
-        if kind != "body":
-            return 1
-        if isinstance(trips, int):
-            return trips
-        if len(limits.get(trips, [])) == 1:
-            return limits[trips][0]
-        if runs_kernels[callee]:
-            raise ValueError(f"while loop with condition {trips}: no known trip count and no single s32 limit")
-        return 1  # a loop without kernels (e.g. a collective matmul's windows): its count does not matter here
-
-    runs = {entry: 1}
-    for caller in reversed(order):  # callers before callees: each callee gets every path's count
-        for callee, how in calls.get(caller, []):
-            runs[callee] = runs.get(callee, 0) + runs.get(caller, 0) * times(callee, *how)
-    return sum(kernels[c] * r for c, r in runs.items() if c in kernels)
+        return float(lower_iteration(_plain(shape, chips, shape.scan_blocks), host_mesh(), k).cost_analysis()["flops"])
 
 
 def figures(shape: TrainShape, topo: str, compiler_flops: float, compiler_seconds: float,
-            splash_per_chip: float | None = None) -> dict:
+            splash_per_chip: float | None = None, k: int | None = None) -> dict:
     """FLOPs per chip, seconds, images/s and MFU of an iteration from the TPU compiler's per-chip counts.
 
     Two corrections: the compiler counts the fake-update loop once (scaled up by the model FLOPs' ratio), and
@@ -283,12 +214,12 @@ def figures(shape: TrainShape, topo: str, compiler_flops: float, compiler_second
     _, chips = topology(topo)
     chip = CHIPS[topo.split(":")[0]]
     n = shape.n_fake_steps
-    counted, body = model_flops(shape, chips)
-    counted_na, body_na = model_flops(shape, chips, attention=False)
+    counted, body = model_flops(shape, chips, k=k)
+    counted_na, body_na = model_flops(shape, chips, attention=False, k=k)
     total, rest = counted + (n - 1) * body, counted_na + (n - 1) * body_na
     # Blocks under scan are while loops too: the compiler counts each group's body once. The correction is then
     # the ratio of the model's FLOPs to those the scanned program shows when counted the same way.
-    attention, loop = total - rest, rest / (scanned_flops(shape, chips) if shape.scan_blocks else counted_na)
+    attention, loop = total - rest, rest / (scanned_flops(shape, chips, k) if shape.scan_blocks else counted_na)
     splash = attention / chips if splash_per_chip is None else splash_per_chip
     images = (n + 1) * shape.batch_per_device * chips
     out = {"compiler_flops": compiler_flops, "compiler_seconds": compiler_seconds, "loop_correction": loop,
@@ -307,32 +238,35 @@ def timing(row: dict, chips: int, chip: Chip) -> dict:
             "mfu": row["model_flops"] / (chips * chip.peak_flops * seconds)}
 
 
-def compile_plan(shape: TrainShape, topo: str, hlo_dir: str = "") -> dict:
-    """Per-chip memory, FLOPs, estimated time and MFU of `shape`'s iteration compiled for the slice `topo`."""
+def compile_plan(shape: TrainShape, topo: str, hlo_dir: str = "", k: int | None = None) -> dict:
+    """Per-chip memory, FLOPs, estimated time and MFU of `shape`'s iteration at scale interval `k` (default: the top
+    one) compiled for the slice `topo`."""
     devices, chips = topology(topo)
     if len(devices) != chips:
         raise ValueError(f"{topo}: {len(devices)} devices for {chips} chips; the plan wants one device per chip")
     mesh = sharding.make_mesh((1, len(devices), 1), devices=devices)
     t = time.perf_counter()
-    compiled = lower_iteration(shape, mesh).compile()
+    compiled = lower_iteration(shape, mesh, k).compile()
     compile_s = time.perf_counter() - t
     cost, hlo = compiled.cost_analysis(), compiled.as_text()
     if hlo_dir:  # the per-chip program as the TPU compiler left it, to read or recount
         import gzip
         os.makedirs(hlo_dir, exist_ok=True)
         name = (f"{shape.name}-{topo}-b{shape.batch_per_device}-remat_{remat_name(shape)}-{shape.attention_impl}"
-                ".hlo.gz").replace(" ", "_")
+                + ("" if k is None else f"-k{k}") + ".hlo.gz").replace(" ", "_")
         with gzip.open(os.path.join(hlo_dir, name), "wt") as f:
             f.write(hlo)
     mem = memory_per_device(compiled)
+    del compiled  # the TPU executable's host memory, before the FLOP counts lower the host programs
+    t = time.perf_counter()
+    fig = figures(shape, topo, float(cost["flops"]), float(cost["optimal_seconds"]), splash_flops(hlo), k)
     return {"model": shape.name, "blocks": depth(shape), "topology": topo, "chips": chips,
             "batch_per_chip": shape.batch_per_device, "remat": remat_name(shape), "attention": shape.attention_impl,
             "blocks_without_remat": shape.blocks_without_remat, "scan_blocks": shape.scan_blocks,
-            **mem,
-            "hbm_gib": CHIPS[topo.split(":")[0]].hbm_gib,
-            **figures(shape, topo, float(cost["flops"]), float(cost["optimal_seconds"]), splash_flops(hlo)),
+            **mem, "hbm_gib": CHIPS[topo.split(":")[0]].hbm_gib, **fig,
             "mosaic_kernels": hlo.count('custom_call_target="tpu_custom_call"'),
-            "compile_s": compile_s, "extrapolated": False}
+            "compile_s": compile_s, "flop_count_s": time.perf_counter() - t, "extrapolated": False,
+            **({} if k is None else {"interval": k})}
 
 
 def remat_name(shape: TrainShape) -> str:
@@ -413,12 +347,15 @@ def variant(r: dict) -> str:
 
 
 def markdown(plans: dict) -> str:
-    """Every plan of a plan file as one markdown table (compiled cut-depth rows, then the full-depth rows)."""
+    """Every plan of a plan file as one markdown table (compiled cut-depth rows, then the full-depth rows, then the
+    scale intervals below the top compiled at full depth)."""
     out = ["| model | topology | remat | blocks | images/chip | arguments | temporaries | peak GiB/chip (HBM) | "
            "TFLOP/chip | s/iteration (≥) | images/s | MFU (≤) | compile |", "|" + "---|" * 13]
     for key, plan in sorted(plans.items()):
-        for r in sorted(plan["rows"], key=lambda r: (r["extrapolated"], r["batch_per_chip"], r["blocks"])):
+        for r in (sorted(plan["rows"], key=lambda r: (r["extrapolated"], r["batch_per_chip"], r["blocks"]))
+                  + sorted(plan.get("interval_rows", []), key=lambda r: (r["batch_per_chip"], r["interval"]))):
             blocks = f"**{r['blocks']}, extrapolated**" if r["extrapolated"] else str(r["blocks"])
+            blocks += f", latents {r['latent']}" if "interval" in r else ""
             out.append(f"| {r['model']} | {r['topology']} | {variant(r)} | {blocks} | "
                        f"{r['batch_per_chip']} | {r['arguments_gib']:.2f} | {r['temp_gib']:.1f} | "
                        f"{r['peak_gib']:.1f} ({r['hbm_gib']:.0f}) | {r['flops_per_chip'] / 1e12:.0f} | "
@@ -451,8 +388,14 @@ def save_plan(path: str, key: str, summarise) -> dict:
             with open(path) as f:
                 plans = json.load(f)
         plan = summarise(plans.get(key, {}).get("rows", []))
-        if plans.get(key, {}).get("interval_seconds"):  # per-interval estimates stay until replaced
-            plan["interval_seconds"] = {**plans[key]["interval_seconds"], **plan.get("interval_seconds", {})}
+        old = plans.get(key, {})
+        for field in ("interval_seconds", "interval_compiled"):  # per batch: stay until replaced
+            if old.get(field):
+                plan[field] = {**old[field], **plan.get(field, {})}
+        ours = {(r["interval"], r["batch_per_chip"]) for r in plan.get("interval_rows", [])}
+        irows = [r for r in old.get("interval_rows", []) if (r["interval"], r["batch_per_chip"]) not in ours]
+        if irows or plan.get("interval_rows"):  # compiled scale intervals below the top (--intervals compile)
+            plan["interval_rows"] = irows + plan.get("interval_rows", [])
         plans[key] = plan
         with open(path + ".tmp", "w") as f:
             json.dump(dict(sorted(plans.items())), f, indent=1)
@@ -475,9 +418,13 @@ def main(argv=None):
                     help="model.blocks_without_remat at full depth (cut depths keep the fraction)")
     ap.add_argument("--unroll", action="store_true",
                     help="model.scan_blocks=False: every block unrolled (the program before scan; slow to compile)")
-    ap.add_argument("--intervals", action="store_true",
-                    help="also estimate every scale interval's seconds (by FLOPs, from the compiled top interval) "
-                    "and the run's wall time, which launch/plan_check.py prints")
+    ap.add_argument("--intervals", nargs="?", const="estimate", default="", choices=("estimate", "compile"),
+                    help="also every scale interval's seconds and the run's wall time, which launch/plan_check.py "
+                    "prints: estimated by FLOPs from the top interval (the default), or 'compile': every interval "
+                    "below the top compiled at full depth (kept in the plan's interval_rows)")
+    ap.add_argument("--at-intervals", default="", metavar="K,..", help="with --intervals compile: compile only "
+                    "these scale intervals, 0 the smallest (e.g. 0,1 for a variant whose larger ones do not fit); "
+                    "the top interval's row only if listed")
     ap.add_argument("--hlo-dir", default="", help="write each compiled program's HLO text (gzip) here")
     ap.add_argument("--json", default="", help="rows are kept in (and reused from) this file; launch/tpu_pod.sh "
                     "reads benchmarks/tpu_plan.json")
@@ -509,30 +456,27 @@ def main(argv=None):
             if any((r["blocks"], r["batch_per_chip"]) == (depth(s), b) for r in rows):
                 print(f"{s.name} on {a.topology}, {b} images/chip, remat {a.remat}, {a.attention}{without}: in {a.json} already", flush=True)
                 continue
-            if a.no_compile:
+            if a.no_compile or not compiles(a, build_models(shape).schedule.num_intervals - 1):
                 print(f"{s.name} on {a.topology}, {b} images/chip, remat {a.remat}, {a.attention}{without}: not in {a.json}", flush=True)
                 continue
             print(f"{s.name} on {a.topology}, {b} images/chip, remat {a.remat}, {a.attention}{without}: compiling ...", flush=True)
-            rows.append(compile_plan(s, a.topology, a.hlo_dir))
-            r = rows[-1]
+            r = fitting(lambda: compile_plan(s, a.topology, a.hlo_dir), hbm)
+            if r is None:
+                continue
+            rows.append(r)
             print(f"  {r['compile_s']:.0f} s: peak {r['peak_gib']:.1f} GiB/chip (arguments {r['arguments_gib']:.2f}, "
                   f"temporaries {r['temp_gib']:.1f}), {_f(r['seconds'], 0, 3)} s/iteration, MFU {_f(r['mfu'], 0, 2)}",
                   flush=True)
             if a.json:  # written after every compile: a long run keeps what it measured
                 save_plan(a.json, key, lambda saved: _summary(a, shape, merge_rows(saved, rows), full, hbm))
-    estimate = {}
-    if a.intervals:
-        for r in _summary(a, shape, rows, full, hbm)["rows"]:
-            if r["blocks"] == full and r["seconds"] and r["batch_per_chip"] in batches:
-                s = cut(shape, None, r["batch_per_chip"], a.remat, a.attention, a.blocks_without_remat)
-                estimate[str(r["batch_per_chip"])] = interval_seconds(s, r["seconds"])
-                per = ", ".join(f"{x:.2f}" for x in estimate[str(r["batch_per_chip"])])
-                print(f"{r['batch_per_chip']} images/chip: s/iteration per interval {per}; 3000 iterations "
-                      f"{run_hours(estimate[str(r['batch_per_chip'])], 3000):.1f} h (compiles not included)")
+    estimate, compiled_at, irows = intervals(a, shape, key, plans.get(key, {}).get("interval_rows", []), rows,
+                                             batches, full, hbm)
 
     def summarise(saved):
         out = _summary(a, shape, merge_rows(saved, rows), full, hbm)
-        out["interval_seconds"] = estimate
+        out["interval_seconds"], out["interval_compiled"] = estimate, compiled_at
+        if irows:
+            out["interval_rows"] = irows
         return out
 
     summary = _summary(a, shape, rows, full, hbm)
@@ -541,6 +485,75 @@ def main(argv=None):
     _print(sorted(summary["rows"], key=lambda r: (r["blocks"], r["batch_per_chip"])))
     print(f"largest batch/chip that fits {hbm:.0f} GiB: {summary['max_batch_per_chip']} "
           f"(with {HEADROOM:.0%} headroom: {summary['max_batch_per_chip_10pct_headroom']})")
+
+
+def intervals(a, shape: TrainShape, key: str, irows: list[dict], rows: list[dict], batches: list[int], full: int,
+              hbm: float) -> tuple[dict, dict, list[dict]]:
+    """Seconds per iteration at every scale interval, per batch ({batch: [s, ...]}), which of them were compiled
+    ({batch: [bool, ...]}) and the compiled rows of the intervals below the top (those kept, then ours). The top
+    interval's seconds: its full-depth row (compiled or extrapolated). `--intervals compile` compiles each interval
+    below it at full depth; else they are estimated from the top by FLOPs (`interval_seconds`, a lower bound)."""
+    estimate, compiled_at, irows = {}, {}, list(irows)
+    if not a.intervals:
+        return estimate, compiled_at, irows
+    top = {r["batch_per_chip"]: r for r in _summary(a, shape, rows, full, hbm)["rows"] if r["blocks"] == full}
+    schedule = build_models(shape).schedule
+    K = schedule.num_intervals
+    for b in batches:
+        s, t = cut(shape, None, b, a.remat, a.attention, a.blocks_without_remat), top.get(b)
+        if a.intervals == "estimate":
+            if t and t["seconds"]:
+                estimate[str(b)] = interval_seconds(s, t["seconds"])
+                compiled_at[str(b)] = [False] * (K - 1) + [not t["extrapolated"]]
+        else:
+            for k in (k for k in range(K - 1) if compiles(a, k)):
+                what = f"{s.name} on {a.topology}, {b} images/chip, remat {a.remat}, {a.attention}, interval {k} " \
+                       f"(latents {schedule.scale(k)})"
+                if any((r["interval"], r["batch_per_chip"]) == (k, b) for r in irows):
+                    print(f"{what}: in {a.json} already", flush=True)
+                    continue
+                print(f"{what}: compiling ...", flush=True)
+                r = fitting(lambda: compile_plan(s, a.topology, a.hlo_dir, k), hbm)
+                if r is None:
+                    continue
+                irows.append({**r, "latent": schedule.scale(k)})
+                r = irows[-1]
+                print(f"  {r['compile_s']:.0f} s (FLOP counts {r['flop_count_s']:.0f} s): peak {r['peak_gib']:.1f} "
+                      f"GiB/chip ({'fits' if r['peak_gib'] <= hbm * (1 - HEADROOM) else 'does not fit'} with "
+                      f"{HEADROOM:.0%} headroom), {_f(r['seconds'], 0, 3)} s/iteration, MFU {_f(r['mfu'], 0, 2)}",
+                      flush=True)
+                if a.json:
+                    save_plan(a.json, key, lambda saved: {**_summary(a, shape, merge_rows(saved, rows), full, hbm),
+                                                          "interval_rows": irows})
+            at = {r["interval"]: r["seconds"] for r in irows if r["batch_per_chip"] == b}
+            secs = [at.get(k) for k in range(K - 1)] + [t["seconds"] if t else None]
+            if None not in secs:
+                estimate[str(b)] = secs
+                compiled_at[str(b)] = [True] * (K - 1) + [not t["extrapolated"]]
+        if str(b) in estimate:
+            how = ("compiled" if all(compiled_at[str(b)]) else "top " + ("compiled" if compiled_at[str(b)][-1]
+                   else "extrapolated") + (", the others compiled" if a.intervals == "compile" else
+                                           ", the others estimated by FLOPs: a lower bound"))
+            print(f"{b} images/chip: s/iteration per interval {', '.join(f'{x:.2f}' for x in estimate[str(b)])} "
+                  f"({how}); 3000 iterations {run_hours(estimate[str(b)], 3000):.1f} h (compiles not included)")
+    return estimate, compiled_at, irows
+
+
+def fitting(compile_row, hbm: float) -> dict | None:
+    """`compile_row()`, or None (said in one line) where the TPU compiler refuses a program too big for HBM."""
+    try:
+        return compile_row()
+    except jax.errors.JaxRuntimeError as e:
+        need = re.search(r"RESOURCE_EXHAUSTED: .*?required for HLO temporaries \(([\d.]+)G\)", str(e))
+        if not need:
+            raise
+        print(f"  does not fit: {need.group(1)} GiB of temporaries per chip (HBM {hbm:.0f} GiB)", flush=True)
+        return None
+
+
+def compiles(a, k: int) -> bool:
+    """Whether this run compiles scale interval k (--at-intervals; every one by default)."""
+    return not a.at_intervals or k in {int(x) for x in a.at_intervals.split(",")}
 
 
 def merge_rows(saved: list[dict], ours: list[dict]) -> list[dict]:

@@ -211,3 +211,50 @@ def test_launch_plan_check_refuses_a_batch_that_does_not_fit(tmp_path, monkeypat
     assert "run time: 3000 iterations ~ 4.2 h (s/iteration per scale interval 2.0, 4.0, 6.0, 8.0, scaled from 4 " \
            "images/chip; compiles not included)" in capsys.readouterr().out
     assert tpu_plan.run_hours([1.0, 2.0, 3.0], 7) == pytest.approx((3 * 1 + 2 * 2 + 2 * 3) / 3600)
+    # Every interval compiled (benchmarks.tpu_plan --intervals compile), on another slice of the same variant: that
+    # plan's figure, said to be compiled, is preferred to an estimate.
+    plan["medium@v5p:2x2x2"] = {**plan["medium@v5p:2x2x1"], "topology": "v5p:2x2x2",
+                                "interval_seconds": {"8": [2.0, 3.0, 4.0, 5.0]},
+                                "interval_compiled": {"8": [True] * 4}}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    capsys.readouterr()
+    plan_check.main(["v5p-16", config])
+    assert "run time: 3000 iterations ~ 2.9 h (s/iteration per scale interval 2.0, 3.0, 4.0, 5.0; compiles not " \
+           "included; every interval compiled on v5p:2x2x2)" in capsys.readouterr().out
+
+
+def test_plan_compiles_scale_intervals(tmp_path, capsys, monkeypatch):
+    """--intervals compile: each interval below the top compiled once (then reused from the plan file), the top
+    interval from its full-depth row; the seconds and which were compiled kept per batch; the table lists them."""
+    row = {"model": "SD3.5-Medium", "blocks": 24, "topology": "v5p:2x2x1", "chips": 4, "batch_per_chip": 8,
+           "hbm_gib": 95.0, "extrapolated": False, "compile_s": 1.0, "arguments_gib": 1.0, "outputs_gib": 0.0,
+           "alias_gib": 0.0, "temp_gib": 9.0, "peak_gib": 10.0, "flops_per_chip": 1e15, "model_flops": 4e15,
+           "seconds": 8.0, "compiler_seconds": 8.0, "loop_correction": 1.0, "splash_flops_per_chip": 0.0,
+           "images": 192, "images_per_s": 24.0, "mfu": 0.5}
+    compiled = []
+    monkeypatch.setattr(tpu_plan, "compile_plan", lambda s, topo, hlo_dir, k: compiled.append(k) or
+                        {**row, "interval": k, "seconds": k + 1.0, "flop_count_s": 0.0})
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"medium@v5p:2x2x1": {"rows": [row]}}))
+    argv = ["--model", "medium", "--batch", "8", "--intervals", "compile", "--json", str(path)]
+    tpu_plan.main(argv + ["--at-intervals", "0,2"])
+    assert compiled == [0, 2]
+    tpu_plan.main(argv)
+    assert compiled == [0, 2, 1]  # 0 and 2 from the plan file
+    plan = json.loads(path.read_text())["medium@v5p:2x2x1"]
+    assert plan["interval_seconds"] == {"8": [1.0, 2.0, 3.0, 8.0]} and plan["interval_compiled"] == {"8": [True] * 4}
+    assert "8 images/chip: s/iteration per interval 1.00, 2.00, 3.00, 8.00 (compiled)" in capsys.readouterr().out
+    assert [r["latent"] for r in sorted(plan["interval_rows"], key=lambda r: r["interval"])] == [64, 80, 96]
+    tpu_plan.main(["--model", "medium", "--batch", "8", "--json", str(path)])  # a plain run keeps them
+    assert json.loads(path.read_text())["medium@v5p:2x2x1"]["interval_compiled"] == {"8": [True] * 4}
+    tpu_plan.main(["--table", "--json", str(path)])
+    assert "| SD3.5-Medium | v5p:2x2x1 | full | 24, latents 80 | 8 |" in capsys.readouterr().out
+    # A program too big for HBM: the compiler's refusal is one line, nothing is stored.
+    def too_big(*_):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+                                         "HLO temporaries (119.14G) exceeds available HBM (95.74G).")
+    monkeypatch.setattr(tpu_plan, "compile_plan", too_big)
+    tpu_plan.main(["--model", "medium", "--batch", "8", "--remat", "off", "--intervals", "compile", "--at-intervals",
+                   "0", "--json", str(path)])
+    assert "does not fit: 119.14 GiB of temporaries per chip (HBM 95 GiB)" in capsys.readouterr().out
+    assert "interval_rows" not in json.loads(path.read_text()).get("medium@v5p:2x2x1/remat=off", {})
