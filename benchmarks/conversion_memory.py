@@ -21,11 +21,11 @@ CHILD = r"""
 import json, resource, sys, time
 import jax, jax.numpy as jnp
 jax.config.update("jax_platforms", "cpu")
-from swd_jax.convert.transformer import load_transformer
+from swd_jax.convert.converted import load_diffusers
 def rss_mb(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 before = rss_mb()
 t = time.perf_counter()
-cfg, params = load_transformer(sys.argv[1], dtype=jnp.dtype(sys.argv[2]))
+cfg, params = load_diffusers(sys.argv[1], dtype=jnp.dtype(sys.argv[2]))
 jax.block_until_ready(params)
 dt = time.perf_counter() - t
 n = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) / 2**20

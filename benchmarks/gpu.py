@@ -31,8 +31,8 @@ import jax.numpy as jnp
 
 from benchmarks.abstract_train import MEDIUM, TrainShape, build_models
 from benchmarks.tiny import synthetic_batches, synthetic_uncond
-from swd_jax.convert.transformer import abstract_params
 from swd_jax.method.schedule import ScaleSchedule
+from swd_jax.models.backbone import backbone_of
 from swd_jax.models.mmdit import MMDiT
 from swd_jax.models.mmdit import example_inputs
 from swd_jax.train.setup import DTYPES
@@ -83,7 +83,7 @@ def tiny_setup(a) -> Setup:
 
 def random_base(cfg, dtype, key) -> dict:
     """Random base weights N(0, 0.02^2) of the right shapes, made on the device (no host tables, no constants)."""
-    abstract = abstract_params(cfg, dtype)
+    abstract = backbone_of(cfg).abstract_params(cfg, dtype)
     leaves, treedef = jax.tree.flatten(abstract)
     keys = jax.random.split(key, len(leaves))
     make = jax.jit(lambda ks: [(0.02 * jax.random.normal(k, a.shape, jnp.float32)).astype(a.dtype)

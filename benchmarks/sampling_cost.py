@@ -23,9 +23,9 @@ import numpy as np
 
 from benchmarks.abstract_train import SD35_TEXT_TOKENS
 from benchmarks.tiny import TINY_SD35M, TinyShape, random_uncond
-from swd_jax.convert.transformer import abstract_params
 from swd_jax.method import sampler
 from swd_jax.method.schedule import flow_match_sigmas, get_schedule
+from swd_jax.models.backbone import backbone_of
 from swd_jax.models.mmdit import SD35_LARGE, SD35_MEDIUM, MMDiT, MMDiTConfig
 
 TEACHER_STEPS, TEACHER_CFG = 28, 7.0
@@ -50,7 +50,7 @@ def step_flops(cfg: MMDiTConfig, scale: int, next_scale: int | None, guided: boo
                text_tokens: int = SD35_TEXT_TOKENS) -> float:
     """FLOPs of one sampler step for one image at latent `scale` (XLA cost analysis, abstract bf16 inputs)."""
     model = MMDiT(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    params = abstract_params(cfg, jnp.bfloat16)
+    params = backbone_of(cfg).abstract_params(cfg, jnp.bfloat16)
     S = jax.ShapeDtypeStruct
     x = S((1, scale, scale, cfg.in_channels), jnp.float32)
     cond = {"context": S((1, text_tokens, cfg.joint_attention_dim), jnp.float32),

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from swd_jax.convert.flux import convert_state_dict, load_flux
+from swd_jax.convert.converted import load_diffusers
+from swd_jax.convert.flux import convert_state_dict
 from swd_jax.models.flux import Flux, FluxConfig, rope_tables
 from tests.flux_reference import flux_inputs, tiny_flux_config, tiny_flux_transformer, torch_flux_forward
 from tests.torch_reference import rel_err
@@ -26,7 +27,7 @@ def test_matches_diffusers_at_two_sizes(guidance_embeds, tmp_path):
     model = tiny_flux_transformer(guidance_embeds)
     model.save_pretrained(tmp_path, max_shard_size="40KB")  # sharded safetensors + index, as the real FLUX folders
     assert (tmp_path / "diffusion_pytorch_model.safetensors.index.json").exists()
-    cfg, params = load_flux(str(tmp_path))
+    cfg, params = load_diffusers(str(tmp_path))
     assert cfg == FluxConfig.from_dict(tiny_flux_config(guidance_embeds))
     hooks = (1, 2, 3)  # last double block, both single blocks
     for h, w in ((8, 8), (12, 16)):
@@ -100,9 +101,9 @@ def test_bad_inputs_name_the_problem(tmp_path):
     dev = FluxConfig.from_dict(tiny_flux_config(True))
     with pytest.raises(ValueError, match="pass guidance_B"):
         Flux(dev).init(jax.random.key(0), jnp.asarray(x), t, c, p)
-    (tmp_path / "config.json").write_text(json.dumps(tiny_flux_config(False)))
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel", **tiny_flux_config(False)}))
     with pytest.raises(FileNotFoundError, match="no diffusion_pytorch_model.safetensors"):
-        load_flux(str(tmp_path))
+        load_diffusers(str(tmp_path))
 
 
 def test_verify_and_convert_clis_on_a_flux_pipeline(tmp_path):
@@ -135,6 +136,6 @@ def test_verify_and_convert_clis_on_a_flux_pipeline(tmp_path):
     dst = str(tmp_path / "converted")
     assert convert_main([folder, dst, "--dtype", "bfloat16", "--no-progress"]) == 0
     cfg, params = load_converted(dst)
-    want_cfg, want = load_flux(str(tmp_path / "pipe" / "transformer"), dtype=jnp.bfloat16)
+    want_cfg, want = load_diffusers(str(tmp_path / "pipe" / "transformer"), dtype=jnp.bfloat16)
     assert cfg == want_cfg
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, want)

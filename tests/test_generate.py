@@ -78,7 +78,7 @@ def test_diffusers_lora_export_changes_output_as_ours(model):
     import jax.numpy as jnp
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from swd_jax.convert.transformer import load_transformer
+    from swd_jax.convert.converted import load_diffusers
     from swd_jax.models.mmdit import MMDiT
     root, _, _, _, lora, factors, adapter = model
     pipe = _torch_pipe(model, FlowMatchEulerDiscreteScheduler(shift=3.0))
@@ -93,7 +93,7 @@ def test_diffusers_lora_export_changes_output_as_ours(model):
         torch_base = run(pipe.transformer)
         pipe.load_lora_weights(str(adapter))
         torch_lora = run(pipe.transformer)
-    cfg, base = load_transformer(str(root / "transformer"))
+    cfg, base = load_diffusers(str(root / "transformer"))
     m = MMDiT(cfg, lora=lora)
     args = (jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(ctx), jnp.asarray(pooled))
     ours_base = np.asarray(m.apply({"params": base}, *args)).transpose(0, 3, 1, 2)

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from swd_jax.convert.transformer import convert_state_dict, load_transformer
+from swd_jax.convert.converted import load_diffusers
+from swd_jax.convert.transformer import convert_state_dict
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
 from tests.torch_reference import VARIANTS, rel_err, sd3_inputs, tiny_sd3_config, tiny_sd3_transformer
 
@@ -25,7 +26,7 @@ def run_ours(cfg, params, inputs, feature_blocks=(), features_only=False):
 def test_matches_diffusers_at_several_sizes(variant, tmp_path):
     model = tiny_sd3_transformer(variant)
     model.save_pretrained(tmp_path)  # through safetensors + config.json, as a user's checkpoint
-    cfg, params = load_transformer(str(tmp_path))
+    cfg, params = load_diffusers(str(tmp_path))
     assert cfg == MMDiTConfig.from_dict(tiny_sd3_config(variant))
     from tests.torch_reference import torch_forward
     for latent in (8, 12):
@@ -108,7 +109,7 @@ def test_bad_inputs_name_the_problem(tmp_path):
         run_ours(cfg, params, too_big)
     (tmp_path / "config.json").write_text(json.dumps(tiny_sd3_config("sd3_medium")))
     with pytest.raises(FileNotFoundError, match="no diffusion_pytorch_model.safetensors"):
-        load_transformer(str(tmp_path))
+        load_diffusers(str(tmp_path))
 
 
 def test_chunked_attention_matches_torch_values_and_gradients():

@@ -45,7 +45,7 @@ def _cached_names(cache) -> set[str]:
 def test_convert_load_and_verify_on_gcs(pipe, gcs_bucket, gcs_cache):
     from swd_jax.cli.convert import main as convert_main
     from swd_jax.convert.converted import conversion_source, load_converted, model_kind
-    from swd_jax.convert.transformer import load_transformer
+    from swd_jax.convert.converted import load_diffusers
     from swd_jax.train.setup import _read_model_config, model_source
     from swd_jax.cli.verify import main as verify_main
     src, ckpt = f"{gcs_bucket}/pipe", f"{gcs_bucket}/ckpt"
@@ -58,7 +58,7 @@ def test_convert_load_and_verify_on_gcs(pipe, gcs_bucket, gcs_cache):
     assert model_source("auto", ckpt) == "converted" and model_source("auto", src) == "diffusers"
 
     cfg, params = load_converted(ckpt)  # orbax straight from gs://
-    want_cfg, want = load_transformer(str(pipe / "transformer"))
+    want_cfg, want = load_diffusers(str(pipe / "transformer"))
     assert cfg == want_cfg == _read_model_config("converted", ckpt) == _read_model_config("diffusers", src)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

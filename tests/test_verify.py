@@ -13,7 +13,7 @@ import torch
 from swd_jax.cli.convert import main as convert_main
 from swd_jax.cli.verify import main as verify_main, verify
 from swd_jax.convert.converted import load_converted
-from swd_jax.convert.transformer import load_transformer
+from swd_jax.convert.converted import load_diffusers
 from tests.torch_reference import tiny_sd3_transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +80,7 @@ def test_convert_cli_round_trip(pipeline, tmp_path):
         dst = str(tmp_path / dtype)
         assert convert_main([folder, dst, "--dtype", dtype, "--no-progress"]) == 0
         cfg, params = load_converted(dst)
-        want_cfg, want = load_transformer(os.path.join(folder, "transformer"), dtype=dtype)
+        want_cfg, want = load_diffusers(os.path.join(folder, "transformer"), dtype=dtype)
         assert cfg == want_cfg
         assert jax.tree.structure(params) == jax.tree.structure(want)
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want), strict=True):

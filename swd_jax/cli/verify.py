@@ -48,7 +48,8 @@ from swd_jax.convert.converted import conversion_source, load_converted, model_k
 from swd_jax.convert.folders import PIPELINE_PARTS, from_hub, local_model_folder, local_path
 from swd_jax.convert.peft_lora import import_lora
 from swd_jax.convert.safetensors_reader import SafetensorsFolder
-from swd_jax.convert.transformer import load_transformer, transformer_class, transformer_folder
+from swd_jax.convert.converted import load_diffusers
+from swd_jax.convert.transformer import transformer_class, transformer_folder
 from swd_jax.models.mmdit import MMDiT, MMDiTConfig
 
 DEFAULT_TOL = {"float32": 1e-5, "bfloat16": 5e-2}  # see the module docstring
@@ -128,7 +129,7 @@ def our_outputs(folder: str, lora: str | None, runs: dict[int, tuple], dtype: st
             cfg, params = load_converted(converted)
             params = jax.tree.map(lambda a: jnp.asarray(a, jdt), params)
         else:
-            cfg, params = load_transformer(folder, dtype=jdt)
+            cfg, params = load_diffusers(folder, dtype=jdt)
         if perturb is not None:
             params = perturb(params)
         variables = {"params": params}

@@ -24,13 +24,13 @@ from swd_jax.convert import flux as flux_convert
 from swd_jax.convert.folders import local_model_folder, read_json, source_path
 from swd_jax.convert.orbax_params import load_params, save_params
 from swd_jax.convert.safetensors_reader import SafetensorsFolder
-from swd_jax.convert.transformer import abstract_params, convert_state_dict, transformer_class, transformer_folder
+from swd_jax.convert.transformer import convert_state_dict, transformer_class, transformer_folder
+from swd_jax.models.backbone import DIFFUSERS_CLASSES, backbone_of, backbone_of_class
 from swd_jax.models.flux import FluxConfig
 from swd_jax.models.mmdit import MMDiTConfig
 
-# diffusers class -> (config class, convert_state_dict, abstract_params)
-FAMILIES = {"SD3Transformer2DModel": (MMDiTConfig, convert_state_dict, abstract_params),
-            "FluxTransformer2DModel": (FluxConfig, flux_convert.convert_state_dict, flux_convert.abstract_params)}
+# The converter of each family of `models.backbone.BACKBONES` (by kind): diffusers tensors -> our params.
+CONVERTERS = {"mmdit": convert_state_dict, "flux": flux_convert.convert_state_dict}
 
 CONFIG, META, PARAMS = "config.json", "conversion.json", "params"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -39,9 +39,13 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def load_diffusers(folder: str, dtype=jnp.float32, shardings: dict | None = None):
     """A diffusers transformer folder (config.json + safetensors) of either family -> (config, params): the
     folder's `_class_name` picks the converter; `shardings` as in `convert_state_dict`."""
-    config_cls, convert_fn, _ = FAMILIES[transformer_class(folder)]
-    cfg = config_cls.from_folder(folder)
-    return cfg, convert_fn(SafetensorsFolder(folder), cfg, dtype, shardings)
+    cfg = diffusers_config(folder)
+    return cfg, CONVERTERS[backbone_of(cfg).kind](SafetensorsFolder(folder), cfg, dtype, shardings)
+
+
+def diffusers_config(folder: str) -> MMDiTConfig | FluxConfig:
+    """The config of a diffusers transformer folder, its family by the folder's `_class_name`."""
+    return backbone_of_class(transformer_class(folder)).config_cls.from_folder(folder)
 
 
 class _WithProgress(Mapping):
@@ -86,8 +90,8 @@ def convert(src: str, dst: str, dtype: str = "float32", overwrite: bool = False,
     local = local_model_folder(src, parts=("transformer",), what="SRC")  # local, a gs:// copy or a Hub snapshot
     folder = transformer_folder(local)
     name = transformer_class(folder)
-    config_cls, convert_fn, _ = FAMILIES[name]
-    cfg = config_cls.from_folder(folder)
+    cfg = diffusers_config(folder)
+    convert_fn = CONVERTERS[backbone_of(cfg).kind]
     tensors = SafetensorsFolder(folder)
     with tqdm(total=len(tensors.keys()), desc="tensors", unit="t", disable=not progress) as bar:
         params = convert_fn(_WithProgress(tensors, bar), cfg, DTYPES[dtype])
@@ -140,7 +144,7 @@ def load_converted(dst: str, shardings=None) -> tuple[MMDiTConfig | FluxConfig, 
     dtype = read_json(storage.join(dst, META), "conversion record").get("dtype")
     if dtype not in DTYPES:
         raise ValueError(f"{storage.join(dst, META)}: dtype {dtype!r}; expected one of {sorted(DTYPES)}")
-    abstract = FAMILIES[_class_name(cfg)][2](cfg, DTYPES[dtype])
+    abstract = backbone_of(cfg).abstract_params(cfg, DTYPES[dtype])
     if shardings is not None:
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     return cfg, load_params(storage.join(dst, PARAMS), abstract)
@@ -150,16 +154,12 @@ def read_config(folder: str) -> MMDiTConfig | FluxConfig:
     """The transformer config in `folder`/config.json (local or gs://), its class by `_class_name`."""
     d = read_json(storage.join(folder, CONFIG), "transformer config")
     name = d.get("_class_name", "SD3Transformer2DModel") if isinstance(d, dict) else None
-    if name not in FAMILIES:
+    if name not in DIFFUSERS_CLASSES:
         raise ValueError(f"{storage.join(folder, CONFIG)}: transformer class {name!r} is not supported; expected "
-                         f"one of {sorted(FAMILIES)}")
-    return FAMILIES[name][0].from_dict(d)
+                         f"one of {DIFFUSERS_CLASSES}")
+    return backbone_of_class(name).config_cls.from_dict(d)
 
 
 def conversion_source(dst: str) -> str:
     """The diffusers transformer folder a converted checkpoint was made from (its conversion.json's "source")."""
     return read_json(storage.join(storage.resolve(dst), META), "conversion record").get("source") or ""
-
-
-def _class_name(cfg) -> str:
-    return "FluxTransformer2DModel" if isinstance(cfg, FluxConfig) else "SD3Transformer2DModel"

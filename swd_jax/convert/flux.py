@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,16 +37,6 @@ def rename(key: str):
     return None
 
 
-def boxed_params(cfg: FluxConfig, param_dtype=jnp.float32) -> dict:
-    """Shapes/dtypes of our Flux params (no memory allocated), boxed with their logical axis names."""
-    return backbone_of(cfg).boxed_params(cfg, param_dtype)
-
-
-def abstract_params(cfg: FluxConfig, param_dtype=jnp.float32) -> dict:
-    """Shapes/dtypes of our Flux params (no memory allocated)."""
-    return nn.unbox(boxed_params(cfg, param_dtype))
-
-
 class _Tensors:
     """A dict of arrays seen as a SafetensorsFolder (`keys`, `get`), for in-memory state dicts."""
 
@@ -70,10 +59,5 @@ def convert_state_dict(tensors: Mapping[str, np.ndarray] | SafetensorsFolder, cf
     def place(path, arr):
         return jax.device_put(arr, flat_shardings[path]) if path in flat_shardings else jnp.asarray(arr)
 
-    return convert_tensors(st, rename, abstract_params(cfg, dtype), where="FluxTransformer2DModel", place=place)
-
-
-def load_flux(folder: str, dtype=jnp.float32, shardings: dict | None = None) -> tuple[FluxConfig, dict]:
-    """Read a diffusers FLUX transformer folder (config.json + safetensors) -> (config, params)."""
-    cfg = FluxConfig.from_folder(folder)
-    return cfg, convert_state_dict(SafetensorsFolder(folder), cfg, dtype, shardings)
+    abstract = backbone_of(cfg).abstract_params(cfg, dtype)
+    return convert_tensors(st, rename, abstract, where="FluxTransformer2DModel", place=place)

@@ -12,13 +12,12 @@ import re
 from collections.abc import Callable, Mapping
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from swd_jax.convert.safetensors_reader import SafetensorsFolder
-from swd_jax.models.backbone import backbone_of
+from swd_jax.models.backbone import DIFFUSERS_CLASSES, backbone_of
 from swd_jax.models.mmdit import MMDiTConfig
 from swd_jax.models.names import diffusers_to_our
 
@@ -58,16 +57,6 @@ def diffusers_key_to_ours(key: str) -> tuple[tuple[str, ...], Callable[[np.ndarr
     raise KeyError(f"no conversion rule for diffusers key {key!r}")
 
 
-def boxed_params(cfg: MMDiTConfig, param_dtype=jnp.float32) -> dict:
-    """Shapes/dtypes of our MMDiT params (no memory allocated), boxed with their logical axis names."""
-    return backbone_of(cfg).boxed_params(cfg, param_dtype)
-
-
-def abstract_params(cfg: MMDiTConfig, param_dtype=jnp.float32) -> dict:
-    """Shapes/dtypes of our MMDiT params (no memory allocated)."""
-    return nn.unbox(boxed_params(cfg, param_dtype))
-
-
 def convert_state_dict(tensors: Mapping[str, np.ndarray] | SafetensorsFolder, cfg: MMDiTConfig,
                        dtype=jnp.float32, shardings: dict | None = None) -> dict:
     """diffusers tensors (a dict or a SafetensorsFolder) -> our params pytree, strictly checked.
@@ -75,7 +64,7 @@ def convert_state_dict(tensors: Mapping[str, np.ndarray] | SafetensorsFolder, cf
     `shardings`, if given, is a pytree like the params of `jax.sharding.Sharding`s: each tensor goes straight
     to its shards, so host memory holds one tensor at a time.
     """
-    abstract = flax.traverse_util.flatten_dict(abstract_params(cfg, dtype))
+    abstract = flax.traverse_util.flatten_dict(backbone_of(cfg).abstract_params(cfg, dtype))
     flat_shardings = flax.traverse_util.flatten_dict(shardings) if shardings is not None else {}
     keys = list(tensors.keys())
     get = tensors.get if isinstance(tensors, SafetensorsFolder) else tensors.__getitem__
@@ -109,12 +98,6 @@ def convert_state_dict(tensors: Mapping[str, np.ndarray] | SafetensorsFolder, cf
     return flax.traverse_util.unflatten_dict(out)
 
 
-def load_transformer(folder: str, dtype=jnp.float32, shardings: dict | None = None) -> tuple[MMDiTConfig, dict]:
-    """Read a diffusers transformer folder (config.json + safetensors) -> (config, params)."""
-    cfg = MMDiTConfig.from_folder(folder)
-    return cfg, convert_state_dict(SafetensorsFolder(folder), cfg, dtype, shardings)
-
-
 def transformer_folder(path: str) -> str:
     """A diffusers transformer folder, or a pipeline folder (model_index.json) -> its transformer folder."""
     if os.path.exists(os.path.join(path, "model_index.json")):
@@ -127,15 +110,12 @@ def transformer_folder(path: str) -> str:
     return path
 
 
-TRANSFORMER_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel")
-
-
 def transformer_class(folder: str) -> str:
     """`_class_name` of a transformer folder's config.json (SD3Transformer2DModel when absent); others raise."""
     import json
     with open(os.path.join(folder, "config.json")) as f:
         name = json.load(f).get("_class_name", "SD3Transformer2DModel")
-    if name not in TRANSFORMER_CLASSES:
+    if name not in DIFFUSERS_CLASSES:
         raise ValueError(f"{folder}: transformer class {name!r} is not supported; expected one of "
-                         f"{TRANSFORMER_CLASSES}")
+                         f"{DIFFUSERS_CLASSES}")
     return name

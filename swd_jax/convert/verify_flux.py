@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from swd_jax.convert.flux import load_flux
+from swd_jax.convert.converted import load_diffusers
 from swd_jax.convert.peft_lora import import_lora
 from swd_jax.models.flux import Flux, FluxConfig
 
@@ -101,7 +101,7 @@ def our_outputs(folder: str, lora: str | None, runs: dict[int, tuple], dtype: st
             cfg, params = load_converted(converted)
             params = jax.tree.map(lambda a: jnp.asarray(a, jdt), params)
         else:
-            cfg, params = load_flux(folder, dtype=jdt)
+            cfg, params = load_diffusers(folder, dtype=jdt)
         if perturb is not None:
             params = perturb(params)
         variables, lora_cfg = {"params": params}, None

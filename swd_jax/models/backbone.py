@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -38,6 +39,10 @@ class Backbone:
         model = self.module_cls(cfg, param_dtype=param_dtype)
         return jax.eval_shape(lambda: model.init(jax.random.key(0), *self.example_inputs(cfg, 1))["params"])
 
+    def abstract_params(self, cfg, param_dtype=jnp.float32) -> dict:
+        """Shapes/dtypes of the family's params (no memory allocated): what a converter fills."""
+        return nn.unbox(self.boxed_params(cfg, param_dtype))
+
     def latent_multiple(self, cfg) -> int:
         """What every latent size must be a multiple of: MMDiT's patch; FLUX's 2x2 packing."""
         return 2 if isinstance(cfg, FluxConfig) else cfg.patch_size
@@ -51,6 +56,8 @@ BACKBONES = {
     "mmdit": Backbone("mmdit", "SD3Transformer2DModel", MMDiTConfig, MMDiT, mmdit_example_inputs, "sd35_medium_6", 256),
     "flux": Backbone("flux", "FluxTransformer2DModel", FluxConfig, Flux, flux_example_inputs, "flux_4", 512),
 }
+
+DIFFUSERS_CLASSES = tuple(b.diffusers_class for b in BACKBONES.values())
 
 
 def backbone_of(cfg: Any) -> Backbone:
@@ -66,8 +73,8 @@ def backbone_of_class(diffusers_class: str) -> Backbone:
     for b in BACKBONES.values():
         if b.diffusers_class == diffusers_class:
             return b
-    raise ValueError(f"transformer class {diffusers_class!r}; expected one of "
-                     f"{sorted(b.diffusers_class for b in BACKBONES.values())}")
+    raise ValueError(f"transformer class {diffusers_class!r} is not supported; expected one of "
+                     f"{DIFFUSERS_CLASSES}")
 
 
 def backbone_kind(kind: str) -> Backbone:

@@ -158,13 +158,9 @@ def check_scales_fit_model(model_dir: str, scales: Sequence[int]) -> None:
     folder = os.path.join(local, "transformer")
     if not os.path.isfile(os.path.join(folder, "config.json")):
         return
-    from swd_jax.convert.converted import FAMILIES
-    from swd_jax.convert.transformer import transformer_class
+    from swd_jax.convert.converted import diffusers_config
     from swd_jax.train.setup import check_scales_fit
-    family = FAMILIES.get(transformer_class(folder))
-    if family is None:  # not a transformer we train: the trainer names it
-        return
-    cfg = family[0].from_folder(folder)
+    cfg = diffusers_config(folder)  # a class we do not train raises, naming it
     try:
         check_scales_fit(tuple(scales), cfg)
     except ValueError as e:

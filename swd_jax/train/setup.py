@@ -12,10 +12,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from swd_jax.convert.converted import FAMILIES, load_diffusers
+from swd_jax.convert.converted import diffusers_config, load_diffusers
 from swd_jax.convert.converted import model_kind, read_config
 from swd_jax.convert.folders import from_hub, local_transformer_folder
-from swd_jax.convert.transformer import transformer_class
 from swd_jax.method.discriminator import DiscriminatorHead
 from swd_jax.method.schedule import PRESETS, ScaleSchedule, make_schedule
 from swd_jax.models.backbone import backbone_kind, backbone_of, check_kind, model_guidance, random_config
@@ -111,7 +110,7 @@ def _read_model_config(source: str, path: str) -> MMDiTConfig | FluxConfig:
     if source == "converted":
         return read_config(path)  # local or gs://
     path = local_transformer_folder(path)  # gs://: a local copy of transformer/
-    return FAMILIES[transformer_class(path)][0].from_folder(path)
+    return diffusers_config(path)
 
 
 def check_schedule_fits(schedule: ScaleSchedule | Sequence[int], cfg: MMDiTConfig) -> None:
