@@ -49,3 +49,39 @@ def test_gpu_script_tiny_on_cpu(tmp_path):
     assert res["sampler_ours"]["SwD 4-step"]["scales"] == [8, 8, 16, 16]
     t = res["train_ours"]
     assert t["median_s"] > 0 and t["model_flops"] > 0 and np.isfinite(t["images_per_s"])
+
+
+def test_tpu_levers_patch_what_they_say():
+    """benchmarks/tpu_levers.py: the replicated base places every base weight whole on every device; the bf16
+    elementwise lever moves a bf16 model's output by bf16 rounding only (and does move it)."""
+    import contextlib
+
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import tpu_levers
+    from swd_jax.models.mmdit import MMDiT, example_inputs
+    from swd_jax.train import sharding
+
+    mesh = sharding.make_mesh((1, 2, 1), devices=jax.devices()[:2])
+    with contextlib.ExitStack() as stack:
+        for patch in tpu_levers.LEVERS["replicated_base"]():
+            stack.enter_context(patch)
+        base, sh = abstract_train.abstract_base(MICRO_TRAIN, mesh)
+    assert all(s.spec == jax.sharding.PartitionSpec() for s in jax.tree.leaves(sh))
+    _, fsdp = abstract_train.abstract_base(MICRO_TRAIN, mesh)
+    assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(fsdp))
+
+    cfg = MMDiTConfig(**MICRO.mmdit_fields())
+    model = MMDiT(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    x, t, c, p = example_inputs(cfg, 2, latent=8)
+    x, c, p = (jax.random.normal(jax.random.key(i), a.shape) for i, a in enumerate((x, c, p)))
+    t = jnp.array([250.0, 750.0])
+    params = model.init(jax.random.key(0), x, t, c, p)
+    want = model.apply(params, x, t, c, p).astype(jnp.float32)
+    with contextlib.ExitStack() as stack:
+        for patch in tpu_levers.LEVERS["bf16_elementwise"]():
+            stack.enter_context(patch)
+        got = model.apply(params, x, t, c, p).astype(jnp.float32)
+    rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+    assert 0 < rel < 3e-2, rel  # bf16 has 8 mantissa bits: ~4e-3 per rounding, a few roundings per block
