@@ -114,6 +114,26 @@ def pick_plan(plans: dict, model: str, gen: str, remat: str, chips: int, attenti
     return max(smaller, key=chips_of) if smaller else min(same, key=chips_of)
 
 
+def covering_plan(plans: dict, model: str, gen: str, suffix: str, chips: int, per_chip: float, plan: dict) -> dict:
+    """`plan`, or where it compiled only batches below `per_chip` (its largest batch a lower bound), the plan of the
+    same variant on a smaller slice that measured where the largest batch lies: per-chip memory shrinks a little
+    with more chips, so that plan's verdict is the conservative one."""
+    best = plan["max_batch_per_chip"]
+    if not plan.get("max_batch_is_lower_bound") or best is None or per_chip <= best:
+        return plan
+    chips_of = lambda p: max(r["chips"] for r in p["rows"])
+    measured = [p for key, p in plans.items() if key.startswith(f"{model}@{gen}:")
+                and key[len(key.split("/")[0]):] == suffix and has_full_depth(p)
+                and not p.get("max_batch_is_lower_bound") and chips_of(p) <= chips]
+    if not measured:
+        return plan
+    other = max(measured, key=chips_of)
+    print(f"plan check: the {plan['topology']} plan compiled only up to {best} images/chip; checking {per_chip:g} "
+          f"against the {other['topology']} plan, which measured larger batches (per-chip memory shrinks a little "
+          "with more chips: the conservative verdict)")
+    return other
+
+
 def _full_depth_mfu(plan: dict, per_chip: float) -> float | None:
     full = max(r["blocks"] for r in plan["rows"])
     rows = sorted((r for r in plan["rows"] if r["blocks"] == full), key=lambda r: abs(r["batch_per_chip"] - per_chip))
@@ -279,6 +299,7 @@ def main(argv: list[str]) -> int:
     if plan is None:
         print(f"plan check: {PLAN} has no {model} plan for {gen} with {name}; launching without a batch check")
         return 0
+    plan = covering_plan(plans, model, gen, variant_suffix(remat, attention, without), chips, per_chip, plan)
     best, safe = plan["max_batch_per_chip"], plan["max_batch_per_chip_10pct_headroom"]
     note = " (extrapolated from cut-depth compiles)" if plan.get("extrapolated") else ""
     print(f"TPU plan for {plan['model']} on {plan['topology']}, {name}{note}, HBM {plan['hbm_gib']:.0f} "

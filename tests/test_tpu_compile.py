@@ -221,6 +221,18 @@ def test_launch_plan_check_refuses_a_batch_that_does_not_fit(tmp_path, monkeypat
     plan_check.main(["v5p-16", config])
     assert "run time: 3000 iterations ~ 2.9 h (s/iteration per scale interval 2.0, 3.0, 4.0, 5.0; compiles not " \
            "included; every interval compiled on v5p:2x2x2)" in capsys.readouterr().out
+    # A bigger slice's plan that compiled only smaller batches than the launch's (a lower bound) defers to a smaller
+    # slice's plan that measured the largest batch: 8 images/chip on v5p-16 is refused by v5p:2x2x1's 7.
+    plan["medium@v5p:2x2x1"]["max_batch_is_lower_bound"] = False
+    plan["medium@v5p:2x2x2"] = {**plan["medium@v5p:2x2x1"], "topology": "v5p:2x2x2", "max_batch_per_chip": 6,
+                                "max_batch_is_lower_bound": True, "rows": [{**r, "chips": 8} for r in rows]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    capsys.readouterr()
+    assert plan_check.main(["v5p-16", config]) == 1
+    out = capsys.readouterr().out
+    assert "the v5p:2x2x2 plan compiled only up to 6 images/chip; checking 8 against the v5p:2x2x1 plan" in out
+    assert "8 images/chip does not fit (7 does)" in out
+    assert plan_check.main(["v5p-16", config, "--config.train.batch_size=48"]) == 0  # 6 per chip: v5p:2x2x2 covers it
 
 
 def test_plan_compiles_scale_intervals(tmp_path, capsys, monkeypatch):
