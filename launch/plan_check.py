@@ -98,18 +98,24 @@ def has_full_depth(plan: dict) -> bool:
     return any(r["blocks"] == plan.get("full_blocks", r["blocks"]) for r in plan["rows"])
 
 
+def variant_plans(plans: dict, model: str, gen: str, suffix: str) -> list[dict]:
+    """The plans of `model` on generation `gen` (every slice) of the variant whose key ends in `suffix`."""
+    return [p for key, p in plans.items()
+            if key.startswith(f"{model}@{gen}:") and key[len(key.split("/")[0]):] == suffix]
+
+
+def chips_of(plan: dict) -> int:
+    return max(r["chips"] for r in plan["rows"])
+
+
 def pick_plan(plans: dict, model: str, gen: str, remat: str, chips: int, attention: str = "splash",
               without: int = 0) -> dict | None:
     """The plan of `model` on generation `gen` with that variant closest to a slice of `chips` chips."""
-    suffix = variant_suffix(remat, attention, without)
-    same = [p for key, p in plans.items() if key.startswith(f"{model}@{gen}:")
-            and key[len(key.split("/")[0]):] == suffix
-            and has_full_depth(p)]
+    same = [p for p in variant_plans(plans, model, gen, variant_suffix(remat, attention, without)) if has_full_depth(p)]
     if not same:
         return None
     # Per-chip memory shrinks a little with more chips (sharded state): the plan of the largest slice not
     # bigger than this one is the conservative one; else the smallest planned.
-    chips_of = lambda p: max(r["chips"] for r in p["rows"])
     smaller = [p for p in same if chips_of(p) <= chips]
     return max(smaller, key=chips_of) if smaller else min(same, key=chips_of)
 
@@ -121,10 +127,8 @@ def covering_plan(plans: dict, model: str, gen: str, suffix: str, chips: int, pe
     best = plan["max_batch_per_chip"]
     if not plan.get("max_batch_is_lower_bound") or best is None or per_chip <= best:
         return plan
-    chips_of = lambda p: max(r["chips"] for r in p["rows"])
-    measured = [p for key, p in plans.items() if key.startswith(f"{model}@{gen}:")
-                and key[len(key.split("/")[0]):] == suffix and has_full_depth(p)
-                and not p.get("max_batch_is_lower_bound") and chips_of(p) <= chips]
+    measured = [p for p in variant_plans(plans, model, gen, suffix)
+                if has_full_depth(p) and not p.get("max_batch_is_lower_bound") and chips_of(p) <= chips]
     if not measured:
         return plan
     other = max(measured, key=chips_of)
@@ -299,7 +303,8 @@ def main(argv: list[str]) -> int:
     if plan is None:
         print(f"plan check: {PLAN} has no {model} plan for {gen} with {name}; launching without a batch check")
         return 0
-    plan = covering_plan(plans, model, gen, variant_suffix(remat, attention, without), chips, per_chip, plan)
+    suffix = variant_suffix(remat, attention, without)
+    plan = covering_plan(plans, model, gen, suffix, chips, per_chip, plan)
     best, safe = plan["max_batch_per_chip"], plan["max_batch_per_chip_10pct_headroom"]
     note = " (extrapolated from cut-depth compiles)" if plan.get("extrapolated") else ""
     print(f"TPU plan for {plan['model']} on {plan['topology']}, {name}{note}, HBM {plan['hbm_gib']:.0f} "
@@ -311,10 +316,7 @@ def main(argv: list[str]) -> int:
         print(f"  {r['batch_per_chip']:10d} {r['peak_gib']:9.1f} {fig(r['seconds'], 7, 3)} {fig(r['mfu'], 5, 2)}")
     print(f"  largest batch/chip that fits: {best}; with 10 % headroom: {safe}")
     print(f"this launch: global batch {batch} on {accel} ({chips} chips) = {per_chip:g} images/chip")
-    suffix = variant_suffix(remat, attention, without)
-    others = sorted((p for k, p in plans.items() if k.startswith(f"{model}@{gen}:")
-                     and k[len(k.split("/")[0]):] == suffix and p is not plan),
-                    key=lambda p: -max(r["chips"] for r in p["rows"]))
+    others = sorted((p for p in variant_plans(plans, model, gen, suffix) if p is not plan), key=lambda p: -chips_of(p))
     print_run_time(plan, per_chip, int(config_value(config, rest, "train.steps", r"\d+") or 0), others)
     if not any(o.startswith(("--config.model.remat=", "--config.model.remat_policy=", "--config.model.attention_impl=",
                              "--config.model.blocks_without_remat=")) for o in rest):

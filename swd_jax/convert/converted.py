@@ -89,9 +89,9 @@ def convert(src: str, dst: str, dtype: str = "float32", overwrite: bool = False,
         raise FileNotFoundError(f"{src} does not exist")
     local = local_model_folder(src, parts=("transformer",), what="SRC")  # local, a gs:// copy or a Hub snapshot
     folder = transformer_folder(local)
-    name = transformer_class(folder)
     cfg = diffusers_config(folder)
-    convert_fn = CONVERTERS[backbone_of(cfg).kind]
+    family = backbone_of(cfg)
+    name, convert_fn = family.diffusers_class, CONVERTERS[family.kind]
     tensors = SafetensorsFolder(folder)
     with tqdm(total=len(tensors.keys()), desc="tensors", unit="t", disable=not progress) as bar:
         params = convert_fn(_WithProgress(tensors, bar), cfg, DTYPES[dtype])
